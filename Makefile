@@ -1,0 +1,68 @@
+# One entry point for people and CI. `make run` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WEB_PORT ?= 6066
+DATA_DIR ?= .data/worker1
+PYTEST_ARGS ?=
+
+.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset kill-rounds clean
+
+help:
+	@echo "make run          set up, start the local stack and one worker (foreground)"
+	@echo "make test         set up, start the local stack, run the whole test suite"
+	@echo "make test-unit    pure-core and codec tests only (no services)"
+	@echo "make stack-up | stack-down | stack-status | stack-reset"
+	@echo "make kill-rounds  many rounds of kill -9 against a worker (ROUNDS=50)"
+	@echo "make lint | format"
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+stack-up:
+	@scripts/stack.sh up
+
+stack-down:
+	@scripts/stack.sh down
+
+stack-status:
+	@scripts/stack.sh status
+
+stack-reset:
+	@scripts/stack.sh reset
+
+run: venv stack-up
+	@mkdir -p $(DATA_DIR)
+	@echo "worker:  http://127.0.0.1:$(WEB_PORT)/healthz   stock: http://127.0.0.1:$(WEB_PORT)/stock/<sku>   metrics: http://127.0.0.1:$(WEB_PORT)/metrics"
+	@echo "produce: $(PY) -m pipeline.produce send RestockReceived '{\"sku\":\"SKU-1\",\"qty\":10}'"
+	INVENTORY_WEB_PORT=$(WEB_PORT) INVENTORY_DATA_DIR=$(DATA_DIR) \
+	  $(VENV)/bin/faust -A pipeline.app worker --web-port $(WEB_PORT) --datadir $(DATA_DIR) -l info
+
+# pytest exit 5 (no test collected) is a failure here, not a pass
+test: venv stack-up
+	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	  if [ $$rc = 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+ROUNDS ?= 50
+kill-rounds: venv stack-up
+	KILL_ROUNDS=$(ROUNDS) $(PY) -m pytest tests/integration/test_crash.py -m slow -s $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: venv
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf .data test-output .pytest_cache

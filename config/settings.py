@@ -1,0 +1,134 @@
+"""The one place that reads the environment.
+
+Every setting has a local default that matches the local stack started by
+``make stack-up``; override with the ``INVENTORY_*`` variables below. Nothing
+else in the project reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:  # a typo in deployment config must be loud
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime settings; build with :meth:`from_env`."""
+
+    app_id: str = "inventory"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    opensearch_url: str = "http://127.0.0.1:9200"
+    schema_registry_url: str = ""
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    data_dir: Path = field(default_factory=lambda: Path(".data/worker"))
+    partitions: int = 8
+    topic_prefix: str = "inventory."
+    log_level: str = "INFO"
+    # input validation
+    max_qty: int = 100_000
+    max_sku_len: int = 64
+    # how many event ids of non-order commands each SKU remembers for dedupe
+    dedupe_window: int = 256
+    default_ttl_ms: int = 15 * 60 * 1000
+    expiry_scan_interval_s: float = 1.0
+    # how long the changelog keeps superseded versions, so the relay that
+    # derives StockChanged/ReservationResult from it never misses one
+    changelog_min_compaction_lag_ms: int = 7 * 24 * 3600 * 1000
+    # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
+    stock_changes_retention_ms: int = -1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        e = os.environ if env is None else env
+        d = cls()
+        return cls(
+            app_id=_str(e, "INVENTORY_APP_ID", d.app_id),
+            kafka_bootstrap=_str(e, "INVENTORY_KAFKA_BOOTSTRAP", d.kafka_bootstrap),
+            redis_url=_str(e, "INVENTORY_REDIS_URL", d.redis_url),
+            opensearch_url=_str(e, "INVENTORY_OPENSEARCH_URL", d.opensearch_url),
+            schema_registry_url=_str(e, "INVENTORY_SCHEMA_REGISTRY_URL", ""),
+            web_host=_str(e, "INVENTORY_WEB_HOST", d.web_host),
+            web_port=_int(e, "INVENTORY_WEB_PORT", d.web_port),
+            data_dir=Path(_str(e, "INVENTORY_DATA_DIR", str(d.data_dir))),
+            partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions),
+            topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
+            log_level=_str(e, "INVENTORY_LOG_LEVEL", d.log_level).upper(),
+            max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty),
+            max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len),
+            dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window),
+            default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms),
+            expiry_scan_interval_s=_float(
+                e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
+            ),
+            changelog_min_compaction_lag_ms=_int(
+                e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
+            ),
+            stock_changes_retention_ms=_int(
+                e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms
+            ),
+        )
+
+    # topic names -------------------------------------------------------
+    @property
+    def orders_topic(self) -> str:
+        return f"{self.topic_prefix}orders"
+
+    @property
+    def returns_topic(self) -> str:
+        return f"{self.topic_prefix}returns"
+
+    @property
+    def restocks_topic(self) -> str:
+        return f"{self.topic_prefix}restocks"
+
+    @property
+    def stock_changes_topic(self) -> str:
+        return f"{self.topic_prefix}stock-changes"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.topic_prefix}reservation-results"
+
+    @property
+    def dead_letters_topic(self) -> str:
+        return f"{self.topic_prefix}dead-letters"
+
+    @property
+    def input_topics(self) -> tuple[str, str, str]:
+        return (self.orders_topic, self.returns_topic, self.restocks_topic)
+
+    def describe(self) -> dict[str, str]:
+        """Settings as strings, for logs and the README table (no secrets here yet)."""
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+settings = Settings.from_env()
