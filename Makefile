@@ -42,7 +42,7 @@ run: venv stack-up
 	@echo "worker:  http://127.0.0.1:$(WEB_PORT)/healthz   stock: http://127.0.0.1:$(WEB_PORT)/stock/<sku>   metrics: http://127.0.0.1:$(WEB_PORT)/metrics"
 	@echo "produce: $(PY) -m pipeline.produce send RestockReceived '{\"sku\":\"SKU-1\",\"qty\":10}'"
 	INVENTORY_WEB_PORT=$(WEB_PORT) INVENTORY_DATA_DIR=$(DATA_DIR) \
-	  $(VENV)/bin/faust -A pipeline.app worker --web-port $(WEB_PORT) --datadir $(DATA_DIR) -l info
+	  $(VENV)/bin/faust -A pipeline.app --datadir $(DATA_DIR) worker --web-port $(WEB_PORT) -l info
 
 # pytest exit 5 (no test collected) is a failure here, not a pass
 test: venv stack-up

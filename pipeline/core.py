@@ -1,0 +1,492 @@
+"""The stock ledger's pure decision core.
+
+Everything here is plain data and plain functions: no Faust, Kafka, Redis or
+fastavro. :func:`decide` takes the current state of one SKU (its
+:class:`StockRecord` and, for order commands, the :class:`Reservation` of the
+command's order), one command and the processing time, and returns a
+:class:`Decision`: the new record, the reservation to store (if any) and the
+events the decision causes. A business "no" (out of stock, unknown order) is an
+emitted event, never an exception; only a bug raises.
+
+Determinism: every rule reads time from the command's ``occurred_at`` (expiry
+included: expiry is itself a command carrying the time it was observed), so
+replaying the same commands over the same state gives the same decisions.
+``now`` only stamps ``processed_at`` on emitted events.
+
+Idempotency rules that live here (the agent adds the Kafka-offset guard):
+
+* order commands are idempotent by ``order_id``: the order's reservation
+  remembers its status, so a second ReserveStock for an order that already has
+  one, or a second Commit of a committed order, is answered with the original
+  outcome and ``duplicate=True`` and changes nothing;
+* other commands are idempotent by ``event_id`` within the record's
+  ``recent_event_ids`` window (:data:`DEFAULT_DEDUPE_WINDOW` ids per SKU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Optional, Union
+
+DEFAULT_DEDUPE_WINDOW = 256
+
+
+class Outcome(str, Enum):
+    """What a command did. Order outcomes are sent back on reservation-results."""
+
+    RESERVED = "RESERVED"
+    REJECTED = "REJECTED"
+    COMMITTED = "COMMITTED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+    NOT_EXPIRED = "NOT_EXPIRED"  # an expire check that came too early: no-op
+    UNKNOWN_RESERVATION = "UNKNOWN_RESERVATION"
+    INVALID_STATE = "INVALID_STATE"  # e.g. commit of a released reservation
+    DUPLICATE = "DUPLICATE"
+    RESTOCKED = "RESTOCKED"
+    COUNTED = "COUNTED"
+    SHORTFALL = "SHORTFALL"
+    RETURNED = "RETURNED"
+    RETURN_DAMAGED = "RETURN_DAMAGED"
+    SAFETY_STOCK_SET = "SAFETY_STOCK_SET"
+
+
+class ReservationStatus(str, Enum):
+    RESERVED = "RESERVED"
+    COMMITTED = "COMMITTED"
+    RELEASED = "RELEASED"
+    EXPIRED = "EXPIRED"
+    REJECTED = "REJECTED"
+
+    @property
+    def is_open(self) -> bool:
+        return self is ReservationStatus.RESERVED
+
+
+# --------------------------------------------------------------------------
+# state
+
+
+@dataclass(frozen=True)
+class StockRecord:
+    """The authoritative stock of one SKU.
+
+    ``available = on_hand - reserved - safety_stock``, shown as 0 when negative.
+    ``damaged`` counts returned units that cannot be sold (never on hand).
+    ``version`` rises by exactly one for every change of the sellable numbers.
+    """
+
+    sku: str
+    on_hand: int = 0
+    reserved: int = 0
+    safety_stock: int = 0
+    damaged: int = 0
+    version: int = 0
+    recent_event_ids: tuple[str, ...] = ()
+
+    @property
+    def available(self) -> int:
+        return max(0, self.on_hand - self.reserved - self.safety_stock)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """One order's hold on one SKU, kept after it closes so retries re-answer."""
+
+    order_id: str
+    sku: str
+    qty: int
+    status: ReservationStatus
+    expires_at: int
+    channel: str
+    event_id: str  # the ReserveStock that opened (or was refused) it
+    decided_at: int  # occurred_at of the command that last changed it
+    reason: str = ""
+    available_at_decision: int = 0
+
+    def status_outcome(self) -> "Outcome":
+        return Outcome(self.status.value)
+
+
+# --------------------------------------------------------------------------
+# commands (times are epoch milliseconds)
+
+
+@dataclass(frozen=True)
+class ReserveStock:
+    event_id: str
+    order_id: str
+    sku: str
+    qty: int
+    occurred_at: int
+    channel: str = "web"
+    ttl_ms: int = 15 * 60 * 1000
+    allow_partial: bool = False
+
+
+@dataclass(frozen=True)
+class CommitReservation:
+    event_id: str
+    order_id: str
+    sku: str
+    occurred_at: int
+    channel: str = "web"
+
+
+@dataclass(frozen=True)
+class ReleaseReservation:
+    event_id: str
+    order_id: str
+    sku: str
+    occurred_at: int
+    reason: str = "cancelled"
+    channel: str = "web"
+
+
+@dataclass(frozen=True)
+class ExpireReservation:
+    """Internal: the expiry sweeper saw ``order_id`` past its expiry at ``occurred_at``."""
+
+    event_id: str
+    order_id: str
+    sku: str
+    occurred_at: int
+    channel: str = "system"
+
+
+@dataclass(frozen=True)
+class RestockReceived:
+    event_id: str
+    sku: str
+    qty: int
+    occurred_at: int
+    channel: str = "warehouse"
+
+
+@dataclass(frozen=True)
+class StockCounted:
+    event_id: str
+    sku: str
+    on_hand: int
+    occurred_at: int
+    channel: str = "warehouse"
+
+
+@dataclass(frozen=True)
+class ReturnReceived:
+    event_id: str
+    order_id: str
+    sku: str
+    qty: int
+    resellable: bool
+    occurred_at: int
+    channel: str = "web"
+
+
+@dataclass(frozen=True)
+class SafetyStockSet:
+    event_id: str
+    sku: str
+    qty: int
+    occurred_at: int
+    channel: str = "erp"
+
+
+OrderCommand = Union[ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation]
+StockCommand = Union[RestockReceived, StockCounted, ReturnReceived, SafetyStockSet]
+Command = Union[OrderCommand, StockCommand]
+ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
+
+
+# --------------------------------------------------------------------------
+# events
+
+
+@dataclass(frozen=True)
+class StockChanged:
+    sku: str
+    version: int
+    on_hand: int
+    reserved: int
+    safety_stock: int
+    available: int
+    cause_type: str
+    cause_event_id: str
+    order_id: str
+    channel: str
+    occurred_at: int
+    processed_at: int
+
+
+@dataclass(frozen=True)
+class ReservationResult:
+    event_id: str
+    order_id: str
+    sku: str
+    outcome: Outcome
+    qty: int
+    available: int
+    reason: str = ""
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class StockShortfall:
+    sku: str
+    counted: int
+    reserved: int
+    shortfall: int
+    cause_event_id: str
+    occurred_at: int
+
+
+@dataclass(frozen=True)
+class CommandApplied:
+    """Every command's outcome, order or not: the agent counts these in metrics."""
+
+    event_id: str
+    sku: str
+    command_type: str
+    outcome: Outcome
+    channel: str
+    reason: str = ""
+
+
+Event = Union[StockChanged, ReservationResult, StockShortfall, CommandApplied]
+
+
+@dataclass(frozen=True)
+class Decision:
+    record: StockRecord
+    events: tuple[Event, ...]
+    reservation: Optional[Reservation] = None  # the order's reservation to store, if it changed
+
+    @property
+    def outcome(self) -> Outcome:
+        for event in self.events:
+            if isinstance(event, CommandApplied):
+                return event.outcome
+        raise AssertionError("every decision carries a CommandApplied")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class _Change:
+    """Internal helper: a new record and why it changed."""
+
+    record: StockRecord
+    extra: tuple[Event, ...] = field(default=())
+
+
+# --------------------------------------------------------------------------
+# the function
+
+
+def decide(
+    record: Optional[StockRecord],
+    command: Command,
+    now: int,
+    reservation: Optional[Reservation] = None,
+    *,
+    dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
+) -> Decision:
+    """Apply one command to one SKU's state.
+
+    ``record`` is None for a SKU never seen. ``reservation`` must be the stored
+    reservation of ``command.order_id`` on this SKU for order commands (None if
+    there is none) and is ignored otherwise. Returns the new state and the
+    events; the caller stores ``decision.record`` (and ``decision.reservation``
+    when not None) and publishes the events.
+    """
+    if record is None:
+        record = StockRecord(sku=command.sku)
+    if record.sku != command.sku:
+        raise ValueError(f"command for {command.sku!r} applied to record of {record.sku!r}")
+    if isinstance(command, ORDER_COMMANDS):
+        if reservation is not None and reservation.order_id != command.order_id:
+            raise ValueError("reservation of another order passed to decide()")
+        return _decide_order(record, command, now, reservation)
+    return _decide_stock(record, command, now, dedupe_window)
+
+
+def _decide_order(
+    record: StockRecord,
+    cmd: OrderCommand,
+    now: int,
+    res: Optional[Reservation],
+) -> Decision:
+    ctype = type(cmd).__name__
+    if isinstance(cmd, ReserveStock):
+        if res is not None:
+            # the order already reserved (or was refused) here: answer the original outcome
+            return _answer(record, cmd, res.status_outcome(), res.qty, res.available_at_decision,
+                           res.reason, duplicate=True)
+        avail = record.available
+        qty = cmd.qty
+        if avail < qty and cmd.allow_partial and avail > 0:
+            qty = avail
+        if avail >= qty:
+            new = replace(record, reserved=record.reserved + qty)
+            new_res = Reservation(
+                order_id=cmd.order_id, sku=cmd.sku, qty=qty, status=ReservationStatus.RESERVED,
+                expires_at=cmd.occurred_at + cmd.ttl_ms, channel=cmd.channel, event_id=cmd.event_id,
+                decided_at=cmd.occurred_at, reason="partial" if qty < cmd.qty else "",
+                available_at_decision=new.available,
+            )
+            return _changed(record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason)
+        refused = Reservation(
+            order_id=cmd.order_id, sku=cmd.sku, qty=cmd.qty, status=ReservationStatus.REJECTED,
+            expires_at=cmd.occurred_at, channel=cmd.channel, event_id=cmd.event_id,
+            decided_at=cmd.occurred_at, reason="insufficient_stock", available_at_decision=avail,
+        )
+        return Decision(
+            record=record,
+            reservation=refused,
+            events=(
+                ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, Outcome.REJECTED, cmd.qty,
+                                  avail, "insufficient_stock"),
+                CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.REJECTED, cmd.channel,
+                               "insufficient_stock"),
+            ),
+        )
+
+    if res is None or res.status is ReservationStatus.REJECTED:
+        reason = "no reservation for this order" if res is None else "reservation was rejected"
+        return _answer(record, cmd, Outcome.UNKNOWN_RESERVATION, 0, record.available, reason)
+
+    if not res.status.is_open:
+        # already closed: a commit of a committed order (or release of a released one) is a
+        # duplicate; anything else is a command that came too late for this reservation
+        same = (
+            (isinstance(cmd, CommitReservation) and res.status is ReservationStatus.COMMITTED)
+            or (isinstance(cmd, ReleaseReservation) and res.status is ReservationStatus.RELEASED)
+            or (isinstance(cmd, ExpireReservation) and res.status is ReservationStatus.EXPIRED)
+        )
+        if same:
+            return _answer(record, cmd, res.status_outcome(), res.qty, record.available,
+                           res.reason, duplicate=True)
+        if isinstance(cmd, ExpireReservation):
+            return _answer(record, cmd, Outcome.NOT_EXPIRED, res.qty, record.available,
+                           f"reservation is {res.status.value}", silent=True)
+        return _answer(record, cmd, Outcome.INVALID_STATE, res.qty, record.available,
+                       f"reservation is {res.status.value}")
+
+    expired = cmd.occurred_at >= res.expires_at
+    if isinstance(cmd, ExpireReservation) and not expired:
+        return _answer(record, cmd, Outcome.NOT_EXPIRED, res.qty, record.available,
+                       "not yet expired", silent=True)
+    if isinstance(cmd, (ExpireReservation, CommitReservation)) and expired:
+        # a commit that arrives after the expiry finds the units already due back
+        new = replace(record, reserved=record.reserved - res.qty)
+        closed = replace(res, status=ReservationStatus.EXPIRED, decided_at=cmd.occurred_at,
+                         reason="expired")
+        return _changed(record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired")
+    if isinstance(cmd, CommitReservation):
+        new = replace(record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty)
+        closed = replace(res, status=ReservationStatus.COMMITTED, decided_at=cmd.occurred_at,
+                         reason="")
+        return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
+    assert isinstance(cmd, ReleaseReservation)
+    new = replace(record, reserved=record.reserved - res.qty)
+    closed = replace(res, status=ReservationStatus.RELEASED, decided_at=cmd.occurred_at,
+                     reason=cmd.reason)
+    return _changed(record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason)
+
+
+def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int) -> Decision:
+    ctype = type(cmd).__name__
+    if cmd.event_id in record.recent_event_ids:
+        return Decision(
+            record=record,
+            events=(CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.DUPLICATE, cmd.channel,
+                                   "event_id already applied"),),
+        )
+    remembered = (record.recent_event_ids + (cmd.event_id,))[-window:] if window > 0 else ()
+    base = replace(record, recent_event_ids=remembered)
+    extra: tuple[Event, ...] = ()
+    reason = ""
+    if isinstance(cmd, RestockReceived):
+        new, outcome = replace(base, on_hand=base.on_hand + cmd.qty), Outcome.RESTOCKED
+    elif isinstance(cmd, StockCounted):
+        new, outcome = replace(base, on_hand=cmd.on_hand), Outcome.COUNTED
+        if cmd.on_hand < base.reserved:
+            outcome = Outcome.SHORTFALL
+            reason = f"counted {cmd.on_hand} below reserved {base.reserved}"
+            extra = (StockShortfall(cmd.sku, cmd.on_hand, base.reserved,
+                                    base.reserved - cmd.on_hand, cmd.event_id, cmd.occurred_at),)
+    elif isinstance(cmd, ReturnReceived):
+        if cmd.resellable:
+            new, outcome = replace(base, on_hand=base.on_hand + cmd.qty), Outcome.RETURNED
+        else:
+            new, outcome = replace(base, damaged=base.damaged + cmd.qty), Outcome.RETURN_DAMAGED
+    elif isinstance(cmd, SafetyStockSet):
+        new, outcome = replace(base, safety_stock=cmd.qty), Outcome.SAFETY_STOCK_SET
+    else:  # pragma: no cover - the Command union is closed
+        raise TypeError(f"not a command: {cmd!r}")
+
+    events: list[Event] = []
+    if _sellable(new) != _sellable(record):
+        new = replace(new, version=record.version + 1)
+        events.append(_stock_changed(new, cmd, now, order_id=getattr(cmd, "order_id", "")))
+    events.extend(extra)
+    events.append(CommandApplied(cmd.event_id, cmd.sku, ctype, outcome, cmd.channel, reason))
+    return Decision(record=new, events=tuple(events))
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _sellable(r: StockRecord) -> tuple[int, int, int]:
+    return (r.on_hand, r.reserved, r.safety_stock)
+
+
+def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
+    return StockChanged(
+        sku=new.sku, version=new.version, on_hand=new.on_hand, reserved=new.reserved,
+        safety_stock=new.safety_stock, available=new.available, cause_type=type(cmd).__name__,
+        cause_event_id=cmd.event_id, order_id=order_id, channel=cmd.channel,
+        occurred_at=cmd.occurred_at, processed_at=now,
+    )
+
+
+def _changed(
+    old: StockRecord,
+    new: StockRecord,
+    cmd: OrderCommand,
+    now: int,
+    outcome: Outcome,
+    qty: int,
+    res: Reservation,
+    reason: str,
+) -> Decision:
+    events: list[Event] = []
+    if _sellable(new) != _sellable(old):
+        new = replace(new, version=old.version + 1)
+        events.append(_stock_changed(new, cmd, now, order_id=cmd.order_id))
+    events.append(ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty,
+                                    new.available, reason))
+    events.append(CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__, outcome, cmd.channel,
+                                 reason))
+    return Decision(record=new, reservation=res, events=tuple(events))
+
+
+def _answer(
+    record: StockRecord,
+    cmd: OrderCommand,
+    outcome: Outcome,
+    qty: int,
+    available: int,
+    reason: str,
+    *,
+    duplicate: bool = False,
+    silent: bool = False,
+) -> Decision:
+    """A decision that changes nothing but is still answered (unless ``silent``)."""
+    applied = CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__,
+                             Outcome.DUPLICATE if duplicate else outcome, cmd.channel, reason)
+    if silent:
+        return Decision(record=record, events=(applied,))
+    result = ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, available,
+                               reason, duplicate=duplicate)
+    return Decision(record=record, events=(result, applied))

@@ -1,0 +1,65 @@
+"""The expiry sweeper: finds overdue reservations and sends ExpireReservation.
+
+It never writes the table (Faust forbids writes outside stream iteration):
+every worker scans the reservations of its own active partitions and sends an
+ExpireReservation command, keyed by SKU, to ``inventory.orders``; the agent
+that owns the SKU's partition applies it. The command carries the time the
+sweeper saw, so the decision is deterministic on replay, and a duplicate or a
+command that races a commit is answered without effect. No leader is needed,
+so a stale leadership during a rebalance cannot stop expiry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+from config.settings import settings
+from pipeline import metrics
+from pipeline.app import app, orders_topic, stock_table
+from pipeline.partitioning import partition_for
+from schemas.codec import codec_from_settings
+from tables.stock import RESERVATION_SEP, StoredReservation
+
+log = logging.getLogger("inventory.expiry")
+
+RESEND_AFTER_MS = 5_000
+_codec = codec_from_settings(settings)
+_sent: dict[bytes, int] = {}
+
+
+def overdue(now: int) -> list[tuple[str, str]]:
+    """(sku, order_id) of open reservations past their expiry in this worker's partitions."""
+    found = []
+    for key, value in stock_table.data.items():
+        if RESERVATION_SEP not in key:
+            continue
+        cur = StoredReservation.from_bytes(value).current
+        if cur["status"] == "RESERVED" and cur["expires_at"] <= now:
+            found.append((cur["sku"], cur["order_id"]))
+    return found
+
+
+@app.timer(interval=settings.expiry_scan_interval_s)
+async def sweep_expired() -> None:
+    if app.rebalancing:
+        return
+    now = int(time.time() * 1000)
+    for sku, order_id in overdue(now):
+        key = sku.encode()
+        mark = key + RESERVATION_SEP + order_id.encode()
+        if now - _sent.get(mark, 0) < RESEND_AFTER_MS:
+            continue
+        _sent[mark] = now
+        value = _codec.encode(
+            "ExpireReservation",
+            {"event_id": f"expire-{uuid.uuid4()}", "order_id": order_id, "sku": sku,
+             "occurred_at": now, "channel": "system"},
+        )
+        await orders_topic.send(key=key, value=value,
+                                partition=partition_for(key, settings.partitions))
+        metrics.EXPIRY_SENT.inc()
+    for mark, at in list(_sent.items()):
+        if now - at > 10 * RESEND_AFTER_MS:
+            del _sent[mark]

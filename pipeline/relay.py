@@ -1,0 +1,127 @@
+"""The changelog relay: publishes StockChanged and ReservationResult from the table.
+
+Every SKU record in the stock table's changelog carries the effects of the
+command that wrote it (:mod:`tables.stock`). The relay consumes the changelog
+in its own consumer group and publishes those effects, then commits. It runs
+in every worker; Kafka's group protocol spreads the changelog partitions over
+them.
+
+Delivery is at-least-once: after a crash the relay re-publishes what it had
+not committed, so ``inventory.stock-changes`` may hold a version twice (with
+identical content) but never misses one that is in the changelog. Consumers
+apply by version, which makes the duplicates harmless. The changelog is
+compacted only after ``changelog_min_compaction_lag_ms``, which bounds how long
+the relay may be down without missing versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from config.settings import Settings, settings
+from pipeline import metrics
+from pipeline.app import app
+from pipeline.topics import changelog_topic
+from schemas.codec import AvroCodec, codec_from_settings
+from tables.stock import StoredStock, is_stock_key
+
+log = logging.getLogger("inventory.relay")
+
+
+class ChangelogRelay:
+    """Consume the stock changelog, publish each record's effects, commit."""
+
+    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
+        self.cfg = cfg
+        self.codec = codec
+        self.topic = changelog_topic(cfg)
+
+    def outputs(self, key: bytes, value: bytes | None) -> list[tuple[str, bytes, bytes, str]]:
+        """(topic, key, value, record name) to publish for one changelog record."""
+        if value is None or not is_stock_key(key):
+            return []
+        stored = StoredStock.from_bytes(value)
+        out: list[tuple[str, bytes, bytes, str]] = []
+        for name, items in stored.effects.items():
+            for item in items:
+                if name == "ReservationResult":
+                    topic, okey = self.cfg.results_topic, item["order_id"].encode()
+                else:
+                    topic, okey = self.cfg.stock_changes_topic, key
+                out.append((topic, okey, self.codec.encode(name, item), name))
+        return out
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            bootstrap_servers=self.cfg.kafka_bootstrap,
+            group_id=f"{self.cfg.app_id}-relay",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+            max_poll_records=2000,
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.cfg.kafka_bootstrap,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=1,
+        )
+        await producer.start()
+        await self._start_consumer(consumer)
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if not batches:
+                    continue
+                futures = []
+                offsets: dict[TopicPartition, int] = {}
+                for tp, records in batches.items():
+                    for rec in records:
+                        for topic, okey, oval, name in self.outputs(rec.key, rec.value):
+                            futures.append(await producer.send(topic, key=okey, value=oval))
+                            metrics.RELAY_PUBLISHED.labels(name).inc()
+                    offsets[tp] = records[-1].offset + 1
+                if futures:
+                    await asyncio.gather(*futures)
+                await consumer.commit(offsets)
+                await self._update_lag(consumer)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _start_consumer(self, consumer: AIOKafkaConsumer) -> None:
+        # the changelog is created by Faust when the table starts; wait for it
+        while True:
+            try:
+                await consumer.start()
+                return
+            except Exception as exc:  # noqa: BLE001 - retried, logged
+                log.warning("relay consumer not started yet: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        lag = 0
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                lag += max(0, hw - await consumer.position(tp))
+        metrics.RELAY_LAG.set(lag)
+
+
+relay = ChangelogRelay(settings, codec_from_settings(settings))
+
+
+@app.task
+async def run_relay() -> None:
+    while True:
+        try:
+            await relay.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
+            log.exception("relay failed; restarting in 1 s")
+            await asyncio.sleep(1.0)
+

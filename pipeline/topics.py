@@ -1,0 +1,93 @@
+"""Topic layout: creates the project's topics and refuses a partition mismatch.
+
+Input topics and the table changelog must be co-partitioned (same count, same
+key bytes, murmur2 partitioner) or one SKU's events could be applied by two
+workers. The count is fixed once data exists, so a mismatch is fatal here
+rather than something to repair silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from config.settings import Settings
+
+
+class PartitionMismatch(RuntimeError):
+    """An existing topic does not have the configured partition count."""
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+    must_match: bool  # part of the co-partitioned set
+
+
+def changelog_topic(settings: Settings, table: str = "stock") -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{settings.app_id}-{table}-changelog"
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    n = settings.partitions
+    specs = [TopicSpec(t, n, {}, True) for t in settings.input_topics]
+    specs.append(
+        TopicSpec(
+            settings.stock_changes_topic,
+            n,
+            {"cleanup.policy": "delete", "retention.ms": str(settings.stock_changes_retention_ms)},
+            False,
+        )
+    )
+    specs.append(TopicSpec(settings.results_topic, n, {}, False))
+    specs.append(TopicSpec(settings.dead_letters_topic, n, {}, False))
+    return specs
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
+    """Create missing topics; raise :class:`PartitionMismatch` on a wrong count.
+
+    Also checks the stock table's changelog if it already exists.
+    """
+    admin = admin_client(settings)
+    meta = admin.list_topics(timeout=timeout)
+    existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
+    specs = topic_specs(settings)
+    mismatches = [
+        f"{s.name} has {existing[s.name]} partitions, configured {s.partitions}"
+        for s in specs
+        if s.must_match and s.name in existing and existing[s.name] != s.partitions
+    ]
+    cl = changelog_topic(settings)
+    if cl in existing and existing[cl] != settings.partitions:
+        mismatches.append(f"{cl} has {existing[cl]} partitions, configured {settings.partitions}")
+    if mismatches:
+        raise PartitionMismatch(
+            "refusing to start: input topics and the table changelog must be co-partitioned; "
+            + "; ".join(mismatches)
+            + " (set INVENTORY_PARTITIONS to match, or use new topics)"
+        )
+    missing = [s for s in specs if s.name not in existing]
+    if not missing:
+        return
+    futures = admin.create_topics(
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config)
+         for s in missing],
+        operation_timeout=timeout,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout)
+        except Exception as exc:  # noqa: BLE001 - inspect the Kafka error code
+            err = exc.args[0] if exc.args else None
+            if getattr(err, "name", lambda: "")() == "TOPIC_ALREADY_EXISTS":
+                continue  # raced with another worker: fine, re-checked on the next start
+            raise RuntimeError(f"could not create topic {name}: {exc}") from exc

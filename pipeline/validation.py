@@ -1,0 +1,154 @@
+"""Decoded Avro records to core commands, with every input rule that dead-letters.
+
+The codec guarantees types; this module checks meaning: which topic may carry
+which record, quantities, SKUs, ids. A failed check raises :class:`Invalid`
+with a stable machine-readable ``reason`` (the dead-letter metric label).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from config.settings import Settings
+from pipeline import core
+
+MAX_ID_LEN = 128
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+
+ORDER_RECORDS = ("ReserveStock", "CommitReservation", "ReleaseReservation", "ExpireReservation")
+RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet")
+RETURN_RECORDS = ("ReturnReceived",)
+
+
+class Invalid(ValueError):
+    """A record that must go to the dead-letter topic."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def records_for_topic(settings: Settings) -> dict[str, tuple[str, ...]]:
+    return {
+        settings.orders_topic: ORDER_RECORDS,
+        settings.restocks_topic: RESTOCK_RECORDS,
+        settings.returns_topic: RETURN_RECORDS,
+    }
+
+
+def check_sku(sku: str, settings: Settings) -> None:
+    if not sku or not sku.strip():
+        raise Invalid("empty_sku", "sku is empty")
+    if len(sku.encode("utf-8")) > settings.max_sku_len:
+        raise Invalid("sku_too_long", f"sku longer than {settings.max_sku_len} bytes")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in sku):
+        # control bytes are never SKUs, and NUL separates the table's key spaces
+        raise Invalid("invalid_sku", "sku contains control characters")
+
+
+def _id(rec: Mapping[str, Any], field: str) -> str:
+    value = rec.get(field, "")
+    if not value:
+        raise Invalid(f"missing_{field}", f"{field} is empty")
+    if len(value) > MAX_ID_LEN:
+        raise Invalid(f"invalid_{field}", f"{field} longer than {MAX_ID_LEN}")
+    return str(value)
+
+
+def _qty(value: int, settings: Settings, *, allow_zero: bool, field: str = "qty") -> int:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise Invalid("qty_not_positive", f"{field}={value}")
+    if value > settings.max_qty:
+        raise Invalid("qty_too_large", f"{field}={value} above maximum {settings.max_qty}")
+    return value
+
+
+def _time(rec: Mapping[str, Any]) -> int:
+    t = int(rec.get("occurred_at", 0))
+    if t <= 0:
+        raise Invalid("invalid_occurred_at", f"occurred_at={t}")
+    return t
+
+
+def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
+    ttl = int(r.get("ttl_ms", s.default_ttl_ms))
+    if ttl <= 0 or ttl > MAX_TTL_MS:
+        raise Invalid("invalid_ttl", f"ttl_ms={ttl}")
+    return core.ReserveStock(
+        event_id=_id(r, "event_id"), order_id=_id(r, "order_id"), sku=r["sku"],
+        qty=_qty(r["qty"], s, allow_zero=False), occurred_at=_time(r),
+        channel=r.get("channel") or "web", ttl_ms=ttl, allow_partial=bool(r.get("allow_partial")),
+    )
+
+
+def _commit(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.CommitReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
+                                  channel=r.get("channel") or "web")
+
+
+def _release(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.ReleaseReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
+                                   reason=r.get("reason") or "cancelled",
+                                   channel=r.get("channel") or "web")
+
+
+def _expire(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.ExpireReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
+                                  channel=r.get("channel") or "system")
+
+
+def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.RestockReceived(_id(r, "event_id"), r["sku"], _qty(r["qty"], s, allow_zero=False),
+                                _time(r), channel=r.get("channel") or "warehouse")
+
+
+def _count(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.StockCounted(_id(r, "event_id"), r["sku"],
+                             _qty(r["on_hand"], s, allow_zero=True, field="on_hand"), _time(r),
+                             channel=r.get("channel") or "warehouse")
+
+
+def _safety(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.SafetyStockSet(_id(r, "event_id"), r["sku"], _qty(r["qty"], s, allow_zero=True),
+                               _time(r), channel=r.get("channel") or "erp")
+
+
+def _return(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.ReturnReceived(_id(r, "event_id"), _id(r, "order_id"), r["sku"],
+                               _qty(r["qty"], s, allow_zero=False), bool(r["resellable"]),
+                               _time(r), channel=r.get("channel") or "web")
+
+
+_BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
+    "ReserveStock": _reserve,
+    "CommitReservation": _commit,
+    "ReleaseReservation": _release,
+    "ExpireReservation": _expire,
+    "RestockReceived": _restock,
+    "StockCounted": _count,
+    "SafetyStockSet": _safety,
+    "ReturnReceived": _return,
+}
+
+
+def to_command(
+    topic: str, key: bytes | None, name: str, rec: Mapping[str, Any], settings: Settings
+) -> core.Command:
+    """Validate one decoded record from ``topic`` and build its core command.
+
+    Raises :class:`Invalid` for a record this topic may not carry, a key that
+    is not the record's SKU, or any field rule.
+    """
+    allowed = records_for_topic(settings).get(topic, ())
+    if name not in allowed:
+        raise Invalid("wrong_topic", f"{name} is not accepted on {topic}")
+    try:
+        sku = rec["sku"]
+        check_sku(sku, settings)
+        command = _BUILDERS[name](rec, settings)
+    except KeyError as exc:
+        raise Invalid("missing_field", f"{name} lacks {exc.args[0]}") from None
+    if key != sku.encode("utf-8"):
+        raise Invalid("key_mismatch", "message key is not the record's sku")
+    return command

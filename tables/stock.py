@@ -1,0 +1,166 @@
+"""How the stock table stores state, and why the layout makes effects exactly-once.
+
+One Faust table (RocksDB, changelog in Kafka) holds two key spaces, both
+written to the changelog partition of the SKU being processed:
+
+* ``<sku>`` -> :class:`StoredStock`: the core's :class:`StockRecord`, the
+  highest input offset applied per source topic (``watermarks``) and the
+  effects of the last command (``effects``: StockChanged, ReservationResult,
+  StockShortfall as plain dicts). One changelog record therefore carries the
+  new state, the proof that the input was applied and the outputs it caused.
+  The relay derives the output topics from these records, so an output can
+  never be lost when the state landed, nor emitted when it did not.
+* ``<sku>\\0r\\0<order_id>`` -> :class:`StoredReservation`: the order's
+  reservation (``current``) and the version it replaced (``previous``). It is
+  written *before* the SKU record of the same command, on the same changelog
+  partition, so after a crash the changelog holds a prefix of the writes: a
+  reservation whose ``offset`` is above the SKU record's watermark belongs to a
+  command whose SKU record never landed, and the reader falls back to
+  ``previous``.
+
+Values are JSON (orjson): small, fast and readable with any Kafka tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import orjson
+
+from pipeline import core
+
+RESERVATION_SEP = b"\x00r\x00"
+
+
+def stock_key(sku: str) -> bytes:
+    return sku.encode("utf-8")
+
+
+def reservation_key(sku: str, order_id: str) -> bytes:
+    return stock_key(sku) + RESERVATION_SEP + order_id.encode("utf-8")
+
+
+def is_stock_key(key: bytes) -> bool:
+    return b"\x00" not in key
+
+
+@dataclass(frozen=True)
+class StoredStock:
+    record: core.StockRecord
+    watermarks: dict[str, int] = field(default_factory=dict)
+    effects: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def applied(self, topic: str, offset: int) -> bool:
+        """True when the input at ``topic``/``offset`` (of this SKU's partition) is applied."""
+        return self.watermarks.get(topic, -1) >= offset
+
+    def to_bytes(self) -> bytes:
+        r = self.record
+        return orjson.dumps(
+            {
+                "sku": r.sku,
+                "on_hand": r.on_hand,
+                "reserved": r.reserved,
+                "safety_stock": r.safety_stock,
+                "damaged": r.damaged,
+                "version": r.version,
+                "ids": list(r.recent_event_ids),
+                "w": self.watermarks,
+                "fx": self.effects,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "StoredStock":
+        d = orjson.loads(data)
+        record = core.StockRecord(
+            sku=d["sku"], on_hand=d["on_hand"], reserved=d["reserved"],
+            safety_stock=d["safety_stock"], damaged=d.get("damaged", 0), version=d["version"],
+            recent_event_ids=tuple(d.get("ids", ())),
+        )
+        return cls(record=record, watermarks=d.get("w", {}), effects=d.get("fx", {}))
+
+    def view(self) -> dict[str, Any]:
+        """The public JSON of ``GET /stock/{sku}``."""
+        r = self.record
+        return {
+            "sku": r.sku,
+            "on_hand": r.on_hand,
+            "reserved": r.reserved,
+            "safety_stock": r.safety_stock,
+            "available": r.available,
+            "version": r.version,
+        }
+
+
+def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, Any]:
+    return {
+        "order_id": res.order_id, "sku": res.sku, "qty": res.qty, "status": res.status.value,
+        "expires_at": res.expires_at, "channel": res.channel, "event_id": res.event_id,
+        "decided_at": res.decided_at, "reason": res.reason,
+        "available_at_decision": res.available_at_decision, "topic": topic, "offset": offset,
+    }
+
+
+def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
+    return core.Reservation(
+        order_id=d["order_id"], sku=d["sku"], qty=d["qty"],
+        status=core.ReservationStatus(d["status"]), expires_at=d["expires_at"],
+        channel=d["channel"], event_id=d["event_id"], decided_at=d["decided_at"],
+        reason=d.get("reason", ""), available_at_decision=d.get("available_at_decision", 0),
+    )
+
+
+@dataclass(frozen=True)
+class StoredReservation:
+    current: dict[str, Any]
+    previous: Optional[dict[str, Any]] = None
+
+    def valid(self, stock: Optional[StoredStock]) -> Optional[core.Reservation]:
+        """The reservation as of the SKU record ``stock`` (see module docstring)."""
+        for candidate in (self.current, self.previous):
+            if candidate is None:
+                continue
+            if stock is not None and stock.applied(candidate["topic"], candidate["offset"]):
+                return _res_from_dict(candidate)
+        return None
+
+    def updated(self, res: core.Reservation, topic: str, offset: int,
+                stock: Optional[StoredStock]) -> "StoredReservation":
+        """The value to write for ``res``, keeping the currently valid version as fallback."""
+        valid = None
+        for candidate in (self.current, self.previous):
+            if candidate is not None and stock is not None and stock.applied(
+                candidate["topic"], candidate["offset"]
+            ):
+                valid = candidate
+                break
+        return StoredReservation(current=_res_to_dict(res, topic, offset), previous=valid)
+
+    @classmethod
+    def new(cls, res: core.Reservation, topic: str, offset: int) -> "StoredReservation":
+        return cls(current=_res_to_dict(res, topic, offset))
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"c": self.current, "p": self.previous})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "StoredReservation":
+        d = orjson.loads(data)
+        return cls(current=d["c"], previous=d.get("p"))
+
+
+def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The events the relay publishes, as Avro-ready dicts keyed by record name."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if isinstance(e, core.StockChanged):
+            out.setdefault("StockChanged", []).append(e.__dict__.copy())
+        elif isinstance(e, core.ReservationResult):
+            d = e.__dict__.copy()
+            d["outcome"] = e.outcome.value
+            out.setdefault("ReservationResult", []).append(d)
+        elif isinstance(e, core.StockShortfall):
+            out.setdefault("StockShortfall", []).append(e.__dict__.copy())
+    return out

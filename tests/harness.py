@@ -1,0 +1,235 @@
+"""Test harness for the real stack: namespaces, worker subprocesses, Kafka reads.
+
+Each test that runs workers gets its own :class:`Namespace` (topic prefix and
+Faust app id), so topics, changelogs and consumer groups never leak between
+tests. Workers are real ``faust -A pipeline.app worker`` subprocesses with their
+own web port and data dir, stopped with SIGTERM or killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from config.settings import Settings, settings as base_settings
+from schemas.codec import AvroCodec, DecodeError
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "test-output"
+FAUST = Path(sys.executable).parent / "faust"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Namespace:
+    """A fresh set of topics and a fresh app id on the shared broker."""
+
+    name: str
+    partitions: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, label: str, partitions: int = 4, **env: str) -> "Namespace":
+        return cls(f"{label}-{uuid.uuid4().hex[:8]}", partitions, dict(env))
+
+    @property
+    def settings(self) -> Settings:
+        return replace(
+            base_settings,
+            app_id=f"inv-{self.name}",
+            topic_prefix=f"{self.name}.",
+            partitions=self.partitions,
+        )
+
+    def env(self, web_port: int, data_dir: Path) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            INVENTORY_APP_ID=self.settings.app_id,
+            INVENTORY_TOPIC_PREFIX=self.settings.topic_prefix,
+            INVENTORY_PARTITIONS=str(self.partitions),
+            INVENTORY_WEB_PORT=str(web_port),
+            INVENTORY_DATA_DIR=str(data_dir),
+            INVENTORY_KAFKA_BOOTSTRAP=base_settings.kafka_bootstrap,
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+
+class Worker:
+    """One worker subprocess."""
+
+    def __init__(self, ns: Namespace, name: str = "w1", data_dir: Optional[Path] = None) -> None:
+        self.ns = ns
+        self.name = name
+        self.port = free_port()
+        self.data_dir = data_dir or OUT / ns.name / name / "data"
+        self.log_path = OUT / ns.name / f"{name}.log"
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True, timeout: float = 90.0) -> "Worker":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        log = open(self.log_path, "ab")
+        log.write(f"\n===== start #{self.starts} =====\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(
+            [str(FAUST), "-A", "pipeline.app", "--datadir", str(self.data_dir), "worker",
+             "--web-port", str(self.port), "--web-host", "127.0.0.1", "-l", "info"],
+            cwd=REPO, env=self.ns.env(self.port, self.data_dir), stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.status("/healthz") == 200:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"worker {self.name} not healthy in {timeout}s:\n{self.tail()}")
+
+    def status(self, path: str) -> Optional[int]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=2) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def get_json(self, path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            return exc.code, json.loads(body) if body else None
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (no clean shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: Optional[bytes]
+    name: str
+    value: dict[str, Any]
+
+
+def read_topic(
+    ns_settings: Settings,
+    topic: str,
+    *,
+    until: Callable[[list[Record]], bool] = lambda _: False,
+    timeout: float = 30.0,
+    idle: float = 0.0,
+    codec: Optional[AvroCodec] = None,
+) -> list[Record]:
+    """Read ``topic`` from the beginning until ``until(records)`` or the timeout.
+
+    With ``idle`` > 0 it also stops once no record arrived for ``idle`` seconds
+    after ``until`` became true (to catch trailing duplicates).
+    """
+    codec = codec or AvroCodec()
+    consumer = Consumer({
+        "bootstrap.servers": ns_settings.kafka_bootstrap,
+        "group.id": f"reader-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+    })
+    meta = consumer.list_topics(topic, timeout=10)
+    parts = meta.topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout
+    done_at: Optional[float] = None
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                try:
+                    name, value = codec.decode(msg.value())
+                except DecodeError:
+                    name, value = "?", {"raw": msg.value()}
+                out.append(Record(topic, msg.partition(), msg.offset(), msg.key(), name, value))
+                last = time.monotonic()
+                continue
+            if done_at is None and until(out):
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - last >= idle:
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def latest_by_key(records: Iterable[Record], field: str = "version") -> dict[Any, Record]:
+    latest: dict[Any, Record] = {}
+    for r in records:
+        k = r.value.get("sku")
+        if k not in latest or r.value[field] > latest[k].value[field]:
+            latest[k] = r
+    return latest

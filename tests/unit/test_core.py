@@ -1,0 +1,223 @@
+"""Rules of the pure decision core, one behaviour per test."""
+
+from __future__ import annotations
+
+from pipeline import core
+from pipeline.core import Outcome, ReservationStatus
+
+T0 = 1_700_000_000_000
+
+
+def restock(sku: str = "A", qty: int = 10, eid: str = "r1") -> core.RestockReceived:
+    return core.RestockReceived(eid, sku, qty, T0)
+
+
+def reserve(order: str = "o1", qty: int = 3, eid: str | None = None, t: int = T0,
+            ttl: int = 60_000, partial: bool = False, sku: str = "A") -> core.ReserveStock:
+    return core.ReserveStock(eid or f"res-{order}", order, sku, qty, t, "web", ttl, partial)
+
+
+def stocked(qty: int = 10) -> core.StockRecord:
+    return core.decide(None, restock(qty=qty), T0).record
+
+
+def reserved(order: str = "o1", qty: int = 3, on_hand: int = 10):
+    rec = stocked(on_hand)
+    d = core.decide(rec, reserve(order, qty), T0)
+    return d.record, d.reservation
+
+
+def result_of(d: core.Decision) -> core.ReservationResult:
+    return next(e for e in d.events if isinstance(e, core.ReservationResult))
+
+
+def changes_of(d: core.Decision) -> list[core.StockChanged]:
+    return [e for e in d.events if isinstance(e, core.StockChanged)]
+
+
+def test_restock_of_new_sku_creates_record_at_version_1():
+    d = core.decide(None, restock(qty=5), T0)
+    assert (d.record.on_hand, d.record.version, d.outcome) == (5, 1, Outcome.RESTOCKED)
+    [chg] = changes_of(d)
+    assert (chg.version, chg.available, chg.cause_type) == (1, 5, "RestockReceived")
+
+
+def test_reserve_within_available_holds_units_and_answers_reserved():
+    rec = stocked(10)
+    d = core.decide(rec, reserve(qty=4), T0)
+    assert (d.record.reserved, d.record.on_hand, d.record.available) == (4, 10, 6)
+    assert result_of(d).outcome is Outcome.RESERVED
+    assert d.reservation.status is ReservationStatus.RESERVED
+    assert d.reservation.expires_at == T0 + 60_000
+    assert d.record.version == rec.version + 1
+
+
+def test_reserve_beyond_available_is_rejected_with_available_count_and_no_change():
+    rec = stocked(2)
+    d = core.decide(rec, reserve(qty=3), T0)
+    r = result_of(d)
+    assert (r.outcome, r.available, r.qty) == (Outcome.REJECTED, 2, 3)
+    assert d.record == rec
+    assert changes_of(d) == []
+    assert d.reservation.status is ReservationStatus.REJECTED
+
+
+def test_partial_reserve_only_when_asked():
+    rec = stocked(2)
+    d = core.decide(rec, reserve(qty=5, partial=True), T0)
+    assert result_of(d).outcome is Outcome.RESERVED
+    assert d.reservation.qty == 2 and d.record.available == 0
+
+
+def test_safety_stock_is_never_offered():
+    rec = stocked(10)
+    rec = core.decide(rec, core.SafetyStockSet("s1", "A", 8, T0), T0).record
+    assert rec.available == 2
+    assert result_of(core.decide(rec, reserve(qty=3), T0)).outcome is Outcome.REJECTED
+
+
+def test_available_is_shown_as_zero_when_negative():
+    rec = core.StockRecord("A", on_hand=1, reserved=0, safety_stock=5)
+    assert rec.available == 0
+
+
+def test_commit_removes_units_from_on_hand_and_reserved():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.CommitReservation("c1", "o1", "A", T0 + 1), T0, res)
+    assert (d.record.on_hand, d.record.reserved) == (7, 0)
+    assert result_of(d).outcome is Outcome.COMMITTED
+    assert d.reservation.status is ReservationStatus.COMMITTED
+
+
+def test_release_returns_units_to_available():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.ReleaseReservation("x1", "o1", "A", T0 + 1, "payment_failed"), T0,
+                    res)
+    assert (d.record.on_hand, d.record.reserved, d.record.available) == (10, 0, 10)
+    assert result_of(d).reason == "payment_failed"
+
+
+def test_expire_after_expiry_releases_with_reason_expired():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.ExpireReservation("e1", "o1", "A", res.expires_at), T0, res)
+    assert d.record.reserved == 0
+    r = result_of(d)
+    assert (r.outcome, r.reason) == (Outcome.EXPIRED, "expired")
+
+
+def test_expire_before_expiry_changes_nothing_and_is_silent():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.ExpireReservation("e1", "o1", "A", res.expires_at - 1), T0, res)
+    assert d.record == rec and d.reservation is None
+    assert d.outcome is Outcome.NOT_EXPIRED
+    assert not [e for e in d.events if isinstance(e, core.ReservationResult)]
+
+
+def test_commit_after_expiry_expires_instead():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.CommitReservation("c1", "o1", "A", res.expires_at + 5), T0, res)
+    assert result_of(d).outcome is Outcome.EXPIRED
+    assert (d.record.on_hand, d.record.reserved) == (10, 0)
+
+
+def test_commit_of_unknown_order_is_answered_unknown_reservation():
+    d = core.decide(stocked(), core.CommitReservation("c1", "nope", "A", T0), T0, None)
+    assert result_of(d).outcome is Outcome.UNKNOWN_RESERVATION
+    assert d.reservation is None
+
+
+def test_commit_of_released_order_is_invalid_state():
+    rec, res = reserved()
+    d = core.decide(rec, core.ReleaseReservation("x1", "o1", "A", T0 + 1), T0, res)
+    d2 = core.decide(d.record, core.CommitReservation("c1", "o1", "A", T0 + 2), T0, d.reservation)
+    assert result_of(d2).outcome is Outcome.INVALID_STATE
+    assert d2.record == d.record
+
+
+def test_retried_reserve_gets_original_outcome_flagged_duplicate():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, reserve(qty=3), T0, res)
+    r = result_of(d)
+    assert (r.outcome, r.duplicate) == (Outcome.RESERVED, True)
+    assert d.record == rec and d.reservation is None
+
+
+def test_retried_rejected_reserve_stays_rejected_after_restock():
+    rec = stocked(1)
+    d = core.decide(rec, reserve(qty=5), T0)
+    rec2 = core.decide(d.record, restock(qty=10, eid="r2"), T0).record
+    again = core.decide(rec2, reserve(qty=5), T0, d.reservation)
+    assert result_of(again).outcome is Outcome.REJECTED and result_of(again).duplicate
+
+
+def test_duplicate_commit_is_answered_committed_and_changes_nothing():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.CommitReservation("c1", "o1", "A", T0 + 1), T0, res)
+    d2 = core.decide(d.record, core.CommitReservation("c1", "o1", "A", T0 + 1), T0, d.reservation)
+    assert result_of(d2).outcome is Outcome.COMMITTED and result_of(d2).duplicate
+    assert d2.record == d.record
+
+
+def test_duplicate_restock_event_id_is_not_applied_twice():
+    rec = stocked(10)
+    d = core.decide(rec, restock(qty=10), T0)  # same event id "r1"
+    assert d.outcome is Outcome.DUPLICATE and d.record == rec
+
+
+def test_dedupe_window_forgets_oldest_event_ids():
+    rec = core.StockRecord("A")
+    for i in range(5):
+        rec = core.decide(rec, restock(qty=1, eid=f"e{i}"), T0, dedupe_window=3).record
+    assert rec.recent_event_ids == ("e2", "e3", "e4")
+
+
+def test_count_sets_absolute_on_hand():
+    d = core.decide(stocked(10), core.StockCounted("k1", "A", 7, T0), T0)
+    assert d.record.on_hand == 7 and d.outcome is Outcome.COUNTED
+
+
+def test_count_below_reserved_emits_shortfall():
+    rec, _ = reserved(qty=5)
+    d = core.decide(rec, core.StockCounted("k1", "A", 3, T0), T0)
+    [sf] = [e for e in d.events if isinstance(e, core.StockShortfall)]
+    assert (sf.counted, sf.reserved, sf.shortfall) == (3, 5, 2)
+    assert d.outcome is Outcome.SHORTFALL and d.record.available == 0
+
+
+def test_count_equal_to_on_hand_changes_no_version():
+    rec = stocked(10)
+    d = core.decide(rec, core.StockCounted("k1", "A", 10, T0), T0)
+    assert d.record.version == rec.version and changes_of(d) == []
+
+
+def test_resellable_return_goes_back_on_hand():
+    d = core.decide(stocked(10), core.ReturnReceived("t1", "o9", "A", 2, True, T0), T0)
+    assert d.record.on_hand == 12 and d.outcome is Outcome.RETURNED
+    assert changes_of(d)[0].order_id == "o9"
+
+
+def test_damaged_return_is_counted_not_sold():
+    rec = stocked(10)
+    d = core.decide(rec, core.ReturnReceived("t1", "o9", "A", 2, False, T0), T0)
+    assert (d.record.on_hand, d.record.damaged) == (10, 2)
+    assert d.record.version == rec.version and d.outcome is Outcome.RETURN_DAMAGED
+
+
+def test_versions_rise_by_exactly_one_per_change():
+    rec = core.StockRecord("A")
+    versions = []
+    cmds = [restock(qty=5, eid="a"), reserve("o1", 2), reserve("o2", 9),
+            core.SafetyStockSet("s", "A", 1, T0), restock(qty=1, eid="b")]
+    res = None
+    for c in cmds:
+        d = core.decide(rec, c, T0, res if isinstance(c, core.ReserveStock) else None)
+        versions += [e.version for e in changes_of(d)]
+        rec = d.record
+    assert versions == [1, 2, 3, 4]
+
+
+def test_time_comes_from_the_command_not_from_now():
+    rec = stocked(10)
+    a = core.decide(rec, reserve(qty=1, t=T0), now=1)
+    b = core.decide(rec, reserve(qty=1, t=T0), now=999_999_999)
+    assert a.record == b.record and a.reservation == b.reservation
