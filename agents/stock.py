@@ -17,9 +17,10 @@ them from the changelog (see :mod:`tables.stock`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from config.settings import Settings, settings
 from pipeline import core, metrics
@@ -27,6 +28,7 @@ from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, stock_table
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
+from schemas.registry import RegistryError
 from tables.stock import (
     StoredReservation,
     StoredStock,
@@ -53,14 +55,22 @@ class CommandHandler:
     async def handle(self, event: Any) -> None:
         msg = event.message
         topic, partition, offset = msg.topic, msg.partition, msg.offset
-        key: Optional[bytes] = event.key
+        key: bytes | None = event.key
         value: bytes = event.value if event.value is not None else b""
-        try:
-            name, rec = self.codec.decode(value)
-            command = to_command(topic, key, name, rec, self.cfg)
-        except (DecodeError, Invalid) as exc:
-            await self.dead_letter(exc.reason, exc.detail, topic, partition, offset, key, value)
-            return
+        delay = 0.5
+        while True:
+            try:
+                name, rec = self.codec.decode(value)
+                command = to_command(topic, key, name, rec, self.cfg)
+                break
+            except (DecodeError, Invalid) as exc:
+                await self.dead_letter(exc.reason, exc.detail, topic, partition, offset, key, value)
+                return
+            except RegistryError as exc:
+                # the registry is down, not the record bad: wait, never dead-letter good input
+                log.warning("schema registry unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         assert key is not None  # to_command checked key == sku
         expected = partition_for(key, self.cfg.partitions)
         if expected != partition:
@@ -68,8 +78,14 @@ class CommandHandler:
             # it here would split the SKU's state across two partitions
             await INPUT_TOPICS[topic].send(key=key, value=value, partition=expected)
             metrics.REROUTED.labels(topic).inc()
-            log.info("rerouted %s %s/%d@%d to partition %d", command.event_id, topic, partition,
-                     offset, expected)
+            log.info(
+                "rerouted %s %s/%d@%d to partition %d",
+                command.event_id,
+                topic,
+                partition,
+                offset,
+                expected,
+            )
             return
         started = time.perf_counter()
         outcome = self.apply(command, topic, offset)
@@ -77,10 +93,17 @@ class CommandHandler:
         if outcome is core.Outcome.UNKNOWN_RESERVATION and isinstance(
             command, (core.CommitReservation, core.ReleaseReservation)
         ):
-            await self.dead_letter("unknown_reservation", f"no reservation for order "
-                                   f"{command.order_id}", topic, partition, offset, key, value)
+            await self.dead_letter(
+                "unknown_reservation",
+                f"no reservation for order {command.order_id}",
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+            )
 
-    def apply(self, command: core.Command, topic: str, offset: int) -> Optional[core.Outcome]:
+    def apply(self, command: core.Command, topic: str, offset: int) -> core.Outcome | None:
         """Decide and store; returns the outcome, or None for a skipped redelivery."""
         skey = stock_key(command.sku)
         raw = self.table.get(skey)
@@ -99,7 +122,10 @@ class CommandHandler:
                 reservation = stored_res.valid(stored)
         now = now_ms()
         decision = core.decide(
-            stored.record if stored else None, command, now, reservation,
+            stored.record if stored else None,
+            command,
+            now,
+            reservation,
             dedupe_window=self.cfg.dedupe_window,
         )
         if decision.reservation is not None:
@@ -127,18 +153,33 @@ class CommandHandler:
                     metrics.REJECTIONS.labels(e.channel).inc()
                 if e.outcome is core.Outcome.SHORTFALL:
                     metrics.SHORTFALLS.inc()
-                    log.warning("shortfall on %s: %s", e.sku, e.reason,
-                                extra={"sku": e.sku, "event_id": e.event_id})
+                    log.warning(
+                        "shortfall on %s: %s",
+                        e.sku,
+                        e.reason,
+                        extra={"sku": e.sku, "event_id": e.event_id},
+                    )
 
     async def dead_letter(
-        self, reason: str, detail: str, topic: str, partition: int, offset: int,
-        key: Optional[bytes], value: bytes,
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes,
     ) -> None:
         metrics.DEAD_LETTERS.labels(reason).inc()
         log.warning("dead letter %s from %s/%d@%d: %s", reason, topic, partition, offset, detail)
         record = {
-            "reason": reason, "detail": detail[:1000], "source_topic": topic,
-            "source_partition": partition, "source_offset": offset, "key": key, "value": value,
+            "reason": reason,
+            "detail": detail[:1000],
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "key": key,
+            "value": value,
             "dead_at": now_ms(),
         }
         await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))

@@ -8,9 +8,9 @@ else in the project reads ``os.environ``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -59,6 +59,8 @@ class Settings:
     # how many event ids of non-order commands each SKU remembers for dedupe
     dedupe_window: int = 256
     default_ttl_ms: int = 15 * 60 * 1000
+    # consumer group session: how long a killed worker's partitions stay orphaned
+    session_timeout_s: float = 10.0
     expiry_scan_interval_s: float = 1.0
     # how long the changelog keeps superseded versions, so the relay that
     # derives StockChanged/ReservationResult from it never misses one
@@ -67,7 +69,7 @@ class Settings:
     stock_changes_retention_ms: int = -1
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         d = cls()
         return cls(
@@ -86,6 +88,7 @@ class Settings:
             max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len),
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms),
+            session_timeout_s=_float(e, "INVENTORY_SESSION_TIMEOUT_S", d.session_timeout_s),
             expiry_scan_interval_s=_float(
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
             ),
@@ -98,6 +101,10 @@ class Settings:
         )
 
     # topic names -------------------------------------------------------
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return min(3.0, self.session_timeout_s / 3)
+
     @property
     def orders_topic(self) -> str:
         return f"{self.topic_prefix}orders"

@@ -48,8 +48,10 @@ class InventoryApp(faust.App):
         if marker.exists():
             marker.unlink()
         elif tabledir.exists():
-            log.warning("no clean-shutdown marker in %s: restoring tables from the changelog",
-                        self.conf.datadir)
+            log.warning(
+                "no clean-shutdown marker in %s: restoring tables from the changelog",
+                self.conf.datadir,
+            )
             shutil.rmtree(tabledir)
         await super().on_first_start()
 
@@ -85,6 +87,8 @@ app = InventoryApp(
     topic_replication_factor=1,
     table_standby_replicas=0,
     producer_acks=-1,
+    broker_session_timeout=settings.session_timeout_s,
+    broker_heartbeat_interval=settings.heartbeat_interval_s,
     producer_linger_ms=1,
     key_serializer="raw",
     value_serializer="raw",

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Optional, Union
 
 DEFAULT_DEDUPE_WINDOW = 256
 
@@ -105,7 +104,7 @@ class Reservation:
     reason: str = ""
     available_at_decision: int = 0
 
-    def status_outcome(self) -> "Outcome":
+    def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
 
 
@@ -193,9 +192,9 @@ class SafetyStockSet:
     channel: str = "erp"
 
 
-OrderCommand = Union[ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation]
-StockCommand = Union[RestockReceived, StockCounted, ReturnReceived, SafetyStockSet]
-Command = Union[OrderCommand, StockCommand]
+OrderCommand = ReserveStock | CommitReservation | ReleaseReservation | ExpireReservation
+StockCommand = RestockReceived | StockCounted | ReturnReceived | SafetyStockSet
+Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
 
 
@@ -253,14 +252,14 @@ class CommandApplied:
     reason: str = ""
 
 
-Event = Union[StockChanged, ReservationResult, StockShortfall, CommandApplied]
+Event = StockChanged | ReservationResult | StockShortfall | CommandApplied
 
 
 @dataclass(frozen=True)
 class Decision:
     record: StockRecord
     events: tuple[Event, ...]
-    reservation: Optional[Reservation] = None  # the order's reservation to store, if it changed
+    reservation: Reservation | None = None  # the order's reservation to store, if it changed
 
     @property
     def outcome(self) -> Outcome:
@@ -283,10 +282,10 @@ class _Change:
 
 
 def decide(
-    record: Optional[StockRecord],
+    record: StockRecord | None,
     command: Command,
     now: int,
-    reservation: Optional[Reservation] = None,
+    reservation: Reservation | None = None,
     *,
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
 ) -> Decision:
@@ -313,14 +312,21 @@ def _decide_order(
     record: StockRecord,
     cmd: OrderCommand,
     now: int,
-    res: Optional[Reservation],
+    res: Reservation | None,
 ) -> Decision:
     ctype = type(cmd).__name__
     if isinstance(cmd, ReserveStock):
         if res is not None:
             # the order already reserved (or was refused) here: answer the original outcome
-            return _answer(record, cmd, res.status_outcome(), res.qty, res.available_at_decision,
-                           res.reason, duplicate=True)
+            return _answer(
+                record,
+                cmd,
+                res.status_outcome(),
+                res.qty,
+                res.available_at_decision,
+                res.reason,
+                duplicate=True,
+            )
         avail = record.available
         qty = cmd.qty
         if avail < qty and cmd.allow_partial and avail > 0:
@@ -328,25 +334,51 @@ def _decide_order(
         if avail >= qty:
             new = replace(record, reserved=record.reserved + qty)
             new_res = Reservation(
-                order_id=cmd.order_id, sku=cmd.sku, qty=qty, status=ReservationStatus.RESERVED,
-                expires_at=cmd.occurred_at + cmd.ttl_ms, channel=cmd.channel, event_id=cmd.event_id,
-                decided_at=cmd.occurred_at, reason="partial" if qty < cmd.qty else "",
+                order_id=cmd.order_id,
+                sku=cmd.sku,
+                qty=qty,
+                status=ReservationStatus.RESERVED,
+                expires_at=cmd.occurred_at + cmd.ttl_ms,
+                channel=cmd.channel,
+                event_id=cmd.event_id,
+                decided_at=cmd.occurred_at,
+                reason="partial" if qty < cmd.qty else "",
                 available_at_decision=new.available,
             )
             return _changed(record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason)
         refused = Reservation(
-            order_id=cmd.order_id, sku=cmd.sku, qty=cmd.qty, status=ReservationStatus.REJECTED,
-            expires_at=cmd.occurred_at, channel=cmd.channel, event_id=cmd.event_id,
-            decided_at=cmd.occurred_at, reason="insufficient_stock", available_at_decision=avail,
+            order_id=cmd.order_id,
+            sku=cmd.sku,
+            qty=cmd.qty,
+            status=ReservationStatus.REJECTED,
+            expires_at=cmd.occurred_at,
+            channel=cmd.channel,
+            event_id=cmd.event_id,
+            decided_at=cmd.occurred_at,
+            reason="insufficient_stock",
+            available_at_decision=avail,
         )
         return Decision(
             record=record,
             reservation=refused,
             events=(
-                ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, Outcome.REJECTED, cmd.qty,
-                                  avail, "insufficient_stock"),
-                CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.REJECTED, cmd.channel,
-                               "insufficient_stock"),
+                ReservationResult(
+                    cmd.event_id,
+                    cmd.order_id,
+                    cmd.sku,
+                    Outcome.REJECTED,
+                    cmd.qty,
+                    avail,
+                    "insufficient_stock",
+                ),
+                CommandApplied(
+                    cmd.event_id,
+                    cmd.sku,
+                    ctype,
+                    Outcome.REJECTED,
+                    cmd.channel,
+                    "insufficient_stock",
+                ),
             ),
         )
 
@@ -363,33 +395,63 @@ def _decide_order(
             or (isinstance(cmd, ExpireReservation) and res.status is ReservationStatus.EXPIRED)
         )
         if same:
-            return _answer(record, cmd, res.status_outcome(), res.qty, record.available,
-                           res.reason, duplicate=True)
+            return _answer(
+                record,
+                cmd,
+                res.status_outcome(),
+                res.qty,
+                record.available,
+                res.reason,
+                duplicate=True,
+            )
         if isinstance(cmd, ExpireReservation):
-            return _answer(record, cmd, Outcome.NOT_EXPIRED, res.qty, record.available,
-                           f"reservation is {res.status.value}", silent=True)
-        return _answer(record, cmd, Outcome.INVALID_STATE, res.qty, record.available,
-                       f"reservation is {res.status.value}")
+            return _answer(
+                record,
+                cmd,
+                Outcome.NOT_EXPIRED,
+                res.qty,
+                record.available,
+                f"reservation is {res.status.value}",
+                silent=True,
+            )
+        return _answer(
+            record,
+            cmd,
+            Outcome.INVALID_STATE,
+            res.qty,
+            record.available,
+            f"reservation is {res.status.value}",
+        )
 
     expired = cmd.occurred_at >= res.expires_at
     if isinstance(cmd, ExpireReservation) and not expired:
-        return _answer(record, cmd, Outcome.NOT_EXPIRED, res.qty, record.available,
-                       "not yet expired", silent=True)
+        return _answer(
+            record,
+            cmd,
+            Outcome.NOT_EXPIRED,
+            res.qty,
+            record.available,
+            "not yet expired",
+            silent=True,
+        )
     if isinstance(cmd, (ExpireReservation, CommitReservation)) and expired:
         # a commit that arrives after the expiry finds the units already due back
         new = replace(record, reserved=record.reserved - res.qty)
-        closed = replace(res, status=ReservationStatus.EXPIRED, decided_at=cmd.occurred_at,
-                         reason="expired")
+        closed = replace(
+            res, status=ReservationStatus.EXPIRED, decided_at=cmd.occurred_at, reason="expired"
+        )
         return _changed(record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired")
     if isinstance(cmd, CommitReservation):
         new = replace(record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty)
-        closed = replace(res, status=ReservationStatus.COMMITTED, decided_at=cmd.occurred_at,
-                         reason="")
+        closed = replace(
+            res, status=ReservationStatus.COMMITTED, decided_at=cmd.occurred_at, reason=""
+        )
         return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
     assert isinstance(cmd, ReleaseReservation)
     new = replace(record, reserved=record.reserved - res.qty)
-    closed = replace(res, status=ReservationStatus.RELEASED, decided_at=cmd.occurred_at,
-                     reason=cmd.reason)
+    closed = replace(
+        res, status=ReservationStatus.RELEASED, decided_at=cmd.occurred_at, reason=cmd.reason
+    )
     return _changed(record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason)
 
 
@@ -398,8 +460,16 @@ def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int)
     if cmd.event_id in record.recent_event_ids:
         return Decision(
             record=record,
-            events=(CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.DUPLICATE, cmd.channel,
-                                   "event_id already applied"),),
+            events=(
+                CommandApplied(
+                    cmd.event_id,
+                    cmd.sku,
+                    ctype,
+                    Outcome.DUPLICATE,
+                    cmd.channel,
+                    "event_id already applied",
+                ),
+            ),
         )
     remembered = (record.recent_event_ids + (cmd.event_id,))[-window:] if window > 0 else ()
     base = replace(record, recent_event_ids=remembered)
@@ -412,8 +482,16 @@ def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int)
         if cmd.on_hand < base.reserved:
             outcome = Outcome.SHORTFALL
             reason = f"counted {cmd.on_hand} below reserved {base.reserved}"
-            extra = (StockShortfall(cmd.sku, cmd.on_hand, base.reserved,
-                                    base.reserved - cmd.on_hand, cmd.event_id, cmd.occurred_at),)
+            extra = (
+                StockShortfall(
+                    cmd.sku,
+                    cmd.on_hand,
+                    base.reserved,
+                    base.reserved - cmd.on_hand,
+                    cmd.event_id,
+                    cmd.occurred_at,
+                ),
+            )
     elif isinstance(cmd, ReturnReceived):
         if cmd.resellable:
             new, outcome = replace(base, on_hand=base.on_hand + cmd.qty), Outcome.RETURNED
@@ -443,10 +521,18 @@ def _sellable(r: StockRecord) -> tuple[int, int, int]:
 
 def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
     return StockChanged(
-        sku=new.sku, version=new.version, on_hand=new.on_hand, reserved=new.reserved,
-        safety_stock=new.safety_stock, available=new.available, cause_type=type(cmd).__name__,
-        cause_event_id=cmd.event_id, order_id=order_id, channel=cmd.channel,
-        occurred_at=cmd.occurred_at, processed_at=now,
+        sku=new.sku,
+        version=new.version,
+        on_hand=new.on_hand,
+        reserved=new.reserved,
+        safety_stock=new.safety_stock,
+        available=new.available,
+        cause_type=type(cmd).__name__,
+        cause_event_id=cmd.event_id,
+        order_id=order_id,
+        channel=cmd.channel,
+        occurred_at=cmd.occurred_at,
+        processed_at=now,
     )
 
 
@@ -464,10 +550,12 @@ def _changed(
     if _sellable(new) != _sellable(old):
         new = replace(new, version=old.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=cmd.order_id))
-    events.append(ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty,
-                                    new.available, reason))
-    events.append(CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__, outcome, cmd.channel,
-                                 reason))
+    events.append(
+        ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, new.available, reason)
+    )
+    events.append(
+        CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__, outcome, cmd.channel, reason)
+    )
     return Decision(record=new, reservation=res, events=tuple(events))
 
 
@@ -483,10 +571,17 @@ def _answer(
     silent: bool = False,
 ) -> Decision:
     """A decision that changes nothing but is still answered (unless ``silent``)."""
-    applied = CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__,
-                             Outcome.DUPLICATE if duplicate else outcome, cmd.channel, reason)
+    applied = CommandApplied(
+        cmd.event_id,
+        cmd.sku,
+        type(cmd).__name__,
+        Outcome.DUPLICATE if duplicate else outcome,
+        cmd.channel,
+        reason,
+    )
     if silent:
         return Decision(record=record, events=(applied,))
-    result = ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, available,
-                               reason, duplicate=duplicate)
+    result = ReservationResult(
+        cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, available, reason, duplicate=duplicate
+    )
     return Decision(record=record, events=(result, applied))

@@ -54,11 +54,17 @@ async def sweep_expired() -> None:
         _sent[mark] = now
         value = _codec.encode(
             "ExpireReservation",
-            {"event_id": f"expire-{uuid.uuid4()}", "order_id": order_id, "sku": sku,
-             "occurred_at": now, "channel": "system"},
+            {
+                "event_id": f"expire-{uuid.uuid4()}",
+                "order_id": order_id,
+                "sku": sku,
+                "occurred_at": now,
+                "channel": "system",
+            },
         )
-        await orders_topic.send(key=key, value=value,
-                                partition=partition_for(key, settings.partitions))
+        await orders_topic.send(
+            key=key, value=value, partition=partition_for(key, settings.partitions)
+        )
         metrics.EXPIRY_SENT.inc()
     for mark, at in list(_sent.items()):
         if now - at > 10 * RESEND_AFTER_MS:

@@ -13,7 +13,9 @@ COMMANDS = Counter(
     registry=REGISTRY,
 )
 REJECTIONS = Counter(
-    "inventory_rejections_total", "Reservations refused for lack of stock.", ["channel"],
+    "inventory_rejections_total",
+    "Reservations refused for lack of stock.",
+    ["channel"],
     registry=REGISTRY,
 )
 DECISION_SECONDS = Histogram(
@@ -29,36 +31,46 @@ COMMAND_AGE_SECONDS = Histogram(
     registry=REGISTRY,
 )
 DEAD_LETTERS = Counter(
-    "inventory_dead_letters_total", "Input records sent to the dead-letter topic, by reason.",
-    ["reason"], registry=REGISTRY,
+    "inventory_dead_letters_total",
+    "Input records sent to the dead-letter topic, by reason.",
+    ["reason"],
+    registry=REGISTRY,
 )
 REDELIVERED = Counter(
     "inventory_redelivered_skipped_total",
     "Input records skipped because the table already holds their effect (Kafka redelivery).",
-    ["topic"], registry=REGISTRY,
+    ["topic"],
+    registry=REGISTRY,
 )
 REROUTED = Counter(
     "inventory_rerouted_total",
     "Input records found on a partition other than their key's, re-sent to the right one.",
-    ["topic"], registry=REGISTRY,
+    ["topic"],
+    registry=REGISTRY,
 )
 SHORTFALLS = Counter(
-    "inventory_shortfalls_total", "Cycle counts that came in below the reserved units.",
+    "inventory_shortfalls_total",
+    "Cycle counts that came in below the reserved units.",
     registry=REGISTRY,
 )
 EXPIRY_SENT = Counter(
     "inventory_expiry_commands_sent_total",
-    "ExpireReservation commands sent by the expiry sweeper.", registry=REGISTRY,
+    "ExpireReservation commands sent by the expiry sweeper.",
+    registry=REGISTRY,
 )
 RELAY_PUBLISHED = Counter(
     "inventory_relay_published_total",
-    "Records the changelog relay published, by record type.", ["record"], registry=REGISTRY,
+    "Records the changelog relay published, by record type.",
+    ["record"],
+    registry=REGISTRY,
 )
 RELAY_LAG = Gauge(
-    "inventory_relay_lag_records", "Changelog records not yet relayed (sum over partitions).",
+    "inventory_relay_lag_records",
+    "Changelog records not yet relayed (sum over partitions).",
     registry=REGISTRY,
 )
 RECOVERY_COMPLETE = Gauge(
-    "inventory_table_recovery_complete", "1 when table recovery has finished.",
+    "inventory_table_recovery_complete",
+    "1 when table recovery has finished.",
     registry=REGISTRY,
 )

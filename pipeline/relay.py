@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from config.settings import Settings, settings
@@ -62,6 +63,8 @@ class ChangelogRelay:
             auto_offset_reset="earliest",
             fetch_max_wait_ms=20,
             max_poll_records=2000,
+            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
         producer = AIOKafkaProducer(
             bootstrap_servers=self.cfg.kafka_bootstrap,
@@ -124,4 +127,3 @@ async def run_relay() -> None:
         except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
             log.exception("relay failed; restarting in 1 s")
             await asyncio.sleep(1.0)
-

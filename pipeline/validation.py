@@ -7,7 +7,8 @@ with a stable machine-readable ``reason`` (the dead-letter metric label).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from config.settings import Settings
 from pipeline import core
@@ -72,52 +73,92 @@ def _time(rec: Mapping[str, Any]) -> int:
 
 
 def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
-    ttl = int(r.get("ttl_ms", s.default_ttl_ms))
-    if ttl <= 0 or ttl > MAX_TTL_MS:
+    ttl = int(r.get("ttl_ms") or s.default_ttl_ms)  # 0 (the schema default) = configured
+    if ttl < 0 or ttl > MAX_TTL_MS:
         raise Invalid("invalid_ttl", f"ttl_ms={ttl}")
     return core.ReserveStock(
-        event_id=_id(r, "event_id"), order_id=_id(r, "order_id"), sku=r["sku"],
-        qty=_qty(r["qty"], s, allow_zero=False), occurred_at=_time(r),
-        channel=r.get("channel") or "web", ttl_ms=ttl, allow_partial=bool(r.get("allow_partial")),
+        event_id=_id(r, "event_id"),
+        order_id=_id(r, "order_id"),
+        sku=r["sku"],
+        qty=_qty(r["qty"], s, allow_zero=False),
+        occurred_at=_time(r),
+        channel=r.get("channel") or "web",
+        ttl_ms=ttl,
+        allow_partial=bool(r.get("allow_partial")),
     )
 
 
 def _commit(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.CommitReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
-                                  channel=r.get("channel") or "web")
+    return core.CommitReservation(
+        _id(r, "event_id"),
+        _id(r, "order_id"),
+        r["sku"],
+        _time(r),
+        channel=r.get("channel") or "web",
+    )
 
 
 def _release(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.ReleaseReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
-                                   reason=r.get("reason") or "cancelled",
-                                   channel=r.get("channel") or "web")
+    return core.ReleaseReservation(
+        _id(r, "event_id"),
+        _id(r, "order_id"),
+        r["sku"],
+        _time(r),
+        reason=r.get("reason") or "cancelled",
+        channel=r.get("channel") or "web",
+    )
 
 
 def _expire(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.ExpireReservation(_id(r, "event_id"), _id(r, "order_id"), r["sku"], _time(r),
-                                  channel=r.get("channel") or "system")
+    return core.ExpireReservation(
+        _id(r, "event_id"),
+        _id(r, "order_id"),
+        r["sku"],
+        _time(r),
+        channel=r.get("channel") or "system",
+    )
 
 
 def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.RestockReceived(_id(r, "event_id"), r["sku"], _qty(r["qty"], s, allow_zero=False),
-                                _time(r), channel=r.get("channel") or "warehouse")
+    return core.RestockReceived(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=False),
+        _time(r),
+        channel=r.get("channel") or "warehouse",
+    )
 
 
 def _count(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.StockCounted(_id(r, "event_id"), r["sku"],
-                             _qty(r["on_hand"], s, allow_zero=True, field="on_hand"), _time(r),
-                             channel=r.get("channel") or "warehouse")
+    return core.StockCounted(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["on_hand"], s, allow_zero=True, field="on_hand"),
+        _time(r),
+        channel=r.get("channel") or "warehouse",
+    )
 
 
 def _safety(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.SafetyStockSet(_id(r, "event_id"), r["sku"], _qty(r["qty"], s, allow_zero=True),
-                               _time(r), channel=r.get("channel") or "erp")
+    return core.SafetyStockSet(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=True),
+        _time(r),
+        channel=r.get("channel") or "erp",
+    )
 
 
 def _return(r: Mapping[str, Any], s: Settings) -> core.Command:
-    return core.ReturnReceived(_id(r, "event_id"), _id(r, "order_id"), r["sku"],
-                               _qty(r["qty"], s, allow_zero=False), bool(r["resellable"]),
-                               _time(r), channel=r.get("channel") or "web")
+    return core.ReturnReceived(
+        _id(r, "event_id"),
+        _id(r, "order_id"),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=False),
+        bool(r["resellable"]),
+        _time(r),
+        channel=r.get("channel") or "web",
+    )
 
 
 _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {

@@ -24,7 +24,7 @@ Values are JSON (orjson): small, fast and readable with any Kafka tool.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import orjson
 
@@ -72,11 +72,15 @@ class StoredStock:
         )
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "StoredStock":
+    def from_bytes(cls, data: bytes) -> StoredStock:
         d = orjson.loads(data)
         record = core.StockRecord(
-            sku=d["sku"], on_hand=d["on_hand"], reserved=d["reserved"],
-            safety_stock=d["safety_stock"], damaged=d.get("damaged", 0), version=d["version"],
+            sku=d["sku"],
+            on_hand=d["on_hand"],
+            reserved=d["reserved"],
+            safety_stock=d["safety_stock"],
+            damaged=d.get("damaged", 0),
+            version=d["version"],
             recent_event_ids=tuple(d.get("ids", ())),
         )
         return cls(record=record, watermarks=d.get("w", {}), effects=d.get("fx", {}))
@@ -96,28 +100,42 @@ class StoredStock:
 
 def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, Any]:
     return {
-        "order_id": res.order_id, "sku": res.sku, "qty": res.qty, "status": res.status.value,
-        "expires_at": res.expires_at, "channel": res.channel, "event_id": res.event_id,
-        "decided_at": res.decided_at, "reason": res.reason,
-        "available_at_decision": res.available_at_decision, "topic": topic, "offset": offset,
+        "order_id": res.order_id,
+        "sku": res.sku,
+        "qty": res.qty,
+        "status": res.status.value,
+        "expires_at": res.expires_at,
+        "channel": res.channel,
+        "event_id": res.event_id,
+        "decided_at": res.decided_at,
+        "reason": res.reason,
+        "available_at_decision": res.available_at_decision,
+        "topic": topic,
+        "offset": offset,
     }
 
 
 def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
     return core.Reservation(
-        order_id=d["order_id"], sku=d["sku"], qty=d["qty"],
-        status=core.ReservationStatus(d["status"]), expires_at=d["expires_at"],
-        channel=d["channel"], event_id=d["event_id"], decided_at=d["decided_at"],
-        reason=d.get("reason", ""), available_at_decision=d.get("available_at_decision", 0),
+        order_id=d["order_id"],
+        sku=d["sku"],
+        qty=d["qty"],
+        status=core.ReservationStatus(d["status"]),
+        expires_at=d["expires_at"],
+        channel=d["channel"],
+        event_id=d["event_id"],
+        decided_at=d["decided_at"],
+        reason=d.get("reason", ""),
+        available_at_decision=d.get("available_at_decision", 0),
     )
 
 
 @dataclass(frozen=True)
 class StoredReservation:
     current: dict[str, Any]
-    previous: Optional[dict[str, Any]] = None
+    previous: dict[str, Any] | None = None
 
-    def valid(self, stock: Optional[StoredStock]) -> Optional[core.Reservation]:
+    def valid(self, stock: StoredStock | None) -> core.Reservation | None:
         """The reservation as of the SKU record ``stock`` (see module docstring)."""
         for candidate in (self.current, self.previous):
             if candidate is None:
@@ -126,27 +144,30 @@ class StoredReservation:
                 return _res_from_dict(candidate)
         return None
 
-    def updated(self, res: core.Reservation, topic: str, offset: int,
-                stock: Optional[StoredStock]) -> "StoredReservation":
+    def updated(
+        self, res: core.Reservation, topic: str, offset: int, stock: StoredStock | None
+    ) -> StoredReservation:
         """The value to write for ``res``, keeping the currently valid version as fallback."""
         valid = None
         for candidate in (self.current, self.previous):
-            if candidate is not None and stock is not None and stock.applied(
-                candidate["topic"], candidate["offset"]
+            if (
+                candidate is not None
+                and stock is not None
+                and stock.applied(candidate["topic"], candidate["offset"])
             ):
                 valid = candidate
                 break
         return StoredReservation(current=_res_to_dict(res, topic, offset), previous=valid)
 
     @classmethod
-    def new(cls, res: core.Reservation, topic: str, offset: int) -> "StoredReservation":
+    def new(cls, res: core.Reservation, topic: str, offset: int) -> StoredReservation:
         return cls(current=_res_to_dict(res, topic, offset))
 
     def to_bytes(self) -> bytes:
         return orjson.dumps({"c": self.current, "p": self.previous})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "StoredReservation":
+    def from_bytes(cls, data: bytes) -> StoredReservation:
         d = orjson.loads(data)
         return cls(current=d["c"], previous=d.get("p"))
 

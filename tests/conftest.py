@@ -40,7 +40,9 @@ def _opensearch_error() -> str | None:
             if resp.status != 200:
                 return f"OpenSearch health at {url} answered {resp.status}"
     except Exception as exc:  # noqa: BLE001
-        return f"OpenSearch at {settings.opensearch_url} is not answering ({exc}); run `make stack-up`"
+        return (
+            f"OpenSearch at {settings.opensearch_url} is not answering ({exc}); run `make stack-up`"
+        )
     return None
 
 

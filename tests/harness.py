@@ -18,13 +18,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from config.settings import Settings, settings as base_settings
+from config.settings import Settings
+from config.settings import settings as base_settings
 from schemas.codec import AvroCodec, DecodeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +49,7 @@ class Namespace:
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def fresh(cls, label: str, partitions: int = 4, **env: str) -> "Namespace":
+    def fresh(cls, label: str, partitions: int = 4, **env: str) -> Namespace:
         return cls(f"{label}-{uuid.uuid4().hex[:8]}", partitions, dict(env))
 
     @property
@@ -69,6 +71,8 @@ class Namespace:
             INVENTORY_DATA_DIR=str(data_dir),
             INVENTORY_KAFKA_BOOTSTRAP=base_settings.kafka_bootstrap,
             PYTHONUNBUFFERED="1",
+            # the broker's minimum: a killed worker's partitions move on within seconds
+            INVENTORY_SESSION_TIMEOUT_S="6",
         )
         env.update(self.extra_env)
         return env
@@ -77,20 +81,20 @@ class Namespace:
 class Worker:
     """One worker subprocess."""
 
-    def __init__(self, ns: Namespace, name: str = "w1", data_dir: Optional[Path] = None) -> None:
+    def __init__(self, ns: Namespace, name: str = "w1", data_dir: Path | None = None) -> None:
         self.ns = ns
         self.name = name
         self.port = free_port()
         self.data_dir = data_dir or OUT / ns.name / name / "data"
         self.log_path = OUT / ns.name / f"{name}.log"
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True, timeout: float = 90.0) -> "Worker":
+    def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.starts += 1
@@ -98,10 +102,25 @@ class Worker:
         log.write(f"\n===== start #{self.starts} =====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [str(FAUST), "-A", "pipeline.app", "--datadir", str(self.data_dir), "worker",
-             "--web-port", str(self.port), "--web-host", "127.0.0.1", "-l", "info"],
-            cwd=REPO, env=self.ns.env(self.port, self.data_dir), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(FAUST),
+                "-A",
+                "pipeline.app",
+                "--datadir",
+                str(self.data_dir),
+                "worker",
+                "--web-port",
+                str(self.port),
+                "--web-host",
+                "127.0.0.1",
+                "-l",
+                "info",
+            ],
+            cwd=REPO,
+            env=self.ns.env(self.port, self.data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         if wait:
@@ -113,13 +132,14 @@ class Worker:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(
-                    f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+                    f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             if self.status("/healthz") == 200:
                 return
             time.sleep(0.25)
         raise AssertionError(f"worker {self.name} not healthy in {timeout}s:\n{self.tail()}")
 
-    def status(self, path: str) -> Optional[int]:
+    def status(self, path: str) -> int | None:
         try:
             with urllib.request.urlopen(self.url + path, timeout=2) as resp:
                 return resp.status
@@ -163,7 +183,7 @@ class Record:
     topic: str
     partition: int
     offset: int
-    key: Optional[bytes]
+    key: bytes | None
     name: str
     value: dict[str, Any]
 
@@ -175,7 +195,7 @@ def read_topic(
     until: Callable[[list[Record]], bool] = lambda _: False,
     timeout: float = 30.0,
     idle: float = 0.0,
-    codec: Optional[AvroCodec] = None,
+    codec: AvroCodec | None = None,
 ) -> list[Record]:
     """Read ``topic`` from the beginning until ``until(records)`` or the timeout.
 
@@ -183,18 +203,20 @@ def read_topic(
     after ``until`` became true (to catch trailing duplicates).
     """
     codec = codec or AvroCodec()
-    consumer = Consumer({
-        "bootstrap.servers": ns_settings.kafka_bootstrap,
-        "group.id": f"reader-{uuid.uuid4().hex}",
-        "enable.auto.commit": False,
-        "auto.offset.reset": "earliest",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": ns_settings.kafka_bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     meta = consumer.list_topics(topic, timeout=10)
     parts = meta.topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
     out: list[Record] = []
     deadline = time.monotonic() + timeout
-    done_at: Optional[float] = None
+    done_at: float | None = None
     last = time.monotonic()
     try:
         while time.monotonic() < deadline:
@@ -216,8 +238,9 @@ def read_topic(
     return out
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             interval: float = 0.25) -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.25
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -18,8 +18,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ns() -> Namespace:
-    return Namespace.fresh("ledger", partitions=4, INVENTORY_EXPIRY_SCAN_INTERVAL_S="0.2",
-                           INVENTORY_MAX_QTY="1000")
+    return Namespace.fresh(
+        "ledger", partitions=4, INVENTORY_EXPIRY_SCAN_INTERVAL_S="0.2", INVENTORY_MAX_QTY="1000"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +42,27 @@ def results_for(ns, orders: set[str], timeout: float = 60.0) -> list[Record]:
     def have_all(rs: list[Record]) -> bool:
         return orders <= {r.value["order_id"] for r in rs}
 
-    recs = read_topic(ns.settings, ns.settings.results_topic, timeout=timeout,
-                      until=lambda rs: have_all([r for r in rs if r.value["order_id"] in orders]),
-                      idle=0.5)
+    recs = read_topic(
+        ns.settings,
+        ns.settings.results_topic,
+        timeout=timeout,
+        until=lambda rs: have_all([r for r in rs if r.value["order_id"] in orders]),
+        idle=0.5,
+    )
     return [r for r in recs if r.value["order_id"] in orders]
 
 
 def changes_for(ns, sku: str, min_version: int, timeout: float = 60.0) -> list[Record]:
     def enough(rs: list[Record]) -> bool:
-        return any(r.value.get("sku") == sku and r.value.get("version", 0) >= min_version
-                   for r in rs if r.name == "StockChanged")
+        return any(
+            r.value.get("sku") == sku and r.value.get("version", 0) >= min_version
+            for r in rs
+            if r.name == "StockChanged"
+        )
 
-    recs = read_topic(ns.settings, ns.settings.stock_changes_topic, timeout=timeout,
-                      until=enough, idle=0.5)
+    recs = read_topic(
+        ns.settings, ns.settings.stock_changes_topic, timeout=timeout, until=enough, idle=0.5
+    )
     return [r for r in recs if r.value.get("sku") == sku]
 
 
@@ -100,8 +109,7 @@ def test_flash_sale_grants_exactly_the_units_on_hand(worker, ns, producer):
     def shopper(chunk: list[str]) -> None:
         with CommandProducer(ns.settings) as p:
             for order in chunk:
-                p.send("ReserveStock", {"order_id": order, "sku": sku, "qty": 1,
-                                        "channel": "web"})
+                p.send("ReserveStock", {"order_id": order, "sku": sku, "qty": 1, "channel": "web"})
 
     started = time.monotonic()
     threads = [threading.Thread(target=shopper, args=(orders[i::4],)) for i in range(4)]
@@ -115,13 +123,19 @@ def test_flash_sale_grants_exactly_the_units_on_hand(worker, ns, producer):
     for r in results:
         first.setdefault(r.value["order_id"], r.value)
     outcomes = Counter(v["outcome"] for v in first.values())
-    print(f"\nflash sale: 2000 reserves decided in {elapsed:.1f}s "
-          f"({2000 / elapsed:.0f}/s end to end incl. produce)")
+    print(
+        f"\nflash sale: 2000 reserves decided in {elapsed:.1f}s "
+        f"({2000 / elapsed:.0f}/s end to end incl. produce)"
+    )
     assert outcomes == {"RESERVED": 100, "REJECTED": 1900}
     assert all(v["available"] == 0 for v in first.values() if v["outcome"] == "REJECTED")
     body = wait_stock(worker, sku, reserved=100)
     assert (body["on_hand"], body["reserved"], body["available"], body["version"]) == (
-        100, 100, 0, 101)
+        100,
+        100,
+        0,
+        101,
+    )
     assert_gapless(changes_for(ns, sku, 101))
 
 
@@ -131,15 +145,21 @@ def test_commit_and_release_move_units_as_designed(worker, ns, producer):
     producer.send("ReserveStock", {"order_id": "cr-a", "sku": sku, "qty": 3})
     producer.send("ReserveStock", {"order_id": "cr-b", "sku": sku, "qty": 2})
     producer.send("CommitReservation", {"order_id": "cr-a", "sku": sku})
-    producer.send("ReleaseReservation", {"order_id": "cr-b", "sku": sku,
-                                         "reason": "payment_failed"})
+    producer.send(
+        "ReleaseReservation", {"order_id": "cr-b", "sku": sku, "reason": "payment_failed"}
+    )
     producer.flush()
     body = wait_stock(worker, sku, version=5)
     assert (body["on_hand"], body["reserved"], body["available"]) == (7, 0, 7)
-    outcomes = sorted((r.value["order_id"], r.value["outcome"])
-                      for r in results_for(ns, {"cr-a", "cr-b"}))
-    assert outcomes == [("cr-a", "COMMITTED"), ("cr-a", "RESERVED"),
-                        ("cr-b", "RELEASED"), ("cr-b", "RESERVED")]
+    outcomes = sorted(
+        (r.value["order_id"], r.value["outcome"]) for r in results_for(ns, {"cr-a", "cr-b"})
+    )
+    assert outcomes == [
+        ("cr-a", "COMMITTED"),
+        ("cr-a", "RESERVED"),
+        ("cr-b", "RELEASED"),
+        ("cr-b", "RESERVED"),
+    ]
 
 
 def test_duplicates_are_answered_once_and_applied_once(worker, ns, producer):
@@ -148,17 +168,21 @@ def test_duplicates_are_answered_once_and_applied_once(worker, ns, producer):
     producer.send("RestockReceived", {"sku": sku, "qty": 5, "event_id": "dup-restock"})
     producer.flush()
     wait_stock(worker, sku, on_hand=5)
-    producer.send("ReserveStock", {"order_id": "dup-o", "sku": sku, "qty": 2,
-                                   "event_id": "dup-res"})
-    producer.send("ReserveStock", {"order_id": "dup-o", "sku": sku, "qty": 2,
-                                   "event_id": "dup-res"})
+    producer.send(
+        "ReserveStock", {"order_id": "dup-o", "sku": sku, "qty": 2, "event_id": "dup-res"}
+    )
+    producer.send(
+        "ReserveStock", {"order_id": "dup-o", "sku": sku, "qty": 2, "event_id": "dup-res"}
+    )
     producer.send("RestockReceived", {"sku": sku, "qty": 1})  # a marker that follows them
     producer.flush()
     body = wait_stock(worker, sku, on_hand=6)
     assert (body["reserved"], body["version"]) == (2, 3)
     answers = [r.value for r in results_for(ns, {"dup-o"})]
     assert [(a["outcome"], a["duplicate"]) for a in answers] == [
-        ("RESERVED", False), ("RESERVED", True)]
+        ("RESERVED", False),
+        ("RESERVED", True),
+    ]
 
 
 def test_expired_reservation_returns_its_units(worker, ns, producer):
@@ -169,24 +193,24 @@ def test_expired_reservation_returns_its_units(worker, ns, producer):
     wait_stock(worker, sku, reserved=3)
     body = wait_stock(worker, sku, reserved=0)
     assert body["available"] == 4
-    answers = [r.value["outcome"] for r in results_for(ns, {"exp-o"})
-               if not r.value["duplicate"]]
+    answers = [r.value["outcome"] for r in results_for(ns, {"exp-o"}) if not r.value["duplicate"]]
     assert answers[:2] == ["RESERVED", "EXPIRED"]
     # a commit after expiry finds nothing to commit
     producer.send("CommitReservation", {"order_id": "exp-o", "sku": sku})
     producer.flush()
-    wait_for(lambda: any(r.value["outcome"] == "INVALID_STATE"
-                         for r in results_for(ns, {"exp-o"})), 30, "late commit answer")
+    wait_for(
+        lambda: any(r.value["outcome"] == "INVALID_STATE" for r in results_for(ns, {"exp-o"})),
+        30,
+        "late commit answer",
+    )
     assert stock(worker, sku)["on_hand"] == 4
 
 
 def test_returns_resellable_go_on_hand_damaged_do_not(worker, ns, producer):
     sku = "RET-1"
     producer.send("RestockReceived", {"sku": sku, "qty": 2})
-    producer.send("ReturnReceived", {"order_id": "r-1", "sku": sku, "qty": 3,
-                                     "resellable": True})
-    producer.send("ReturnReceived", {"order_id": "r-2", "sku": sku, "qty": 4,
-                                     "resellable": False})
+    producer.send("ReturnReceived", {"order_id": "r-1", "sku": sku, "qty": 3, "resellable": True})
+    producer.send("ReturnReceived", {"order_id": "r-2", "sku": sku, "qty": 4, "resellable": False})
     producer.send("SafetyStockSet", {"sku": sku, "qty": 1})
     producer.flush()
     body = wait_stock(worker, sku, version=3)
@@ -220,8 +244,13 @@ def test_mispartitioned_record_is_rerouted_and_applied_once(worker, ns, producer
 
 
 def _dead_letters(ns, count: int) -> list[Record]:
-    return read_topic(ns.settings, ns.settings.dead_letters_topic,
-                      until=lambda rs: len(rs) >= count, idle=0.5, timeout=60)
+    return read_topic(
+        ns.settings,
+        ns.settings.dead_letters_topic,
+        until=lambda rs: len(rs) >= count,
+        idle=0.5,
+        timeout=60,
+    )
 
 
 def test_bad_input_goes_to_dead_letters_with_reason_and_source(worker, ns, producer):
@@ -232,20 +261,36 @@ def test_bad_input_goes_to_dead_letters_with_reason_and_source(worker, ns, produ
     cases = [
         ("undecodable", s.restocks_topic, b"DL-1", b"not avro at all"),
         ("unknown_schema", s.restocks_topic, b"DL-1", b"\xc3\x01" + b"\x00" * 8 + body_only),
-        ("qty_not_positive", s.restocks_topic, b"DL-1",
-         codec.encode("RestockReceived", {**good, "qty": 0})),
-        ("qty_too_large", s.restocks_topic, b"DL-1",
-         codec.encode("RestockReceived", {**good, "qty": 1001})),
-        ("empty_sku", s.restocks_topic, b"",
-         codec.encode("RestockReceived", {**good, "sku": ""})),
-        ("sku_too_long", s.restocks_topic, b"L" * 65,
-         codec.encode("RestockReceived", {**good, "sku": "L" * 65})),
-        ("key_mismatch", s.restocks_topic, b"OTHER",
-         codec.encode("RestockReceived", good)),
+        (
+            "qty_not_positive",
+            s.restocks_topic,
+            b"DL-1",
+            codec.encode("RestockReceived", {**good, "qty": 0}),
+        ),
+        (
+            "qty_too_large",
+            s.restocks_topic,
+            b"DL-1",
+            codec.encode("RestockReceived", {**good, "qty": 1001}),
+        ),
+        ("empty_sku", s.restocks_topic, b"", codec.encode("RestockReceived", {**good, "sku": ""})),
+        (
+            "sku_too_long",
+            s.restocks_topic,
+            b"L" * 65,
+            codec.encode("RestockReceived", {**good, "sku": "L" * 65}),
+        ),
+        ("key_mismatch", s.restocks_topic, b"OTHER", codec.encode("RestockReceived", good)),
         ("wrong_topic", s.orders_topic, b"DL-1", codec.encode("RestockReceived", good)),
-        ("unknown_reservation", s.orders_topic, b"DL-1",
-         codec.encode("CommitReservation", {"event_id": "y", "order_id": "ghost", "sku": "DL-1",
-                                            "occurred_at": now_ms()})),
+        (
+            "unknown_reservation",
+            s.orders_topic,
+            b"DL-1",
+            codec.encode(
+                "CommitReservation",
+                {"event_id": "y", "order_id": "ghost", "sku": "DL-1", "occurred_at": now_ms()},
+            ),
+        ),
     ]
     sent = []
     for reason, topic, key, value in cases:
@@ -265,17 +310,18 @@ def test_bad_input_goes_to_dead_letters_with_reason_and_source(worker, ns, produ
 def test_retry_with_same_event_id_after_restart_gets_original_outcome(worker, ns, producer):
     sku = "RETRY-1"
     restock_and_wait(worker, producer, sku, 1)
-    producer.send("ReserveStock", {"order_id": "retry-o", "sku": sku, "qty": 1,
-                                   "event_id": "retry-e"})
+    producer.send(
+        "ReserveStock", {"order_id": "retry-o", "sku": sku, "qty": 1, "event_id": "retry-e"}
+    )
     producer.flush()
     wait_stock(worker, sku, reserved=1)
     worker.stop()
     worker.start()
-    producer.send("ReserveStock", {"order_id": "retry-o", "sku": sku, "qty": 1,
-                                   "event_id": "retry-e"})
+    producer.send(
+        "ReserveStock", {"order_id": "retry-o", "sku": sku, "qty": 1, "event_id": "retry-e"}
+    )
     producer.flush()
     wait_for(lambda: len(results_for(ns, {"retry-o"})) >= 2, 60, "second answer")
     answers = [(r.value["outcome"], r.value["duplicate"]) for r in results_for(ns, {"retry-o"})]
     assert answers[:2] == [("RESERVED", False), ("RESERVED", True)]
     assert stock(worker, sku)["reserved"] == 1
-

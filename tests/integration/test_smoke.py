@@ -34,13 +34,21 @@ def test_worker_applies_a_restock_and_answers_health_and_stock(kafka):
             producer.send("RestockReceived", {"sku": "SMOKE-1", "qty": 7})
         wait_for(lambda: worker.get_json("/stock/SMOKE-1")[0] == 200, 30, "stock of SMOKE-1")
         status, body = worker.get_json("/stock/SMOKE-1")
-        assert body == {"sku": "SMOKE-1", "on_hand": 7, "reserved": 0, "safety_stock": 0,
-                        "available": 7, "version": 1}
+        assert body == {
+            "sku": "SMOKE-1",
+            "on_hand": 7,
+            "reserved": 0,
+            "safety_stock": 0,
+            "available": 7,
+            "version": 1,
+        }
         assert worker.get_json("/stock/NO-SUCH-SKU")[0] == 404
-        changes = read_topic(ns.settings, ns.settings.stock_changes_topic,
-                             until=lambda rs: len(rs) >= 1)
+        changes = read_topic(
+            ns.settings, ns.settings.stock_changes_topic, until=lambda rs: len(rs) >= 1
+        )
         assert [(r.name, r.key, r.value["version"], r.value["available"]) for r in changes] == [
-            ("StockChanged", b"SMOKE-1", 1, 7)]
+            ("StockChanged", b"SMOKE-1", 1, 7)
+        ]
         assert worker.status("/metrics") == 200
     finally:
         worker.stop()

@@ -51,8 +51,13 @@ def test_second_worker_mid_stream_loses_and_duplicates_nothing_and_both_answer(k
         time.sleep(1.0)
         w2.start()  # joins the group: partitions move from w1 to w2 while traffic flows
         producer.join()
-        results = read_topic(ns.settings, ns.settings.results_topic, timeout=180, idle=1.0,
-                             until=lambda rs: set(orders) <= {r.value["order_id"] for r in rs})
+        results = read_topic(
+            ns.settings,
+            ns.settings.results_topic,
+            timeout=180,
+            idle=1.0,
+            until=lambda rs: set(orders) <= {r.value["order_id"] for r in rs},
+        )
         firsts: dict[str, str] = {}
         for r in results:
             v = r.value
@@ -65,14 +70,21 @@ def test_second_worker_mid_stream_loses_and_duplicates_nothing_and_both_answer(k
             assert outcomes == {"RESERVED": 40, "REJECTED": per_sku - 40}, (sku, outcomes)
 
         # each worker answers for every SKU, owned by it or by the other one
-        wait_for(lambda: w2.status("/healthz") == 200 and w1.status("/healthz") == 200, 60,
-                 "both workers healthy")
+        wait_for(
+            lambda: w2.status("/healthz") == 200 and w1.status("/healthz") == 200,
+            60,
+            "both workers healthy",
+        )
         for w in (w1, w2):
             for sku in skus:
                 status, body = w.get_json(f"/stock/{sku}")
                 assert status == 200, (w.name, sku, body)
-                assert (body["on_hand"], body["reserved"], body["available"], body["version"]) \
-                    == (40, 40, 0, 41), (w.name, sku, body)
+                assert (body["on_hand"], body["reserved"], body["available"], body["version"]) == (
+                    40,
+                    40,
+                    0,
+                    41,
+                ), (w.name, sku, body)
             assert w.get_json("/stock/TW-UNKNOWN")[0] == 404
     finally:
         w2.stop()

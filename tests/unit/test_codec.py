@@ -155,7 +155,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("sku", S, NO_DEFAULT),
         ("qty", INT, NO_DEFAULT),
         ("channel", S, "web"),
-        ("ttl_ms", L, 900000),
+        ("ttl_ms", L, 0),
         ("occurred_at", L, NO_DEFAULT),
         ("allow_partial", B, False),
     ],
@@ -344,7 +344,7 @@ def test_single_object_header_is_c301_then_the_schema_fingerprint(codec: AvroCod
 def test_missing_defaulted_fields_take_their_defaults(codec: AvroCodec) -> None:
     rec = {"event_id": "e", "order_id": "o", "sku": "A", "qty": 1, "occurred_at": T}
     _, got = codec.decode(codec.encode("ReserveStock", rec))
-    assert got == {**rec, "channel": "web", "ttl_ms": 900000, "allow_partial": False}
+    assert got == {**rec, "channel": "web", "ttl_ms": 0, "allow_partial": False}
     _, restock = codec.decode(
         codec.encode("RestockReceived", {"event_id": "e", "sku": "A", "qty": 1, "occurred_at": T})
     )
@@ -583,7 +583,7 @@ def test_an_older_writer_without_defaulted_fields_decodes_with_defaults(
     data = _confluent(registry, _reserve_schema({"ttl_ms", "allow_partial"}), old)
     name, rec = AvroCodec(SchemaRegistry(registry.url)).decode(data)
     assert name == "ReserveStock"
-    assert rec == {**old, "ttl_ms": 900000, "allow_partial": False}
+    assert rec == {**old, "ttl_ms": 0, "allow_partial": False}
 
 
 def test_a_writer_lacking_a_required_field_is_unknown_schema(registry: FakeRegistry) -> None:

@@ -12,8 +12,15 @@ def restock(sku: str = "A", qty: int = 10, eid: str = "r1") -> core.RestockRecei
     return core.RestockReceived(eid, sku, qty, T0)
 
 
-def reserve(order: str = "o1", qty: int = 3, eid: str | None = None, t: int = T0,
-            ttl: int = 60_000, partial: bool = False, sku: str = "A") -> core.ReserveStock:
+def reserve(
+    order: str = "o1",
+    qty: int = 3,
+    eid: str | None = None,
+    t: int = T0,
+    ttl: int = 60_000,
+    partial: bool = False,
+    sku: str = "A",
+) -> core.ReserveStock:
     return core.ReserveStock(eid or f"res-{order}", order, sku, qty, t, "web", ttl, partial)
 
 
@@ -91,8 +98,9 @@ def test_commit_removes_units_from_on_hand_and_reserved():
 
 def test_release_returns_units_to_available():
     rec, res = reserved(qty=3)
-    d = core.decide(rec, core.ReleaseReservation("x1", "o1", "A", T0 + 1, "payment_failed"), T0,
-                    res)
+    d = core.decide(
+        rec, core.ReleaseReservation("x1", "o1", "A", T0 + 1, "payment_failed"), T0, res
+    )
     assert (d.record.on_hand, d.record.reserved, d.record.available) == (10, 0, 10)
     assert result_of(d).reason == "payment_failed"
 
@@ -206,8 +214,13 @@ def test_damaged_return_is_counted_not_sold():
 def test_versions_rise_by_exactly_one_per_change():
     rec = core.StockRecord("A")
     versions = []
-    cmds = [restock(qty=5, eid="a"), reserve("o1", 2), reserve("o2", 9),
-            core.SafetyStockSet("s", "A", 1, T0), restock(qty=1, eid="b")]
+    cmds = [
+        restock(qty=5, eid="a"),
+        reserve("o1", 2),
+        reserve("o2", 9),
+        core.SafetyStockSet("s", "A", 1, T0),
+        restock(qty=1, eid="b"),
+    ]
     res = None
     for c in cmds:
         d = core.decide(rec, c, T0, res if isinstance(c, core.ReserveStock) else None)

@@ -58,8 +58,11 @@ class LedgerMachine(RuleBasedStateMachine):
         return f"e{self.n}"
 
     def _apply(self, cmd: core.Command) -> core.Decision:
-        res = self.reservations.get(getattr(cmd, "order_id", "")) if isinstance(
-            cmd, core.ORDER_COMMANDS) else None
+        res = (
+            self.reservations.get(getattr(cmd, "order_id", ""))
+            if isinstance(cmd, core.ORDER_COMMANDS)
+            else None
+        )
         before = self.record
         d = core.decide(self.record, cmd, self.now, res, dedupe_window=10_000)
         self.record = d.record
@@ -69,10 +72,16 @@ class LedgerMachine(RuleBasedStateMachine):
             if isinstance(e, core.StockChanged):
                 self.versions.append(e.version)
                 assert (e.on_hand, e.reserved, e.available) == (
-                    d.record.on_hand, d.record.reserved, d.record.available)
+                    d.record.on_hand,
+                    d.record.reserved,
+                    d.record.available,
+                )
         if before is not None and d.record.version == before.version:
             assert (before.on_hand, before.reserved, before.safety_stock) == (
-                d.record.on_hand, d.record.reserved, d.record.safety_stock)
+                d.record.on_hand,
+                d.record.reserved,
+                d.record.safety_stock,
+            )
         self.sent.append(cmd)
         return d
 
@@ -197,7 +206,10 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         m = self.model
         assert (self.record.on_hand, self.record.reserved, self.record.safety_stock) == (
-            m.on_hand, m.reserved, m.safety)
+            m.on_hand,
+            m.reserved,
+            m.safety,
+        )
         assert self.record.version == m.changes
 
     @invariant()
@@ -218,11 +230,15 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def reserved_equals_open_reservations(self) -> None:
         if self.record is not None:
-            open_qty = sum(r.qty for r in self.reservations.values()
-                           if r.status is core.ReservationStatus.RESERVED)
+            open_qty = sum(
+                r.qty
+                for r in self.reservations.values()
+                if r.status is core.ReservationStatus.RESERVED
+            )
             assert self.record.reserved == open_qty
 
 
-LedgerMachine.TestCase.settings = hyp_settings(max_examples=200, stateful_step_count=40,
-                                               deadline=None)
+LedgerMachine.TestCase.settings = hyp_settings(
+    max_examples=200, stateful_step_count=40, deadline=None
+)
 TestLedgerAgainstModel = LedgerMachine.TestCase

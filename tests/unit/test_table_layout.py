@@ -1,0 +1,88 @@
+"""The stored layout's crash rules (tables/stock.py), without a broker.
+
+These model what a crash can leave in the changelog: a prefix of the writes,
+where a reservation written by a command may have landed without that
+command's SKU record.
+"""
+
+from __future__ import annotations
+
+from pipeline import core
+from tables.stock import (
+    StoredReservation,
+    StoredStock,
+    effects_of,
+    is_stock_key,
+    reservation_key,
+    stock_key,
+)
+
+T0 = 1_700_000_000_000
+ORDERS = "inventory.orders"
+
+
+def res(status: core.ReservationStatus, qty: int = 2) -> core.Reservation:
+    return core.Reservation("o1", "A", qty, status, T0 + 1000, "web", "e1", T0)
+
+
+def stock_at(offset: int) -> StoredStock:
+    return StoredStock(core.StockRecord("A", on_hand=5, reserved=2, version=2), {ORDERS: offset})
+
+
+def test_keys_separate_skus_from_reservations():
+    assert is_stock_key(stock_key("A"))
+    assert not is_stock_key(reservation_key("A", "o1"))
+    assert reservation_key("A", "o1").startswith(stock_key("A"))
+
+
+def test_stored_stock_round_trips_with_watermarks_and_effects():
+    rec = core.StockRecord("A", 5, 2, 1, 3, 7, ("x", "y"))
+    d = core.decide(rec, core.RestockReceived("z", "A", 1, T0), T0)
+    s = StoredStock(d.record, {ORDERS: 4, "inventory.restocks": 9}, effects_of(d.events))
+    back = StoredStock.from_bytes(s.to_bytes())
+    assert back == s
+    assert back.effects["StockChanged"][0]["version"] == 8
+
+
+def test_offset_guard_covers_offsets_up_to_the_watermark_only():
+    s = stock_at(10)
+    assert s.applied(ORDERS, 10) and s.applied(ORDERS, 3)
+    assert not s.applied(ORDERS, 11)
+    assert not s.applied("inventory.restocks", 0)
+
+
+def test_reservation_is_valid_when_its_command_landed():
+    stored = StoredReservation.new(res(core.ReservationStatus.RESERVED), ORDERS, 7)
+    assert stored.valid(stock_at(7)).status is core.ReservationStatus.RESERVED
+
+
+def test_reservation_written_without_its_sku_record_falls_back_to_previous():
+    opened = StoredReservation.new(res(core.ReservationStatus.RESERVED), ORDERS, 7)
+    committed = opened.updated(res(core.ReservationStatus.COMMITTED), ORDERS, 12, stock_at(7))
+    # crash: the commit's reservation write landed, its SKU record (watermark 12) did not
+    back = StoredReservation.from_bytes(committed.to_bytes())
+    assert back.valid(stock_at(7)).status is core.ReservationStatus.RESERVED
+    assert back.valid(stock_at(12)).status is core.ReservationStatus.COMMITTED
+
+
+def test_first_reservation_without_its_sku_record_is_no_reservation():
+    stored = StoredReservation.new(res(core.ReservationStatus.RESERVED), ORDERS, 7)
+    assert stored.valid(stock_at(6)) is None
+    assert stored.valid(None) is None
+
+
+def test_rewriting_after_a_lost_write_keeps_the_last_valid_version():
+    opened = StoredReservation.new(res(core.ReservationStatus.RESERVED), ORDERS, 7)
+    lost = opened.updated(res(core.ReservationStatus.COMMITTED), ORDERS, 12, stock_at(7))
+    # redelivered commit re-decided at offset 12 over the recovered state (watermark 7)
+    again = lost.updated(res(core.ReservationStatus.RELEASED), ORDERS, 12, stock_at(7))
+    assert again.previous["status"] == "RESERVED"
+    assert again.valid(stock_at(12)).status is core.ReservationStatus.RELEASED
+
+
+def test_effects_hold_only_what_the_relay_publishes():
+    rec = core.StockRecord("A", on_hand=3)
+    d = core.decide(rec, core.ReserveStock("e", "o", "A", 2, T0), T0)
+    fx = effects_of(d.events)
+    assert set(fx) == {"StockChanged", "ReservationResult"}
+    assert fx["ReservationResult"][0]["outcome"] == "RESERVED"

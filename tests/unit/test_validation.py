@@ -1,0 +1,99 @@
+"""Input rules that dead-letter, one reason per test."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import Settings
+from pipeline import core
+from pipeline.validation import Invalid, to_command
+
+S = Settings(max_qty=100, max_sku_len=8, default_ttl_ms=5000)
+T0 = 1_700_000_000_000
+
+
+def restock(**over):
+    return {
+        "event_id": "e",
+        "sku": "A",
+        "qty": 1,
+        "occurred_at": T0,
+        "channel": "warehouse",
+        **over,
+    }
+
+
+def reserve(**over):
+    return {
+        "event_id": "e",
+        "order_id": "o",
+        "sku": "A",
+        "qty": 1,
+        "occurred_at": T0,
+        "channel": "web",
+        "ttl_ms": 0,
+        "allow_partial": False,
+        **over,
+    }
+
+
+def reason(topic, key, name, rec) -> str:
+    with pytest.raises(Invalid) as info:
+        to_command(topic, key, name, rec, S)
+    return info.value.reason
+
+
+def test_valid_restock_builds_the_core_command():
+    cmd = to_command(S.restocks_topic, b"A", "RestockReceived", restock(qty=3), S)
+    assert cmd == core.RestockReceived("e", "A", 3, T0, "warehouse")
+
+
+def test_reserve_without_ttl_gets_the_configured_default():
+    cmd = to_command(S.orders_topic, b"A", "ReserveStock", reserve(), S)
+    assert cmd.ttl_ms == 5000
+
+
+@pytest.mark.parametrize(
+    ("topic", "key", "name", "rec", "expected"),
+    [
+        (S.orders_topic, b"A", "RestockReceived", restock(), "wrong_topic"),
+        (S.restocks_topic, b"A", "RestockReceived", restock(qty=0), "qty_not_positive"),
+        (S.restocks_topic, b"A", "RestockReceived", restock(qty=-2), "qty_not_positive"),
+        (S.restocks_topic, b"A", "RestockReceived", restock(qty=101), "qty_too_large"),
+        (S.restocks_topic, b"", "RestockReceived", restock(sku=""), "empty_sku"),
+        (
+            S.restocks_topic,
+            b"ABCDEFGHI",
+            "RestockReceived",
+            restock(sku="ABCDEFGHI"),
+            "sku_too_long",
+        ),
+        (S.restocks_topic, b"A\x00", "RestockReceived", restock(sku="A\x00"), "invalid_sku"),
+        (S.restocks_topic, b"B", "RestockReceived", restock(), "key_mismatch"),
+        (S.restocks_topic, b"A", "RestockReceived", restock(event_id=""), "missing_event_id"),
+        (S.restocks_topic, b"A", "RestockReceived", restock(occurred_at=0), "invalid_occurred_at"),
+        (S.orders_topic, b"A", "ReserveStock", reserve(order_id=""), "missing_order_id"),
+        (S.orders_topic, b"A", "ReserveStock", reserve(ttl_ms=-1), "invalid_ttl"),
+        (S.restocks_topic, b"A", "StockCounted", restock(), "missing_field"),
+    ],
+)
+def test_bad_records_are_refused_with_a_stable_reason(topic, key, name, rec, expected):
+    assert reason(topic, key, name, rec) == expected
+
+
+def test_zero_is_a_valid_count_and_safety_stock():
+    count = to_command(
+        S.restocks_topic,
+        b"A",
+        "StockCounted",
+        {"event_id": "e", "sku": "A", "on_hand": 0, "occurred_at": T0},
+        S,
+    )
+    safety = to_command(
+        S.restocks_topic,
+        b"A",
+        "SafetyStockSet",
+        {"event_id": "e", "sku": "A", "qty": 0, "occurred_at": T0},
+        S,
+    )
+    assert count.on_hand == 0 and safety.qty == 0
