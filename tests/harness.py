@@ -8,6 +8,7 @@ own web port and data dir, stopped with SIGTERM or killed with SIGKILL.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -78,6 +79,16 @@ class Namespace:
         return env
 
 
+_STARTED: list[Worker] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that died mid-way must not leave workers running after pytest exits."""
+    for w in _STARTED:
+        w.kill()
+
+
 class Worker:
     """One worker subprocess."""
 
@@ -123,6 +134,7 @@ class Worker:
             start_new_session=True,
         )
         log.close()
+        _STARTED.append(self)
         if wait:
             self.wait_healthy(timeout)
         return self
