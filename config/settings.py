@@ -65,6 +65,12 @@ class Settings:
     # how long the changelog keeps superseded versions, so the relay that
     # derives StockChanged/ReservationResult from it never misses one
     changelog_min_compaction_lag_ms: int = 7 * 24 * 3600 * 1000
+    # projections (Redis hash per SKU + pub/sub channel; OpenSearch index)
+    redis_key_prefix: str = "inventory:"
+    search_index: str = "inventory-stock"
+    sink_enabled: bool = True
+    sink_batch_size: int = 500
+    sink_max_backoff_s: float = 30.0
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
     stock_changes_retention_ms: int = -1
 
@@ -95,12 +101,26 @@ class Settings:
             changelog_min_compaction_lag_ms=_int(
                 e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
             ),
+            redis_key_prefix=_str(e, "INVENTORY_REDIS_KEY_PREFIX", d.redis_key_prefix),
+            search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
+            sink_enabled=_str(e, "INVENTORY_SINK_ENABLED", "1") not in ("0", "false", "no"),
+            sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size),
+            sink_max_backoff_s=_float(e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s),
             stock_changes_retention_ms=_int(
                 e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms
             ),
         )
 
     # topic names -------------------------------------------------------
+    def redis_stock_key(self, sku: str) -> str:
+        """The Redis hash of one SKU's projected stock."""
+        return f"{self.redis_key_prefix}stock:{sku}"
+
+    @property
+    def redis_channel(self) -> str:
+        """The Redis pub/sub channel every applied change is published on (JSON)."""
+        return f"{self.redis_key_prefix}stock-changes"
+
     @property
     def heartbeat_interval_s(self) -> float:
         return min(3.0, self.session_timeout_s / 3)

@@ -1,0 +1,56 @@
+"""The one small interface every projection target implements.
+
+A projection receives batches of ``StockChanged`` records (the dicts of
+``schemas/StockChanged.avsc``) and must make the target hold, per SKU, the
+change with the highest ``version`` it has seen: applying a version that is
+not newer than what the target holds is a no-op, so replays, duplicates and
+reordering never move a projection backwards. ``apply`` either applies the
+whole batch (idempotently) or raises :class:`TargetUnavailable`; the runner
+then retries the same batch later and never commits past it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+StockChange = Mapping[str, Any]
+
+
+class TargetUnavailable(RuntimeError):
+    """The target is down, slow or refused the batch; retry the same batch later."""
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    applied: int  # changes that moved the target forward
+    stale: int  # changes at or below the version the target already held
+    applied_at_ms: int  # target-side time of the write, for freshness
+
+
+class Projection(ABC):
+    """A target kept in step with the stock table by version."""
+
+    name: str
+
+    @abstractmethod
+    async def setup(self) -> None:
+        """Create clients, scripts, indices; idempotent. Raise TargetUnavailable if down."""
+
+    @abstractmethod
+    async def apply(self, changes: Sequence[StockChange]) -> ApplyReport:
+        """Apply a batch (any SKUs, any order, duplicates allowed); all or raise."""
+
+    @abstractmethod
+    async def versions(self, skus: Sequence[str]) -> dict[str, int]:
+        """The version the target holds per SKU (absent = never written); for checks."""
+
+    @abstractmethod
+    async def ping(self) -> bool:
+        """True when the target answers now."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release clients."""
