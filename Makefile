@@ -7,7 +7,7 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset kill-rounds clean
+.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
@@ -36,6 +36,13 @@ stack-status:
 
 stack-reset:
 	@scripts/stack.sh reset
+
+# Apicurio Registry (Confluent-compatible API); the registry tests start it themselves
+registry-up:
+	@scripts/registry.sh up
+
+registry-down:
+	@scripts/registry.sh down
 
 run: venv stack-up
 	@mkdir -p $(DATA_DIR)

@@ -50,6 +50,7 @@ CCOMPAT_PATH=/apis/ccompat/v7
 AP_HOME=$STACK_DIR/apicurio-$APICURIO_VERSION
 SR_RUN=$STACK_DIR/schema-registry
 SR_PIDFILE=$SR_RUN/schema-registry.pid
+SR_STATE=$SR_RUN/schema-registry.state # "<port> <version>" of the running one
 SR_LOG=$SR_RUN/logs/registry.out
 NAME=schema-registry
 
@@ -291,6 +292,7 @@ LAUNCH_PID=
 sr_start() {
   mkdir -p "$SR_RUN/logs" "$SR_RUN/tmp"
   rm -f "$SR_PIDFILE"
+  printf '%s %s\n' "$SCHEMA_REGISTRY_PORT" "$APICURIO_VERSION" >"$SR_STATE"
   [ -f "$SR_LOG" ] && mv -f "$SR_LOG" "$SR_LOG.prev"
   : >"$SR_LOG"
   local -a mgmt=()
@@ -330,7 +332,7 @@ sr_wait() { # since launcher-pid: wait for it to answer, or fail with its log
 sr_stop() { # our process, then anything of ours still on its ports
   local pid p port foreign=""
   if pid=$(sr_pid); then stop_pid "$pid"; fi
-  rm -f "$SR_PIDFILE"
+  rm -f "$SR_PIDFILE" "$SR_STATE"
   for port in $(sr_ports); do
     for p in $(port_pids "$port"); do
       if pid_is_ours "$p"; then
@@ -356,10 +358,21 @@ lock() { # one up/down at a time per $STACK_DIR
 
 row() { printf '%-16s %-22s %s\n' "$NAME" "$HOST:$SCHEMA_REGISTRY_PORT" "$1"; }
 
+running_elsewhere() { # pid: our registry runs, but not on this port or not this version
+  local st
+  st=$(cat "$SR_STATE" 2>/dev/null) || st=
+  [ -n "$st" ] && [ "$st" != "$SCHEMA_REGISTRY_PORT $APICURIO_VERSION" ] || return 1
+  printf 'the registry of %s (pid %s) runs on port %s as Apicurio Registry %s, not on port %s as %s' \
+    "$STACK_DIR" "$1" "${st%% *}" "${st#* }" "$SCHEMA_REGISTRY_PORT" "$APICURIO_VERSION"
+}
+
 cmd_up() {
-  local t0=$SECONDS pid port
+  local t0=$SECONDS pid port other
   lock
   if pid=$(sr_pid); then
+    if other=$(running_elsewhere "$pid"); then
+      die "$other: run scripts/registry.sh down first (it stops whatever this checkout's registry is)"
+    fi
     sr_wait "$SECONDS"
     row "up (pid $pid, was already running) $(url)"
     return 0
@@ -389,8 +402,9 @@ cmd_down() {
 }
 
 cmd_status() {
-  local pid
+  local pid other
   if pid=$(sr_pid); then
+    if other=$(running_elsewhere "$pid"); then row "down: $other"; return 1; fi
     if sr_answers; then row "up (pid $pid) $(url)"; return 0; fi
     row "down: running (pid $pid) but not answering yet"; return 1
   fi

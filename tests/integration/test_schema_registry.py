@@ -31,8 +31,12 @@ REGISTRY_SH = REPO / "scripts" / "registry.sh"
 
 def _sh(cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(REGISTRY_SH), cmd], cwd=REPO, capture_output=True, text=True,
-        timeout=timeout, stdin=subprocess.DEVNULL,
+        ["bash", str(REGISTRY_SH), cmd],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -70,8 +74,13 @@ def _subject_ids(url: str, subject: str) -> set[int]:
 
 
 def _reserve(**over: Any) -> dict[str, Any]:
-    rec = {"event_id": str(uuid.uuid4()), "order_id": "o-1", "sku": "REG-1", "qty": 2,
-           "occurred_at": 1_700_000_000_000}
+    rec = {
+        "event_id": str(uuid.uuid4()),
+        "order_id": "o-1",
+        "sku": "REG-1",
+        "qty": 2,
+        "occurred_at": 1_700_000_000_000,
+    }
     rec.update(over)
     return rec
 
@@ -127,7 +136,8 @@ def test_older_writer_schema_under_the_same_subject_decodes_by_resolution(regist
     registry = SchemaRegistry(registry_url)
     old_id = registry.register("inventory.v1.ReserveStock", json.dumps(old))
     new_id = int.from_bytes(
-        AvroCodec(SchemaRegistry(registry_url)).encode("ReserveStock", _reserve())[1:5], "big")
+        AvroCodec(SchemaRegistry(registry_url)).encode("ReserveStock", _reserve())[1:5], "big"
+    )
     assert old_id != new_id
     assert {old_id, new_id} <= _subject_ids(registry_url, "inventory.v1.ReserveStock")
 
@@ -150,18 +160,29 @@ def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
             producer.send("RestockReceived", {"sku": sku, "qty": 4})
         wait_for(lambda: worker.get_json(f"/stock/{sku}")[0] == 200, 30, f"stock of {sku}")
         assert worker.get_json(f"/stock/{sku}")[1] == {
-            "sku": sku, "on_hand": 4, "reserved": 0, "safety_stock": 0, "available": 4,
-            "version": 1}
+            "sku": sku,
+            "on_hand": 4,
+            "reserved": 0,
+            "safety_stock": 0,
+            "available": 4,
+            "version": 1,
+        }
 
         reader = RawKeepingCodec(SchemaRegistry(registry_url))
-        changes = read_topic(ns.settings, ns.settings.stock_changes_topic, codec=reader,
-                             until=lambda rs: len(rs) >= 1)
+        changes = read_topic(
+            ns.settings,
+            ns.settings.stock_changes_topic,
+            codec=reader,
+            until=lambda rs: len(rs) >= 1,
+        )
         assert [(r.name, r.key, r.value["available"]) for r in changes] == [
-            ("StockChanged", sku.encode(), 4)]
+            ("StockChanged", sku.encode(), 4)
+        ]
         raw = reader.raw[0]
         assert raw[0] == 0, f"the worker wrote {raw[:10].hex()}, not the Confluent framing"
         assert int.from_bytes(raw[1:5], "big") in _subject_ids(
-            registry_url, "inventory.v1.StockChanged")
+            registry_url, "inventory.v1.StockChanged"
+        )
         dead = read_topic(ns.settings, ns.settings.dead_letters_topic, timeout=1.0, codec=reader)
         assert dead == []
     finally:
