@@ -138,8 +138,11 @@ class CommandHandler:
             self.table[rkey] = new_res.to_bytes()
         watermarks = dict(stored.watermarks) if stored else {}
         watermarks[topic] = offset
+        version_at = stored.version_at if stored else 0
+        if stored is None or decision.record.version != stored.record.version:
+            version_at = command.occurred_at
         self.table[skey] = StoredStock(
-            decision.record, watermarks, effects_of(decision.events)
+            decision.record, watermarks, effects_of(decision.events), version_at
         ).to_bytes()
         self._count(decision, command, now)
         return decision.outcome

@@ -118,5 +118,7 @@ stock_table = app.Table(
 # Register agents, views, timers and the relay (they import the objects above).
 import agents.stock  # noqa: E402,F401
 import pipeline.expiry  # noqa: E402,F401
+import pipeline.live  # noqa: E402,F401
 import pipeline.relay  # noqa: E402,F401
+import pipeline.sinks.worker  # noqa: E402,F401
 import pipeline.web  # noqa: E402,F401

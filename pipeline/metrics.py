@@ -74,3 +74,35 @@ RECOVERY_COMPLETE = Gauge(
     "1 when table recovery has finished.",
     registry=REGISTRY,
 )
+
+SINK_APPLIED = Counter(
+    "inventory_sink_changes_total",
+    "StockChanged records handled by a projection sink, by target and result (applied|stale).",
+    ["target", "result"],
+    registry=REGISTRY,
+)
+SINK_ERRORS = Counter(
+    "inventory_sink_errors_total",
+    "Failed attempts to write a batch to a projection target.",
+    ["target"],
+    registry=REGISTRY,
+)
+SINK_STATE = Gauge(
+    "inventory_sink_degraded",
+    "1 while a projection target is failing (the sink is paused and retrying), else 0.",
+    ["target"],
+    registry=REGISTRY,
+)
+SINK_LAG = Gauge(
+    "inventory_sink_lag_records",
+    "stock-changes records not yet applied to a target (sum over this worker's partitions).",
+    ["target"],
+    registry=REGISTRY,
+)
+SINK_FRESHNESS = Histogram(
+    "inventory_sink_freshness_seconds",
+    "From a change's occurred_at (the command's time) to its write at the target.",
+    ["target"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pipeline import metrics
 from pipeline.app import app, stock_table
+from pipeline.sinks.worker import sink_states
 from tables.stock import StoredStock, stock_key
 
 
@@ -24,7 +25,10 @@ class Health(View):
     async def get(self, request: Request) -> Response:
         if not ready():
             return self.json({"status": "recovering"}, status=503)
-        return self.json({"status": "ok"})
+        sinks = sink_states()
+        # a failing projection target degrades the worker but the ledger still serves
+        status = "degraded" if "degraded" in sinks.values() else "ok"
+        return self.json({"status": status, "sinks": sinks})
 
 
 @app.page("/stock/{sku}")

@@ -50,6 +50,25 @@ class StoredStock:
     record: core.StockRecord
     watermarks: dict[str, int] = field(default_factory=dict)
     effects: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    version_at: int = 0  # occurred_at of the command that made the current version
+
+    def as_change(self) -> dict[str, Any]:
+        """The current state as a StockChanged dict (for rebuilding projections)."""
+        r = self.record
+        return {
+            "sku": r.sku,
+            "version": r.version,
+            "on_hand": r.on_hand,
+            "reserved": r.reserved,
+            "safety_stock": r.safety_stock,
+            "available": r.available,
+            "cause_type": "Rebuild",
+            "cause_event_id": "",
+            "order_id": "",
+            "channel": "system",
+            "occurred_at": self.version_at,
+            "processed_at": self.version_at,
+        }
 
     def applied(self, topic: str, offset: int) -> bool:
         """True when the input at ``topic``/``offset`` (of this SKU's partition) is applied."""
@@ -68,6 +87,7 @@ class StoredStock:
                 "ids": list(r.recent_event_ids),
                 "w": self.watermarks,
                 "fx": self.effects,
+                "vt": self.version_at,
             }
         )
 
@@ -83,7 +103,12 @@ class StoredStock:
             version=d["version"],
             recent_event_ids=tuple(d.get("ids", ())),
         )
-        return cls(record=record, watermarks=d.get("w", {}), effects=d.get("fx", {}))
+        return cls(
+            record=record,
+            watermarks=d.get("w", {}),
+            effects=d.get("fx", {}),
+            version_at=d.get("vt", 0),
+        )
 
     def view(self) -> dict[str, Any]:
         """The public JSON of ``GET /stock/{sku}``."""

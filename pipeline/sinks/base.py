@@ -54,3 +54,7 @@ class Projection(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Release clients."""
+
+    async def wipe(self) -> None:
+        """Delete everything this projection wrote (for a full rebuild)."""
+        raise NotImplementedError(f"{self.name} cannot be wiped")

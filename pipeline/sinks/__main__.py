@@ -1,0 +1,22 @@
+"""Run the projection sinks alone, without a Faust worker: ``python -m pipeline.sinks``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from config.settings import settings
+from pipeline.sinks.runner import SinkRunner, build_projections, run_forever
+from schemas.codec import codec_from_settings
+
+
+async def main() -> None:
+    runners = [
+        SinkRunner(settings, p, codec_from_settings(settings)) for p in build_projections(settings)
+    ]
+    await asyncio.gather(*(run_forever(r) for r in runners))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=settings.log_level)
+    asyncio.run(main())

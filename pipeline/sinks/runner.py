@@ -1,0 +1,219 @@
+"""The sink runner: keeps one projection in step with ``inventory.stock-changes``.
+
+One consumer group per target (``{app_id}-sink-{target}``), so a Redis outage
+never holds back the search index and vice versa. It runs inside every worker
+(one process to operate, and the worker's ``/healthz`` and ``/metrics`` show the
+sink's state) and can also run alone: ``python -m pipeline.sinks``.
+
+Delivery contract, per batch:
+
+1. fetch up to ``sink_batch_size`` records and keep them in memory;
+2. apply them to the target; the target applies by version, so repeats and
+   reordering are harmless;
+3. on :class:`TargetUnavailable`: pause every assigned partition (no new
+   fetches, so memory stays bounded by one batch), back off exponentially with
+   jitter up to ``sink_max_backoff_s`` while still polling the paused consumer
+   (so the group does not evict it during a long outage), then retry the same
+   batch;
+4. commit the batch's offsets only after it was applied, and resume.
+
+So the committed offset never passes a change the target lacks, and a crash
+at any point re-applies at most one batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from config.settings import Settings
+from pipeline import metrics
+from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
+from schemas.codec import AvroCodec, DecodeError
+
+log = logging.getLogger("inventory.sink")
+
+INITIAL_BACKOFF_S = 0.2
+
+
+class Backoff:
+    """Exponential backoff with full jitter; ``reset`` after a success."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.failures = 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        ceiling = min(self.maximum, self.initial * 2 ** (self.failures - 1))
+        return ceiling / 2 + self.rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class SinkRunner:
+    """Consume stock changes and apply them to one :class:`Projection`."""
+
+    def __init__(self, cfg: Settings, projection: Projection, codec: AvroCodec) -> None:
+        self.cfg = cfg
+        self.projection = projection
+        self.codec = codec
+        self.target = projection.name
+        self.degraded = False
+        self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
+
+    def decode(self, records: Sequence[Any]) -> list[StockChange]:
+        """StockChanged dicts of a fetched batch; other records on the topic are skipped."""
+        changes: list[StockChange] = []
+        for rec in records:
+            try:
+                name, value = self.codec.decode(rec.value)
+            except DecodeError as exc:  # our own topic: a bug or a foreign producer
+                log.error("undecodable record on %s@%d: %s", rec.topic, rec.offset, exc)
+                metrics.SINK_ERRORS.labels(self.target).inc()
+                continue
+            if name == "StockChanged":
+                changes.append(value)
+        return changes
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.cfg.stock_changes_topic,
+            bootstrap_servers=self.cfg.kafka_bootstrap,
+            group_id=f"{self.cfg.app_id}-sink-{self.target}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.cfg.sink_batch_size,
+            fetch_max_wait_ms=20,
+            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
+        )
+        await self._until_ready(consumer)
+        try:
+            while True:
+                batches = await consumer.getmany(
+                    timeout_ms=200, max_records=self.cfg.sink_batch_size
+                )
+                if not batches:
+                    await self._update_lag(consumer)
+                    continue
+                records = [r for recs in batches.values() for r in recs]
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
+                changes = self.decode(records)
+                if changes:
+                    report = await self._apply_until_done(consumer, changes)
+                    self._observe(changes, report)
+                await self._commit(consumer, offsets)
+                await self._update_lag(consumer)
+        finally:
+            await consumer.stop()
+
+    async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
+        while True:
+            try:
+                await self.projection.setup()
+                await consumer.start()
+                return
+            except TargetUnavailable as exc:
+                self._set_degraded(True)
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "%s sink: target not ready (%s); retry in %.1fs", self.target, exc, delay
+                )
+                await asyncio.sleep(delay)
+
+    async def _apply_until_done(
+        self, consumer: AIOKafkaConsumer, changes: list[StockChange]
+    ) -> ApplyReport:
+        paused = False
+        while True:
+            try:
+                report = await self.projection.apply(changes)
+            except TargetUnavailable as exc:
+                metrics.SINK_ERRORS.labels(self.target).inc()
+                self._set_degraded(True)
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "%s sink: %s; batch of %d held, retry in %.1fs",
+                    self.target,
+                    exc,
+                    len(changes),
+                    delay,
+                )
+                # polling a paused consumer fetches nothing but keeps it in the group
+                deadline = time.monotonic() + delay
+                while (left := deadline - time.monotonic()) > 0:
+                    got = await consumer.getmany(timeout_ms=int(min(left, 1.0) * 1000) + 1)
+                    for tp, recs in got.items():
+                        # a rebalance handed us unpaused partitions: put their records back
+                        consumer.seek(tp, recs[0].offset)
+                        consumer.pause(tp)
+                continue
+            if paused:
+                consumer.resume(*consumer.assignment())
+                log.info("%s sink: target back, batch applied", self.target)
+            self.backoff.reset()
+            self._set_degraded(False)
+            return report
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        mine = {tp: o for tp, o in offsets.items() if tp in consumer.assignment()}
+        if not mine:
+            return
+        try:
+            await consumer.commit(mine)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # a rebalance took the partitions: their new owner re-applies (idempotent)
+            log.info("%s sink: commit skipped after rebalance: %s", self.target, exc)
+
+    def _observe(self, changes: list[StockChange], report: ApplyReport) -> None:
+        metrics.SINK_APPLIED.labels(self.target, "applied").inc(report.applied)
+        metrics.SINK_APPLIED.labels(self.target, "stale").inc(report.stale)
+        hist = metrics.SINK_FRESHNESS.labels(self.target)
+        for change in changes:
+            hist.observe(max(0, report.applied_at_ms - change["occurred_at"]) / 1000)
+
+    def _set_degraded(self, degraded: bool) -> None:
+        self.degraded = degraded
+        metrics.SINK_STATE.labels(self.target).set(1 if degraded else 0)
+
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        lag = 0
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is not None:
+                lag += max(0, hw - await consumer.position(tp))
+        metrics.SINK_LAG.labels(self.target).set(lag)
+
+
+def build_projections(cfg: Settings) -> list[Projection]:
+    """The configured targets: Redis and the search index."""
+    from pipeline.sinks.redis_sink import RedisProjection
+    from pipeline.sinks.search_sink import SearchProjection
+
+    return [RedisProjection(cfg), SearchProjection(cfg)]
+
+
+async def run_forever(runner: SinkRunner) -> None:
+    """Run one runner, restarting it after unexpected errors (logged)."""
+    while True:
+        try:
+            await runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a sink must outlive broker hiccups
+            log.exception("%s sink crashed; restarting in 1 s", runner.target)
+            await asyncio.sleep(1.0)

@@ -1,0 +1,27 @@
+"""Runs the projection sinks inside a Faust worker (unless INVENTORY_SINK_ENABLED=0)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from config.settings import settings
+from pipeline.app import app
+from pipeline.sinks.runner import SinkRunner, build_projections, run_forever
+from schemas.codec import codec_from_settings
+
+RUNNERS: list[SinkRunner] = []
+
+if settings.sink_enabled:
+    RUNNERS.extend(
+        SinkRunner(settings, projection, codec_from_settings(settings))
+        for projection in build_projections(settings)
+    )
+
+    @app.task
+    async def run_sinks() -> None:
+        await asyncio.gather(*(run_forever(r) for r in RUNNERS))
+
+
+def sink_states() -> dict[str, str]:
+    """Per target: "ok" or "degraded" (failing and paused), for /healthz."""
+    return {r.target: "degraded" if r.degraded else "ok" for r in RUNNERS}

@@ -1,0 +1,156 @@
+"""Fault injection for tests: a private redis-server and a TCP proxy that can fail.
+
+Both act on real sockets: the proxy's "refuse" mode closes its listener
+(connection refused, as when a server is down) and "blackhole" accepts
+connections but forwards nothing (a hung server: clients hit their timeouts).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from harness import free_port
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, with an append-only file so a restart keeps data."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.dir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> PrivateRedis:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise AssertionError("redis-server is not installed: apt-get install -y redis-server")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=open(self.dir / "redis.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"private redis-server on {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; ``mode`` switches between up/refuse/blackhole."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.port = free_port()
+        self.target = (target_host, target_port)
+        self.mode = "up"
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self) -> TcpProxy:
+        self._listen()
+        return self
+
+    def _listen(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(client)
+            if self.mode == "blackhole":
+                continue  # hold the connection open, never answer
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.append(upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while self.mode == "up":
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _drop_connections(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def set_mode(self, mode: str) -> None:
+        """``up``, ``refuse`` (listener closed) or ``blackhole`` (accept, never answer)."""
+        assert mode in ("up", "refuse", "blackhole")
+        self.mode = mode
+        self._drop_connections()
+        if mode == "refuse":
+            if self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        elif self._listener is None:
+            self._listen()
+
+    def close(self) -> None:
+        self.set_mode("refuse")
