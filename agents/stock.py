@@ -127,6 +127,7 @@ class CommandHandler:
             now,
             reservation,
             dedupe_window=self.cfg.dedupe_window,
+            low_stock_threshold=self.cfg.low_stock_threshold,
         )
         if decision.reservation is not None:
             new_res = (
@@ -150,6 +151,8 @@ class CommandHandler:
     def _count(self, decision: core.Decision, command: core.Command, now: int) -> None:
         metrics.COMMAND_AGE_SECONDS.observe(max(0, now - command.occurred_at) / 1000)
         for e in decision.events:
+            if isinstance(e, core.LowStockCrossed):
+                metrics.LOW_STOCK.labels(e.direction).inc()
             if isinstance(e, core.CommandApplied):
                 metrics.COMMANDS.labels(e.command_type, e.outcome.value, e.channel).inc()
                 if e.outcome is core.Outcome.REJECTED:

@@ -38,6 +38,37 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw == "" else raw
 
 
+class Secret(str):
+    """A string that never shows itself in repr, str formatting of settings, or logs.
+
+    Use :meth:`reveal` where a client library needs the value.
+    """
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
+
+    def __str__(self) -> str:
+        return "***" if self else ""
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def reveal(self) -> str:
+        return self[:]  # slicing a str subclass gives a plain str with the content
+
+
+def _secret(env: Mapping[str, str], name: str) -> Secret:
+    """``NAME`` from the environment, or the content of the file named by ``NAME_FILE``."""
+    value = env.get(name, "")
+    path = env.get(f"{name}_FILE", "")
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
+    return Secret(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Runtime settings; build with :meth:`from_env`."""
@@ -59,12 +90,25 @@ class Settings:
     # how many event ids of non-order commands each SKU remembers for dedupe
     dedupe_window: int = 256
     default_ttl_ms: int = 15 * 60 * 1000
+    # available at or below this emits LowStockCrossed (-1 = off)
+    low_stock_threshold: int = 5
     # consumer group session: how long a killed worker's partitions stay orphaned
     session_timeout_s: float = 10.0
     expiry_scan_interval_s: float = 1.0
     # how long the changelog keeps superseded versions, so the relay that
     # derives StockChanged/ReservationResult from it never misses one
     changelog_min_compaction_lag_ms: int = 7 * 24 * 3600 * 1000
+    # security: Kafka SASL/SCRAM over TLS, Redis password/ACL user, OpenSearch basic auth + TLS
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: Secret = field(default_factory=Secret, repr=False)
+    kafka_ssl_cafile: str = ""
+    redis_username: str = ""
+    redis_password: Secret = field(default_factory=Secret, repr=False)
+    opensearch_username: str = ""
+    opensearch_password: Secret = field(default_factory=Secret, repr=False)
+    opensearch_ca_file: str = ""
     # projections (Redis hash per SKU + pub/sub channel; OpenSearch index)
     redis_key_prefix: str = "inventory:"
     search_index: str = "inventory-stock"
@@ -94,6 +138,7 @@ class Settings:
             max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len),
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms),
+            low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold),
             session_timeout_s=_float(e, "INVENTORY_SESSION_TIMEOUT_S", d.session_timeout_s),
             expiry_scan_interval_s=_float(
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
@@ -101,6 +146,18 @@ class Settings:
             changelog_min_compaction_lag_ms=_int(
                 e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
             ),
+            kafka_security_protocol=_str(
+                e, "INVENTORY_KAFKA_SECURITY_PROTOCOL", d.kafka_security_protocol
+            ).upper(),
+            kafka_sasl_mechanism=_str(e, "INVENTORY_KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism),
+            kafka_sasl_username=_str(e, "INVENTORY_KAFKA_SASL_USERNAME", ""),
+            kafka_sasl_password=_secret(e, "INVENTORY_KAFKA_SASL_PASSWORD"),
+            kafka_ssl_cafile=_str(e, "INVENTORY_KAFKA_SSL_CAFILE", ""),
+            redis_username=_str(e, "INVENTORY_REDIS_USERNAME", ""),
+            redis_password=_secret(e, "INVENTORY_REDIS_PASSWORD"),
+            opensearch_username=_str(e, "INVENTORY_OPENSEARCH_USERNAME", ""),
+            opensearch_password=_secret(e, "INVENTORY_OPENSEARCH_PASSWORD"),
+            opensearch_ca_file=_str(e, "INVENTORY_OPENSEARCH_CA_FILE", ""),
             redis_key_prefix=_str(e, "INVENTORY_REDIS_KEY_PREFIX", d.redis_key_prefix),
             search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
             sink_enabled=_str(e, "INVENTORY_SINK_ENABLED", "1") not in ("0", "false", "no"),
@@ -154,8 +211,22 @@ class Settings:
         return (self.orders_topic, self.returns_topic, self.restocks_topic)
 
     def describe(self) -> dict[str, str]:
-        """Settings as strings, for logs and the README table (no secrets here yet)."""
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        """Settings as strings for logs: secrets show as *** (or empty), URLs lose passwords."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Secret):
+                out[f.name] = "***" if value else ""
+            else:
+                out[f.name] = redact_url(str(value))
+        return out
+
+
+def redact_url(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    import re
+
+    return re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", text)
 
 
 settings = Settings.from_env()

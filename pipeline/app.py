@@ -22,6 +22,7 @@ from typing import Any
 import faust
 
 from config.settings import settings
+from pipeline.clients import faust_broker_kwargs
 from pipeline.topics import PartitionMismatch, ensure_topics
 
 log = logging.getLogger("inventory.app")
@@ -78,7 +79,7 @@ def _raw_topic(name: str) -> Any:
 
 app = InventoryApp(
     settings.app_id,
-    broker=f"kafka://{settings.kafka_bootstrap}",
+    **faust_broker_kwargs(settings),
     store="rocksdb://",
     datadir=str(settings.data_dir),
     web_host=settings.web_host,

@@ -241,6 +241,18 @@ class StockShortfall:
 
 
 @dataclass(frozen=True)
+class LowStockCrossed:
+    """``available`` crossed the low-stock threshold: ``down`` to it or below, ``up`` above it."""
+
+    sku: str
+    available: int
+    threshold: int
+    direction: str
+    version: int
+    occurred_at: int
+
+
+@dataclass(frozen=True)
 class CommandApplied:
     """Every command's outcome, order or not: the agent counts these in metrics."""
 
@@ -252,7 +264,7 @@ class CommandApplied:
     reason: str = ""
 
 
-Event = StockChanged | ReservationResult | StockShortfall | CommandApplied
+Event = StockChanged | ReservationResult | StockShortfall | LowStockCrossed | CommandApplied
 
 
 @dataclass(frozen=True)
@@ -288,6 +300,7 @@ def decide(
     reservation: Reservation | None = None,
     *,
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
+    low_stock_threshold: int = -1,
 ) -> Decision:
     """Apply one command to one SKU's state.
 
@@ -304,8 +317,29 @@ def decide(
     if isinstance(command, ORDER_COMMANDS):
         if reservation is not None and reservation.order_id != command.order_id:
             raise ValueError("reservation of another order passed to decide()")
-        return _decide_order(record, command, now, reservation)
-    return _decide_stock(record, command, now, dedupe_window)
+        decision = _decide_order(record, command, now, reservation)
+    else:
+        decision = _decide_stock(record, command, now, dedupe_window)
+    return _with_low_stock(record, decision, command, low_stock_threshold)
+
+
+def _with_low_stock(
+    before: StockRecord, decision: Decision, command: Command, threshold: int
+) -> Decision:
+    """Adds a LowStockCrossed event when ``available`` crossed ``threshold`` (-1 = off)."""
+    if threshold < 0 or decision.record.version == before.version:
+        return decision
+    old, new = before.available, decision.record.available
+    if old > threshold >= new:
+        direction = "down"
+    elif old <= threshold < new:
+        direction = "up"
+    else:
+        return decision
+    crossed = LowStockCrossed(
+        command.sku, new, threshold, direction, decision.record.version, command.occurred_at
+    )
+    return replace(decision, events=(*decision.events[:-1], crossed, decision.events[-1]))
 
 
 def _decide_order(

@@ -32,12 +32,17 @@ _sent: dict[bytes, int] = {}
 def overdue(now: int) -> list[tuple[str, str]]:
     """(sku, order_id) of open reservations past their expiry in this worker's partitions."""
     found = []
+    pending = 0
     for key, value in stock_table.data.items():
         if RESERVATION_SEP not in key:
             continue
         cur = StoredReservation.from_bytes(value).current
-        if cur["status"] == "RESERVED" and cur["expires_at"] <= now:
-            found.append((cur["sku"], cur["order_id"]))
+        if cur["status"] == "RESERVED":
+            pending += 1
+            if cur["expires_at"] <= now:
+                found.append((cur["sku"], cur["order_id"]))
+    metrics.RESERVATIONS_PENDING.set(pending)
+    metrics.RESERVATIONS_OVERDUE.set(len(found))
     return found
 
 

@@ -65,6 +65,7 @@ from redis.exceptions import RedisError
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.app import app
+from pipeline.clients import redis_kwargs
 from pipeline.validation import Invalid, check_sku
 
 log = logging.getLogger("inventory.live")
@@ -407,6 +408,7 @@ class LiveHub:
                 decode_responses=True,
                 socket_timeout=5,
                 socket_connect_timeout=5,
+                **redis_kwargs(self.cfg),
             )
             self._reader = aioredis.Redis(connection_pool=pool)
         async with self._reader.pipeline(transaction=False) as pipe:
@@ -504,6 +506,7 @@ class LiveHub:
                     decode_responses=True,
                     retry=Retry(NoBackoff(), 0),
                     client_name=self.client_name,
+                    **redis_kwargs(self.cfg),
                     socket_connect_timeout=5,
                     socket_keepalive=True,
                 )

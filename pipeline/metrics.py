@@ -53,6 +53,22 @@ SHORTFALLS = Counter(
     "Cycle counts that came in below the reserved units.",
     registry=REGISTRY,
 )
+LOW_STOCK = Counter(
+    "inventory_low_stock_crossings_total",
+    "Changes that moved available across the low-stock threshold, by direction (down|up).",
+    ["direction"],
+    registry=REGISTRY,
+)
+RESERVATIONS_PENDING = Gauge(
+    "inventory_reservations_pending",
+    "Open reservations in this worker's partitions (from the expiry sweeper's scan).",
+    registry=REGISTRY,
+)
+RESERVATIONS_OVERDUE = Gauge(
+    "inventory_reservations_overdue",
+    "Open reservations past their expiry in this worker's partitions, awaiting release.",
+    registry=REGISTRY,
+)
 EXPIRY_SENT = Counter(
     "inventory_expiry_commands_sent_total",
     "ExpireReservation commands sent by the expiry sweeper.",

@@ -33,6 +33,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from config.settings import Settings, settings
+from pipeline.clients import confluent_config
 from pipeline.topics import ensure_topics
 from pipeline.validation import Invalid, check_sku
 from schemas.codec import AvroCodec, EncodeError, codec_from_settings
@@ -81,15 +82,17 @@ def fill_defaults(fields: Mapping[str, Any], *, now: int | None = None) -> dict[
 
 def producer_config(cfg: Settings) -> dict[str, Any]:
     """librdkafka settings of :class:`CommandProducer`."""
-    return {
-        "bootstrap.servers": cfg.kafka_bootstrap,
+    return confluent_config(
+        cfg,
         # librdkafka's default (consistent_random, CRC32) sends a key to another partition than
         # the Java client and aiokafka, which the tables and the co-partitioning rely on
-        "partitioner": "murmur2_random",
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-    }
+        **{
+            "partitioner": "murmur2_random",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        },
+    )
 
 
 class DeliveryError(RuntimeError):

@@ -21,6 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from tqdm import tqdm
 
 from config.settings import Settings, settings
+from pipeline.clients import confluent_config
 from pipeline.sinks.base import Projection
 from pipeline.sinks.runner import build_projections
 from pipeline.topics import changelog_topic
@@ -31,12 +32,14 @@ def latest_states(cfg: Settings, progress: bool = True) -> dict[str, StoredStock
     """Each SKU's newest stored state from the changelog, read up to its current end."""
     topic = changelog_topic(cfg)
     consumer = Consumer(
-        {
-            "bootstrap.servers": cfg.kafka_bootstrap,
-            "group.id": f"rebuild-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
+        confluent_config(
+            cfg,
+            **{
+                "group.id": f"rebuild-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     try:
         meta = consumer.list_topics(topic, timeout=10)

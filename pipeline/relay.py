@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.app import app
+from pipeline.clients import aiokafka_kwargs
 from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
@@ -57,7 +58,7 @@ class ChangelogRelay:
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
             self.topic,
-            bootstrap_servers=self.cfg.kafka_bootstrap,
+            **aiokafka_kwargs(self.cfg),
             group_id=f"{self.cfg.app_id}-relay",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -67,7 +68,7 @@ class ChangelogRelay:
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
         producer = AIOKafkaProducer(
-            bootstrap_servers=self.cfg.kafka_bootstrap,
+            **aiokafka_kwargs(self.cfg),
             enable_idempotence=True,
             acks="all",
             linger_ms=1,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from config.settings import Settings
+from pipeline.clients import confluent_config
 
 
 class PartitionMismatch(RuntimeError):
@@ -49,7 +50,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
 
 
 def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    return AdminClient(confluent_config(settings))
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:

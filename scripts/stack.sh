@@ -24,6 +24,8 @@
 #   KAFKA_VERSION [4.1.1]  KAFKA_PORT [9092]  KAFKA_CONTROLLER_PORT [9093]
 #   KAFKA_NUM_PARTITIONS [8]  KAFKA_HEAP_OPTS [-Xms512m -Xmx512m]
 #   KAFKA_EXTRA_CONFIG [] a properties file appended to server.properties (later keys win)
+#   KAFKA_SCRAM_USERS  [] "name:password ..." SCRAM-SHA-512 and -256 users created when the
+#                         storage is formatted (KRaft keeps them in its metadata)
 #   REDIS_PORT [6379]
 #   OPENSEARCH_VERSION [2.19.6]  OPENSEARCH_PORT [9200]  OPENSEARCH_TRANSPORT_PORT [9300]
 #   OPENSEARCH_JAVA_OPTS [-Xms512m -Xmx512m]  OPENSEARCH_USER [opensearch] (used when root)
@@ -53,6 +55,7 @@ KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
 KAFKA_NUM_PARTITIONS=${KAFKA_NUM_PARTITIONS:-8}
 KAFKA_HEAP_OPTS=${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}
 KAFKA_EXTRA_CONFIG=${KAFKA_EXTRA_CONFIG:-}
+KAFKA_SCRAM_USERS=${KAFKA_SCRAM_USERS:-}
 REDIS_PORT=${REDIS_PORT:-6379}
 OPENSEARCH_VERSION=${OPENSEARCH_VERSION:-2.19.6}
 OPENSEARCH_PORT=${OPENSEARCH_PORT:-9200}
@@ -434,8 +437,13 @@ kafka_start() {
     local id
     id=$(kafka_java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>>"$logs/format.log" | tail -n1) ||
       { tail_log kafka "$logs/format.log"; die "kafka: StorageTool random-uuid failed"; }
+    local scram=() user
+    for user in $KAFKA_SCRAM_USERS; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=${user%%:*},password=${user#*:}]")
+      scram+=(--add-scram "SCRAM-SHA-256=[name=${user%%:*},password=${user#*:}]")
+    done
     kafka_java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$id" -c "$props" \
-      --standalone --ignore-formatted >>"$logs/format.log" 2>&1 ||
+      --standalone --ignore-formatted "${scram[@]}" >>"$logs/format.log" 2>&1 ||
       { tail_log kafka "$logs/format.log"; die "kafka: formatting the storage in $data failed"; }
     echo "$HOST:$KAFKA_CONTROLLER_PORT" >"$fmt"
   fi

@@ -209,4 +209,6 @@ def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]
             out.setdefault("ReservationResult", []).append(d)
         elif isinstance(e, core.StockShortfall):
             out.setdefault("StockShortfall", []).append(e.__dict__.copy())
+        elif isinstance(e, core.LowStockCrossed):
+            out.setdefault("LowStockCrossed", []).append(e.__dict__.copy())
     return out

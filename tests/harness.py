@@ -28,6 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from config.settings import Settings
 from config.settings import settings as base_settings
+from pipeline.clients import confluent_config
 from schemas.codec import AvroCodec, DecodeError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +218,7 @@ def read_topic(
     codec = codec or AvroCodec()
     consumer = Consumer(
         {
-            "bootstrap.servers": ns_settings.kafka_bootstrap,
+            **confluent_config(ns_settings),
             "group.id": f"reader-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

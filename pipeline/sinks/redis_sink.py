@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from config.settings import Settings
+from pipeline.clients import redis_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 CONNECT_TIMEOUT_S = 2.0
@@ -110,6 +111,7 @@ class RedisProjection(Projection):
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
+            **redis_kwargs(cfg),
         )
         # register_script only hashes the text; the server learns it in setup()
         # or on the first NOSCRIPT.

@@ -35,6 +35,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from config.settings import Settings
 from pipeline import metrics
+from pipeline.clients import aiokafka_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 from schemas.codec import AvroCodec, DecodeError
 
@@ -89,7 +90,7 @@ class SinkRunner:
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
             self.cfg.stock_changes_topic,
-            bootstrap_servers=self.cfg.kafka_bootstrap,
+            **aiokafka_kwargs(self.cfg),
             group_id=f"{self.cfg.app_id}-sink-{self.target}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",

@@ -42,6 +42,7 @@ from opensearchpy import AsyncOpenSearch
 from opensearchpy.exceptions import OpenSearchException, TransportError
 
 from config.settings import Settings
+from pipeline.clients import opensearch_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 # the client logs every request at INFO: far too loud for a sink's steady state
@@ -120,6 +121,7 @@ class SearchProjection(Projection):
             timeout=TIMEOUT_S,
             max_retries=0,
             retry_on_timeout=False,
+            **opensearch_kwargs(cfg),
         )
 
     def _unavailable(

@@ -136,7 +136,12 @@ def test_flash_sale_grants_exactly_the_units_on_hand(worker, ns, producer):
         0,
         101,
     )
-    assert_gapless(changes_for(ns, sku, 101))
+    changes = changes_for(ns, sku, 101)
+    assert_gapless(changes)
+    crossings = [r.value for r in changes if r.name == "LowStockCrossed"]
+    assert [(c["direction"], c["available"], c["threshold"]) for c in crossings[:1]] == [
+        ("down", 5, 5)
+    ]
 
 
 def test_commit_and_release_move_units_as_designed(worker, ns, producer):

@@ -124,6 +124,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "reason": "insufficient stock",
         "duplicate": True,
     },
+    "LowStockCrossed": {
+        "sku": "SKU-1",
+        "available": 3,
+        "threshold": 5,
+        "direction": "down",
+        "version": 9,
+        "occurred_at": T,
+    },
     "StockShortfall": {
         "sku": "SKU-1",
         "counted": 4,
@@ -237,6 +245,14 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("available", INT, NO_DEFAULT),
         ("reason", S, ""),
         ("duplicate", B, False),
+    ],
+    "LowStockCrossed": [
+        ("sku", S, NO_DEFAULT),
+        ("available", INT, NO_DEFAULT),
+        ("threshold", INT, NO_DEFAULT),
+        ("direction", S, NO_DEFAULT),
+        ("version", L, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
     ],
     "StockShortfall": [
         ("sku", S, NO_DEFAULT),

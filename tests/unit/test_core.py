@@ -234,3 +234,20 @@ def test_time_comes_from_the_command_not_from_now():
     a = core.decide(rec, reserve(qty=1, t=T0), now=1)
     b = core.decide(rec, reserve(qty=1, t=T0), now=999_999_999)
     assert a.record == b.record and a.reservation == b.reservation
+
+
+def test_low_stock_crossing_down_and_back_up_is_an_event():
+    rec = stocked(10)
+    down = core.decide(rec, reserve(qty=6), T0, low_stock_threshold=5)
+    [ev] = [e for e in down.events if isinstance(e, core.LowStockCrossed)]
+    assert (ev.direction, ev.available, ev.threshold, ev.version) == ("down", 4, 5, 2)
+    still_low = core.decide(down.record, reserve("o2", 1), T0, low_stock_threshold=5)
+    assert not [e for e in still_low.events if isinstance(e, core.LowStockCrossed)]
+    up = core.decide(still_low.record, restock(qty=5, eid="r2"), T0, low_stock_threshold=5)
+    [ev] = [e for e in up.events if isinstance(e, core.LowStockCrossed)]
+    assert (ev.direction, ev.available) == ("up", 8)
+
+
+def test_low_stock_is_off_by_default():
+    d = core.decide(stocked(10), reserve(qty=9), T0)
+    assert not [e for e in d.events if isinstance(e, core.LowStockCrossed)]

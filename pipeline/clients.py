@@ -1,0 +1,106 @@
+"""Connection settings for every client the project runs, built from one Settings.
+
+Kafka is reached the same way by Faust, aiokafka (relay, sinks) and
+confluent-kafka (admin, producer CLI, rebuild, audit): PLAINTEXT by default, or
+SASL/SCRAM over TLS when ``INVENTORY_KAFKA_SECURITY_PROTOCOL=SASL_SSL``.
+Passwords come from :class:`config.settings.Secret` values and are revealed
+only here, inside the client configuration.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from config.settings import Settings
+
+
+def _ssl_context(cafile: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=cafile or None)
+    return ctx
+
+
+def uses_sasl(cfg: Settings) -> bool:
+    return cfg.kafka_security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+
+def uses_tls(cfg: Settings) -> bool:
+    return cfg.kafka_security_protocol in ("SSL", "SASL_SSL")
+
+
+def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings (confluent-kafka Producer/Consumer/AdminClient)."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": cfg.kafka_bootstrap,
+        "security.protocol": cfg.kafka_security_protocol,
+    }
+    if uses_sasl(cfg):
+        conf.update(
+            {
+                "sasl.mechanism": cfg.kafka_sasl_mechanism,
+                "sasl.username": cfg.kafka_sasl_username,
+                "sasl.password": cfg.kafka_sasl_password.reveal(),
+            }
+        )
+    if uses_tls(cfg) and cfg.kafka_ssl_cafile:
+        conf["ssl.ca.location"] = cfg.kafka_ssl_cafile
+    conf.update(extra)
+    return conf
+
+
+def aiokafka_kwargs(cfg: Settings) -> dict[str, Any]:
+    """Keyword arguments for AIOKafkaConsumer/AIOKafkaProducer."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": cfg.kafka_bootstrap,
+        "security_protocol": cfg.kafka_security_protocol,
+    }
+    if uses_sasl(cfg):
+        kwargs.update(
+            sasl_mechanism=cfg.kafka_sasl_mechanism,
+            sasl_plain_username=cfg.kafka_sasl_username,
+            sasl_plain_password=cfg.kafka_sasl_password.reveal(),
+        )
+    if uses_tls(cfg):
+        kwargs["ssl_context"] = _ssl_context(cfg.kafka_ssl_cafile)
+    return kwargs
+
+
+def faust_broker_kwargs(cfg: Settings) -> dict[str, Any]:
+    """``broker`` and ``broker_credentials`` for faust.App."""
+    import faust
+    from faust.types.auth import SASLMechanism
+
+    kwargs: dict[str, Any] = {"broker": f"kafka://{cfg.kafka_bootstrap}"}
+    if uses_sasl(cfg):
+        kwargs["broker_credentials"] = faust.SASLCredentials(
+            username=cfg.kafka_sasl_username,
+            password=cfg.kafka_sasl_password.reveal(),
+            mechanism=SASLMechanism(cfg.kafka_sasl_mechanism),
+            ssl_context=_ssl_context(cfg.kafka_ssl_cafile) if uses_tls(cfg) else None,
+        )
+    elif uses_tls(cfg):
+        kwargs["broker_credentials"] = faust.SSLCredentials(_ssl_context(cfg.kafka_ssl_cafile))
+    return kwargs
+
+
+def redis_kwargs(cfg: Settings) -> dict[str, Any]:
+    """Extra arguments for ``redis.Redis.from_url(cfg.redis_url, **...)`` (ACL user, password)."""
+    out: dict[str, Any] = {}
+    if cfg.redis_username:
+        out["username"] = cfg.redis_username
+    if cfg.redis_password:
+        out["password"] = cfg.redis_password.reveal()
+    return out
+
+
+def opensearch_kwargs(cfg: Settings) -> dict[str, Any]:
+    """Extra arguments for the OpenSearch client: basic auth and the CA for TLS."""
+    out: dict[str, Any] = {}
+    if cfg.opensearch_username:
+        out["http_auth"] = (cfg.opensearch_username, cfg.opensearch_password.reveal())
+    if cfg.opensearch_url.startswith("https://"):
+        out["use_ssl"] = True
+        out["verify_certs"] = True
+        if cfg.opensearch_ca_file:
+            out["ca_certs"] = cfg.opensearch_ca_file
+    return out
