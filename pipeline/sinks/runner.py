@@ -162,6 +162,7 @@ class SinkRunner:
                         # a rebalance handed us unpaused partitions: put their records back
                         consumer.seek(tp, recs[0].offset)
                         consumer.pause(tp)
+                    await self._update_lag(consumer, held=len(changes))
                 continue
             if paused:
                 consumer.resume(*consumer.assignment())
@@ -191,8 +192,9 @@ class SinkRunner:
         self.degraded = degraded
         metrics.SINK_STATE.labels(self.target).set(1 if degraded else 0)
 
-    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
-        lag = 0
+    async def _update_lag(self, consumer: AIOKafkaConsumer, held: int = 0) -> None:
+        """Records behind the end of the topic, counting a batch held back by an outage."""
+        lag = held
         for tp in consumer.assignment():
             hw = consumer.highwater(tp)
             if hw is not None:
