@@ -25,6 +25,7 @@ from typing import Any
 from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, stock_table
+from pipeline.logs import bind_log_context, log_context
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
@@ -54,6 +55,11 @@ class CommandHandler:
 
     async def handle(self, event: Any) -> None:
         msg = event.message
+        with log_context(topic=msg.topic, partition=msg.partition, offset=msg.offset):
+            await self._handle(event)
+
+    async def _handle(self, event: Any) -> None:
+        msg = event.message
         topic, partition, offset = msg.topic, msg.partition, msg.offset
         key: bytes | None = event.key
         value: bytes = event.value if event.value is not None else b""
@@ -72,6 +78,9 @@ class CommandHandler:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         assert key is not None  # to_command checked key == sku
+        bind_log_context(
+            event_id=command.event_id, sku=command.sku, order_id=getattr(command, "order_id", None)
+        )
         expected = partition_for(key, self.cfg.partitions)
         if expected != partition:
             # a producer with another partitioner (librdkafka's consistent_random): applying

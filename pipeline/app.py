@@ -23,6 +23,7 @@ import faust
 
 from config.settings import settings
 from pipeline.clients import faust_broker_kwargs
+from pipeline.logs import faust_logging_config
 from pipeline.topics import PartitionMismatch, ensure_topics
 
 log = logging.getLogger("inventory.app")
@@ -93,6 +94,9 @@ app = InventoryApp(
     producer_linger_ms=1,
     key_serializer="raw",
     value_serializer="raw",
+    # JSON logs at INVENTORY_LOG_LEVEL (the CLI's -l is ignored: Faust's spinner would reset it)
+    logging_config=faust_logging_config(settings.log_level),
+    Worker="pipeline.logs:JsonLoggingWorker",
 )
 
 orders_topic = _raw_topic(settings.orders_topic)
@@ -117,6 +121,7 @@ stock_table = app.Table(
 )
 
 # Register agents, views, timers and the relay (they import the objects above).
+import agents.orders  # noqa: E402,F401
 import agents.stock  # noqa: E402,F401
 import pipeline.expiry  # noqa: E402,F401
 import pipeline.live  # noqa: E402,F401

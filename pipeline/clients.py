@@ -9,6 +9,7 @@ only here, inside the client configuration.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from typing import Any
 
@@ -33,6 +34,8 @@ def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": cfg.kafka_bootstrap,
         "security.protocol": cfg.kafka_security_protocol,
+        # librdkafka's own log lines go through Python logging (JSON in workers)
+        "logger": logging.getLogger("inventory.librdkafka"),
     }
     if uses_sasl(cfg):
         conf.update(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from config.settings import settings
+from pipeline.logs import configure_logging
 from pipeline.sinks.runner import SinkRunner, build_projections, run_forever
 from schemas.codec import codec_from_settings
 
@@ -18,5 +18,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=settings.log_level)
+    configure_logging(settings.log_level)
     asyncio.run(main())

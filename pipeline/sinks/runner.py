@@ -216,6 +216,7 @@ async def run_forever(runner: SinkRunner) -> None:
         try:
             await runner.run()
         except asyncio.CancelledError:
+            await runner.projection.close()  # the worker is stopping: release client sessions
             raise
         except Exception:  # noqa: BLE001 - a sink must outlive broker hiccups
             log.exception("%s sink crashed; restarting in 1 s", runner.target)
