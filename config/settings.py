@@ -92,6 +92,11 @@ class Settings:
     default_ttl_ms: int = 15 * 60 * 1000
     # available at or below this emits LowStockCrossed (-1 = off)
     low_stock_threshold: int = 5
+    # checkout orders (the saga): ledger holds outlive the order by this grace, so the saga
+    # and not the ledger decides an order's expiry; re-send unanswered commands after
+    order_grace_ms: int = 60_000
+    saga_resend_after_ms: int = 3_000
+    max_order_lines: int = 100
     # consumer group session: how long a killed worker's partitions stay orphaned
     session_timeout_s: float = 10.0
     expiry_scan_interval_s: float = 1.0
@@ -139,6 +144,9 @@ class Settings:
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms),
             low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold),
+            order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms),
+            saga_resend_after_ms=_int(e, "INVENTORY_SAGA_RESEND_AFTER_MS", d.saga_resend_after_ms),
+            max_order_lines=_int(e, "INVENTORY_MAX_ORDER_LINES", d.max_order_lines),
             session_timeout_s=_float(e, "INVENTORY_SESSION_TIMEOUT_S", d.session_timeout_s),
             expiry_scan_interval_s=_float(
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
@@ -205,6 +213,16 @@ class Settings:
     @property
     def dead_letters_topic(self) -> str:
         return f"{self.topic_prefix}dead-letters"
+
+    @property
+    def checkouts_topic(self) -> str:
+        """Order commands (PlaceOrder, CommitOrder, CancelOrder), keyed by order id."""
+        return f"{self.topic_prefix}checkouts"
+
+    @property
+    def order_results_topic(self) -> str:
+        """OrderResult answers of the order saga, keyed by order id."""
+        return f"{self.topic_prefix}order-results"
 
     @property
     def input_topics(self) -> tuple[str, str, str]:

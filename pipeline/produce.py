@@ -46,7 +46,11 @@ _TOPIC_OF_TYPE = {
     "StockCounted": "restocks_topic",
     "SafetyStockSet": "restocks_topic",
     "ReturnReceived": "returns_topic",
+    "PlaceOrder": "checkouts_topic",
+    "CommitOrder": "checkouts_topic",
+    "CancelOrder": "checkouts_topic",
 }
+_KEYED_BY_ORDER = ("PlaceOrder", "CommitOrder", "CancelOrder")
 INPUT_TYPES: tuple[str, ...] = tuple(_TOPIC_OF_TYPE)
 """The record types producers may send (ExpireReservation is the pipeline's own)."""
 
@@ -143,9 +147,12 @@ class CommandProducer:
         topic = topic_for_type(self.settings, type_name)
         record = fill_defaults(fields)
         value = self.codec.encode(type_name, record)
+        if key is None:
+            # checkout commands are keyed by order (the saga's partition), the rest by SKU
+            key = (record["order_id"] if type_name in _KEYED_BY_ORDER else record["sku"]).encode()
         self.send_raw(
             topic,
-            record["sku"].encode() if key is None else key,
+            key,
             value,
             partition,
             label=record["event_id"],

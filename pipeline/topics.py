@@ -44,7 +44,10 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             False,
         )
     )
-    specs.append(TopicSpec(settings.results_topic, n, {}, False))
+    # keyed by order id and co-partitioned with the checkouts topic and the orders table
+    specs.append(TopicSpec(settings.results_topic, n, {}, True))
+    specs.append(TopicSpec(settings.checkouts_topic, n, {}, True))
+    specs.append(TopicSpec(settings.order_results_topic, n, {}, False))
     specs.append(TopicSpec(settings.dead_letters_topic, n, {}, False))
     return specs
 
@@ -67,9 +70,11 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         for s in specs
         if s.must_match and s.name in existing and existing[s.name] != s.partitions
     ]
-    cl = changelog_topic(settings)
-    if cl in existing and existing[cl] != settings.partitions:
-        mismatches.append(f"{cl} has {existing[cl]} partitions, configured {settings.partitions}")
+    for cl in (changelog_topic(settings), changelog_topic(settings, "orders")):
+        if cl in existing and existing[cl] != settings.partitions:
+            mismatches.append(
+                f"{cl} has {existing[cl]} partitions, configured {settings.partitions}"
+            )
     if mismatches:
         raise PartitionMismatch(
             "refusing to start: input topics and the table changelog must be co-partitioned; "

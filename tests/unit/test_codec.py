@@ -35,6 +35,33 @@ from schemas.registry import RegistryError, SchemaRegistry
 T = 1_732_600_000_000
 
 SAMPLES: dict[str, dict[str, Any]] = {
+    "PlaceOrder": {
+        "event_id": "e",
+        "order_id": "o1",
+        "channel": "web",
+        "lines": [{"sku": "SKU-1", "qty": 2}, {"sku": "SKU-2", "qty": 1}],
+        "ttl_ms": 0,
+        "occurred_at": T,
+    },
+    "CommitOrder": {"event_id": "e", "order_id": "o1", "channel": "web", "occurred_at": T},
+    "CancelOrder": {
+        "event_id": "e",
+        "order_id": "o1",
+        "reason": "cancelled",
+        "channel": "web",
+        "occurred_at": T,
+        "expire": False,
+    },
+    "OrderResult": {
+        "event_id": "e",
+        "order_id": "o1",
+        "outcome": "ORDER_REJECTED",
+        "status": "REJECTED",
+        "lines": [{"sku": "SKU-1", "qty": 2, "outcome": "REJECTED", "available": 1}],
+        "reason": "insufficient stock",
+        "duplicate": False,
+        "expires_at": T,
+    },
     "ReserveStock": {
         "event_id": "e1",
         "order_id": "o1",
@@ -156,7 +183,46 @@ SAMPLES: dict[str, dict[str, Any]] = {
 NO_DEFAULT = object()
 S, L, INT, B = "string", "long", "int", "boolean"
 OPT_S, OPT_B = ["null", "string"], ["null", "bytes"]
+
+
+def _field_type(record: str, field: str) -> Any:
+    doc = json.loads((SCHEMA_DIR / f"{record}.avsc").read_text())
+    return next(f["type"] for f in doc["fields"] if f["name"] == field)
+
+
 CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
+    "PlaceOrder": [
+        ("event_id", S, NO_DEFAULT),
+        ("order_id", S, NO_DEFAULT),
+        ("channel", S, "web"),
+        ("lines", _field_type("PlaceOrder", "lines"), NO_DEFAULT),
+        ("ttl_ms", L, 0),
+        ("occurred_at", L, NO_DEFAULT),
+    ],
+    "CommitOrder": [
+        ("event_id", S, NO_DEFAULT),
+        ("order_id", S, NO_DEFAULT),
+        ("channel", S, "web"),
+        ("occurred_at", L, NO_DEFAULT),
+    ],
+    "CancelOrder": [
+        ("event_id", S, NO_DEFAULT),
+        ("order_id", S, NO_DEFAULT),
+        ("reason", S, "cancelled"),
+        ("channel", S, "web"),
+        ("occurred_at", L, NO_DEFAULT),
+        ("expire", B, False),
+    ],
+    "OrderResult": [
+        ("event_id", S, NO_DEFAULT),
+        ("order_id", S, NO_DEFAULT),
+        ("outcome", S, NO_DEFAULT),
+        ("status", S, NO_DEFAULT),
+        ("lines", _field_type("OrderResult", "lines"), []),
+        ("reason", S, ""),
+        ("duplicate", B, False),
+        ("expires_at", L, 0),
+    ],
     "ReserveStock": [
         ("event_id", S, NO_DEFAULT),
         ("order_id", S, NO_DEFAULT),

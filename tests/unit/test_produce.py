@@ -78,6 +78,9 @@ def test_each_input_type_goes_to_its_topic() -> None:
         "StockCounted": "t.restocks",
         "SafetyStockSet": "t.restocks",
         "ReturnReceived": "t.returns",
+        "PlaceOrder": "t.checkouts",
+        "CommitOrder": "t.checkouts",
+        "CancelOrder": "t.checkouts",
     }
 
 

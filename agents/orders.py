@@ -1,0 +1,461 @@
+"""The checkout order saga on Faust: one thin agent, a sweeper and a relay.
+
+* **Agent** ``order_saga`` (concurrency 1) reads ``inventory.checkouts``
+  (PlaceOrder, CommitOrder, CancelOrder, keyed by order id) *and*
+  ``inventory.reservation-results`` (the ledger's answers, keyed by order id).
+  Both topics have the same partition count and key bytes, so partition p of
+  each lands on the same worker, which owns partition p of the saga table: one
+  agent sees an order's commands and its lines' answers, serially. Per record:
+  decode and validate (bad input -> dead letter, like :mod:`agents.stock`),
+  re-route a checkouts record found on the wrong partition, skip a Kafka
+  redelivery (the saga value's watermark for that topic covers the offset),
+  :func:`pipeline.saga.decide`, write the saga (state + watermark + the
+  OrderResult it caused, one changelog record), then send the ledger commands
+  that became outstanding. Answers for orders that are not sagas (plain
+  ReserveStock traffic) are skipped after one table lookup, undecoded.
+* **Sweeper** (timer, every worker, own partitions only, never writes the
+  table): re-sends every outstanding ledger command of a saga that made no
+  progress for ``RESEND_AFTER_MS`` (this heals a crash between the table write
+  and the sends: the ledger answers a re-send with the original outcome, the
+  event ids being per (order, sku, action)); and sends an expiry
+  (``CancelOrder{expire: true}``) stamped with the time it saw for a held order
+  past its expiry, to the checkouts topic, where the agent applies it.
+* **Relay** (task): publishes the OrderResults carried by the saga table's
+  changelog to ``inventory.order-results`` (keyed by order id), so an answer is
+  never lost once its state landed. At-least-once: a crash may re-publish one
+  (identical) answer. Only the answer to a commit/cancel of an *unknown* order
+  is sent directly (nothing is stored for it; a redelivery answers it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from faust.web import Request, Response, View
+from prometheus_client import Counter, Gauge
+
+from config.settings import Settings, settings
+from pipeline import core, metrics
+from pipeline import saga as sg
+from pipeline.app import app, dead_letters_topic, orders_topic
+from pipeline.clients import aiokafka_kwargs
+from pipeline.partitioning import partition_for
+from pipeline.topics import changelog_topic
+from pipeline.validation import Invalid
+from schemas.codec import AvroCodec, DecodeError, codec_from_settings
+from schemas.registry import RegistryError
+from tables.orders import StoredSaga, order_key, result_to_dict
+
+log = logging.getLogger("inventory.orders")
+
+CHECKOUTS_TOPIC: str = settings.checkouts_topic
+ORDER_RESULTS_TOPIC: str = settings.order_results_topic
+GRACE_MS: int = settings.order_grace_ms
+RESEND_AFTER_MS: int = settings.saga_resend_after_ms
+
+ORDER_OUTCOMES = Counter(
+    "inventory_order_outcomes_total",
+    "Order saga answers published, by outcome.",
+    ["outcome"],
+    registry=metrics.REGISTRY,
+)
+SAGA_RESENT = Counter(
+    "inventory_saga_resent_total",
+    "Ledger commands re-sent by the saga sweeper for sagas that made no progress.",
+    registry=metrics.REGISTRY,
+)
+SAGA_EXPIRY_SENT = Counter(
+    "inventory_saga_expiry_sent_total",
+    "Order expiry commands sent by the saga sweeper.",
+    registry=metrics.REGISTRY,
+)
+SAGAS_OPEN = Gauge(
+    "inventory_sagas_open",
+    "Orders of this worker's partitions not settled (reserving, committing or releasing).",
+    registry=metrics.REGISTRY,
+)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _raw_topic(*names: str) -> Any:
+    return app.topic(
+        *names,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+
+
+checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)
+order_results_topic = _raw_topic(ORDER_RESULTS_TOPIC)
+saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.results_topic)
+
+orders_table = app.Table(
+    "orders",
+    key_type=bytes,
+    value_type=bytes,
+    partitions=settings.partitions,
+    options={"driver": "rocksdict", "block_cache_size": 8 * 1024 * 1024},
+    extra_topic_configs={
+        "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
+    },
+)
+
+
+def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
+    """(Avro record name, fields) of a ledger command the saga sends."""
+    if isinstance(cmd, core.ReserveStock):
+        return "ReserveStock", {
+            "event_id": cmd.event_id,
+            "order_id": cmd.order_id,
+            "sku": cmd.sku,
+            "qty": cmd.qty,
+            "channel": cmd.channel,
+            "ttl_ms": cmd.ttl_ms,
+            "occurred_at": cmd.occurred_at,
+            "allow_partial": False,
+        }
+    if isinstance(cmd, core.CommitReservation):
+        return "CommitReservation", {
+            "event_id": cmd.event_id,
+            "order_id": cmd.order_id,
+            "sku": cmd.sku,
+            "occurred_at": cmd.occurred_at,
+            "channel": cmd.channel,
+        }
+    assert isinstance(cmd, core.ReleaseReservation)
+    return "ReleaseReservation", {
+        "event_id": cmd.event_id,
+        "order_id": cmd.order_id,
+        "sku": cmd.sku,
+        "reason": cmd.reason,
+        "occurred_at": cmd.occurred_at,
+        "channel": cmd.channel,
+    }
+
+
+class SagaHandler:
+    """Applies one checkouts record or ledger answer to the saga table."""
+
+    def __init__(self, table: Any, codec: AvroCodec, cfg: Settings) -> None:
+        self.table = table
+        self.codec = codec
+        self.cfg = cfg
+        self.limits = sg.Limits.of(cfg)
+
+    async def handle(self, event: Any) -> None:
+        msg = event.message
+        if msg.topic == self.cfg.results_topic:
+            await self._answer(event)
+        else:
+            await self._command(event)
+
+    async def _decode(self, value: bytes) -> tuple[str, dict[str, Any]]:
+        delay = 0.5
+        while True:
+            try:
+                return self.codec.decode(value)
+            except RegistryError as exc:
+                log.warning("schema registry unavailable (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _command(self, event: Any) -> None:
+        msg = event.message
+        topic, partition, offset = msg.topic, msg.partition, msg.offset
+        key: bytes | None = event.key
+        value: bytes = event.value if event.value is not None else b""
+        try:
+            name, rec = await self._decode(value)
+            cmd = sg.to_order_command(key, name, rec, self.limits)
+        except (DecodeError, Invalid) as exc:
+            await self.dead_letter(exc.reason, exc.detail, topic, partition, offset, key, value)
+            return
+        assert key is not None  # to_order_command checked key == order_id
+        expected = partition_for(key, self.cfg.partitions)
+        if expected != partition:
+            await checkouts_topic.send(key=key, value=value, partition=expected)
+            metrics.REROUTED.labels(topic).inc()
+            return
+        decision = self.apply(cmd, topic, offset)
+        if decision is None:
+            return
+        if decision.unknown_order:
+            assert decision.result is not None
+            await self.publish(decision.result)
+            await self.dead_letter(
+                "unknown_order",
+                f"no order {cmd.order_id}",
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+            )
+        await self.send(decision.sends)
+
+    async def _answer(self, event: Any) -> None:
+        msg = event.message
+        key: bytes | None = event.key
+        if key is None or event.value is None or self.table.get(key) is None:
+            return  # not a saga's order: plain ledger traffic
+        if partition_for(key, self.cfg.partitions) != msg.partition:
+            log.error(
+                "ledger answer for %r on partition %d: not co-partitioned", key, msg.partition
+            )
+            return
+        try:
+            name, rec = await self._decode(event.value)
+        except DecodeError as exc:
+            log.warning("undecodable ledger answer at offset %d: %s", msg.offset, exc)
+            return
+        if name != "ReservationResult":
+            return
+        inp = sg.LineResult(
+            event_id=rec["event_id"],
+            order_id=rec["order_id"],
+            sku=rec["sku"],
+            outcome=rec["outcome"],
+            qty=rec["qty"],
+            available=rec["available"],
+            at=int((msg.timestamp or time.time()) * 1000),
+            reason=rec.get("reason", ""),
+            duplicate=rec.get("duplicate", False),
+        )
+        if inp.order_id.encode("utf-8") != key:
+            return
+        decision = self.apply(inp, msg.topic, msg.offset)
+        if decision is not None:
+            await self.send(decision.sends)
+
+    def apply(self, inp: sg.SagaInput, topic: str, offset: int) -> sg.SagaDecision | None:
+        """Decide and store (no ``await`` in here); None for a skipped redelivery."""
+        key = order_key(inp.order_id)
+        raw = self.table.get(key)
+        stored = StoredSaga.from_bytes(raw) if raw is not None else None
+        if stored is not None and stored.applied(topic, offset):
+            metrics.REDELIVERED.labels(topic).inc()
+            return None
+        decision = sg.decide(stored.saga if stored else None, inp, grace_ms=GRACE_MS)
+        if decision.saga is not None and (decision.changed or decision.result is not None):
+            watermarks = dict(stored.watermarks) if stored else {}
+            watermarks[topic] = offset
+            effects = [result_to_dict(decision.result)] if decision.result is not None else []
+            self.table[key] = StoredSaga(decision.saga, watermarks, effects, now_ms()).to_bytes()
+        if decision.result is not None:
+            ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
+        return decision
+
+    async def send(self, commands: tuple[core.OrderCommand, ...]) -> None:
+        for cmd in commands:
+            name, fields = ledger_record(cmd)
+            key = cmd.sku.encode("utf-8")
+            await orders_topic.send(
+                key=key,
+                value=self.codec.encode(name, fields),
+                partition=partition_for(key, self.cfg.partitions),
+            )
+
+    async def publish(self, result: sg.OrderResult) -> None:
+        key = order_key(result.order_id)
+        await order_results_topic.send(
+            key=key,
+            value=self.codec.encode("OrderResult", result_to_dict(result)),
+            partition=partition_for(key, self.cfg.partitions),
+        )
+
+    async def dead_letter(
+        self,
+        reason: str,
+        detail: str,
+        topic: str,
+        partition: int,
+        offset: int,
+        key: bytes | None,
+        value: bytes,
+    ) -> None:
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        log.warning("dead letter %s from %s/%d@%d: %s", reason, topic, partition, offset, detail)
+        record = {
+            "reason": reason,
+            "detail": detail[:1000],
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "key": key,
+            "value": value,
+            "dead_at": now_ms(),
+        }
+        await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
+
+
+handler = SagaHandler(orders_table, codec_from_settings(settings), settings)
+
+
+@app.agent(saga_inputs, concurrency=1)
+async def order_saga(stream: Any) -> None:
+    async for event in stream.events():
+        await handler.handle(event)
+
+
+# --------------------------------------------------------------------------
+# sweeper
+
+_resent: dict[bytes, int] = {}
+
+
+@app.timer(interval=settings.expiry_scan_interval_s)
+async def sweep_sagas() -> None:
+    if app.rebalancing or not app.tables.recovery.completed.is_set():
+        return
+    now = now_ms()
+    open_sagas = 0
+    seen = 0
+    for key, value in list(orders_table.data.items()):
+        seen += 1
+        if seen % 500 == 0:
+            await asyncio.sleep(0)
+        stored = StoredSaga.from_bytes(value)
+        saga = stored.saga
+        if saga.status.final:
+            continue
+        pending = sg.outstanding(saga)
+        open_sagas += bool(pending)
+        expire = sg.due_for_expiry(saga, now)
+        if not expire and not pending:
+            continue
+        if now - stored.updated_at < RESEND_AFTER_MS and not expire:
+            continue
+        if now - _resent.get(key, 0) < RESEND_AFTER_MS:
+            continue
+        _resent[key] = now
+        if expire:
+            record = {
+                "event_id": f"{saga.order_id}:expire",
+                "order_id": saga.order_id,
+                "reason": "expired",
+                "channel": "system",
+                "occurred_at": now,
+                "expire": True,
+            }
+            await checkouts_topic.send(
+                key=key,
+                value=handler.codec.encode("CancelOrder", record),
+                partition=partition_for(key, settings.partitions),
+            )
+            SAGA_EXPIRY_SENT.inc()
+        if pending and now - stored.updated_at >= RESEND_AFTER_MS:
+            log.info("re-sending %d ledger commands of order %s", len(pending), saga.order_id)
+            await handler.send(pending)
+            SAGA_RESENT.inc(len(pending))
+    SAGAS_OPEN.set(open_sagas)
+    for key, at in list(_resent.items()):
+        if now - at > 10 * RESEND_AFTER_MS:
+            del _resent[key]
+
+
+# --------------------------------------------------------------------------
+# relay: OrderResults from the saga changelog
+
+
+class OrderRelay:
+    """Consume the saga changelog, publish each record's OrderResults, commit."""
+
+    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
+        self.cfg = cfg
+        self.codec = codec
+        self.topic = changelog_topic(cfg, "orders")
+
+    def outputs(self, value: bytes | None) -> list[tuple[bytes, bytes]]:
+        if value is None:
+            return []
+        stored = StoredSaga.from_bytes(value)
+        return [
+            (item["order_id"].encode("utf-8"), self.codec.encode("OrderResult", item))
+            for item in stored.effects
+        ]
+
+    async def run(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topic,
+            **aiokafka_kwargs(self.cfg),
+            group_id=f"{self.cfg.app_id}-orders-relay",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=20,
+            max_poll_records=2000,
+            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
+        )
+        producer = AIOKafkaProducer(
+            **aiokafka_kwargs(self.cfg), enable_idempotence=True, acks="all", linger_ms=1
+        )
+        await producer.start()
+        while True:
+            try:
+                await consumer.start()
+                break
+            except Exception as exc:  # noqa: BLE001 - the changelog appears with the table
+                log.warning("order relay consumer not started yet: %s", exc)
+                await asyncio.sleep(1.0)
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if not batches:
+                    continue
+                futures = []
+                offsets: dict[TopicPartition, int] = {}
+                for tp, records in batches.items():
+                    for rec in records:
+                        for okey, oval in self.outputs(rec.value):
+                            futures.append(
+                                await producer.send(ORDER_RESULTS_TOPIC, key=okey, value=oval)
+                            )
+                            metrics.RELAY_PUBLISHED.labels("OrderResult").inc()
+                    offsets[tp] = records[-1].offset + 1
+                if futures:
+                    await asyncio.gather(*futures)
+                await consumer.commit(offsets)
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+
+order_relay = OrderRelay(settings, codec_from_settings(settings))
+
+
+@app.task
+async def run_order_relay() -> None:
+    while True:
+        try:
+            await order_relay.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
+            log.exception("order relay failed; restarting in 1 s")
+            await asyncio.sleep(1.0)
+
+
+# --------------------------------------------------------------------------
+# web: GET /orders/{order_id}, answered by the worker that owns the order
+
+
+@app.page("/orders/{order_id}")
+class OrderView(View):
+    @app.table_route(table=orders_table, match_info="order_id")
+    async def get(self, request: Request, order_id: str) -> Response:
+        if not app.tables.recovery.completed.is_set() or app.rebalancing:
+            return self.json({"error": "recovering"}, status=503)
+        raw: Any = orders_table.get(order_key(order_id))
+        if raw is None:
+            return self.json({"error": "unknown order", "order_id": order_id}, status=404)
+        return self.json(StoredSaga.from_bytes(raw).view())
