@@ -24,6 +24,7 @@ import faust
 from config.settings import settings
 from pipeline.clients import faust_broker_kwargs
 from pipeline.logs import faust_logging_config
+from pipeline.metrics import install_faust_sensor
 from pipeline.topics import PartitionMismatch, ensure_topics
 
 log = logging.getLogger("inventory.app")
@@ -84,6 +85,7 @@ app = InventoryApp(
     store="rocksdb://",
     datadir=str(settings.data_dir),
     web_host=settings.web_host,
+    web_bind=settings.web_host,  # Faust binds 0.0.0.0 unless told
     web_port=settings.web_port,
     topic_partitions=settings.partitions,
     topic_replication_factor=1,
@@ -98,6 +100,9 @@ app = InventoryApp(
     logging_config=faust_logging_config(settings.log_level),
     Worker="pipeline.logs:JsonLoggingWorker",
 )
+
+# Faust's framework metrics into our registry (one /metrics page); before the app starts
+install_faust_sensor(app)
 
 orders_topic = _raw_topic(settings.orders_topic)
 returns_topic = _raw_topic(settings.returns_topic)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from faust.sensors.prometheus import FaustMetrics
+    from faust.types import AppT
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -122,3 +128,51 @@ SINK_FRESHNESS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )
+
+
+# --- Faust's own framework metrics --------------------------------------------
+#
+# Faust's Prometheus sensor (faust/sensors/prometheus.py) records messages in and
+# out, events per stream, table operations, sends, commit/send/assign/rebalance
+# latencies (milliseconds), HTTP status codes and per topic/partition offsets.
+# Its labels are topic, partition, table, stream, operation, status_code and
+# metric: bounded, never a SKU. The prefix is fixed rather than the app id
+# (Faust's default), so the dashboard and alerts name the same series in every
+# deployment: faust_messages_received_total, faust_topic_partition_end_offset, ...
+# No name starts with "inventory_", so they cannot collide with the ones above.
+
+FAUST_PREFIX = "faust"
+
+_faust_metrics: FaustMetrics | None = None
+
+
+def faust_metrics() -> FaustMetrics:
+    """Faust's sensor metrics, created in REGISTRY on the first call and reused after."""
+    global _faust_metrics
+    if _faust_metrics is None:
+        from faust.sensors.prometheus import FaustMetrics
+
+        _faust_metrics = FaustMetrics.create(REGISTRY, FAUST_PREFIX)
+    return _faust_metrics
+
+
+def install_faust_sensor(app: AppT) -> None:
+    """Make ``app`` record Faust's framework metrics into REGISTRY (served at /metrics).
+
+    Only the monitor half of Faust's ``setup_prometheus_sensors`` is used: that
+    helper would also add a second ``/metrics`` page over ours. The
+    ``PrometheusMonitor`` replaces the app's default ``Monitor`` (it is a
+    subclass, so Faust's own statistics keep working). Call it before the app
+    starts: ``App.on_init_dependencies`` adds ``app.monitor`` to ``app.sensors``,
+    and a monitor swapped in later would never be called. Calling it again is a
+    no-op; raises RuntimeError if the app already uses another monitor sensor.
+    """
+    from faust.sensors.prometheus import PrometheusMonitor
+
+    # the private attribute: reading ``app.monitor`` would create the default one
+    current = getattr(app, "_monitor", None)
+    if isinstance(current, PrometheusMonitor):
+        return
+    if current is not None and current in app.sensors:
+        raise RuntimeError("install_faust_sensor(app) must run before the app starts")
+    app.monitor = PrometheusMonitor(metrics=faust_metrics())
