@@ -25,7 +25,7 @@ from config.settings import settings
 from pipeline.clients import faust_broker_kwargs
 from pipeline.logs import faust_logging_config
 from pipeline.metrics import install_faust_sensor
-from pipeline.topics import PartitionMismatch, ensure_topics
+from pipeline.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
 
 log = logging.getLogger("inventory.app")
 
@@ -46,6 +46,9 @@ class InventoryApp(faust.App):
         except PartitionMismatch as exc:
             log.critical("%s", exc)
             raise SystemExit(3) from exc
+        except KafkaUnreachable as exc:  # wrong credentials, TLS trouble, broker down
+            log.critical("%s", exc)
+            raise SystemExit(2) from exc
         marker = self._marker()
         tabledir = Path(self.conf.tabledir)
         if marker.exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import deque
 from typing import Any
 
 from config.settings import Settings
@@ -29,6 +30,20 @@ def uses_tls(cfg: Settings) -> bool:
     return cfg.kafka_security_protocol in ("SSL", "SASL_SSL")
 
 
+_KAFKA_ERRORS: deque[str] = deque(maxlen=20)
+
+
+def _on_kafka_error(err: Any) -> None:
+    """librdkafka's error callback: keep the reason so a failure can name it."""
+    _KAFKA_ERRORS.append(str(err.str() if hasattr(err, "str") else err))
+    logging.getLogger("inventory.kafka").warning("kafka client error: %s", err)
+
+
+def recent_kafka_errors() -> list[str]:
+    """Errors librdkafka reported lately (e.g. a SASL authentication failure), newest last."""
+    return list(_KAFKA_ERRORS)
+
+
 def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
     """librdkafka settings (confluent-kafka Producer/Consumer/AdminClient)."""
     conf: dict[str, Any] = {
@@ -36,6 +51,7 @@ def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
         "security.protocol": cfg.kafka_security_protocol,
         # librdkafka's own log lines go through Python logging (JSON in workers)
         "logger": logging.getLogger("inventory.librdkafka"),
+        "error_cb": _on_kafka_error,
     }
     if uses_sasl(cfg):
         conf.update(

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from config.settings import Settings
-from pipeline.clients import confluent_config
+from pipeline.clients import confluent_config, recent_kafka_errors
+
+
+class KafkaUnreachable(RuntimeError):
+    """Kafka did not answer, or refused us (e.g. wrong SASL credentials)."""
 
 
 class PartitionMismatch(RuntimeError):
@@ -62,7 +67,15 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     Also checks the stock table's changelog if it already exists.
     """
     admin = admin_client(settings)
-    meta = admin.list_topics(timeout=timeout)
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        admin.poll(1.0)  # serve librdkafka's callbacks: they carry the real reason
+        reasons = "; ".join(dict.fromkeys(recent_kafka_errors())) or str(exc)
+        raise KafkaUnreachable(
+            f"cannot use Kafka at {settings.kafka_bootstrap} "
+            f"({settings.kafka_security_protocol}): {reasons}"
+        ) from None
     existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
     specs = topic_specs(settings)
     mismatches = [
