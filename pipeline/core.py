@@ -103,6 +103,7 @@ class Reservation:
     decided_at: int  # occurred_at of the command that last changed it
     reason: str = ""
     available_at_decision: int = 0
+    closed_by: str = ""  # event_id of the command that closed it: its retry gets the same answer
 
     def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
@@ -424,7 +425,8 @@ def _decide_order(
         # already closed: a commit of a committed order (or release of a released one) is a
         # duplicate; anything else is a command that came too late for this reservation
         same = (
-            (isinstance(cmd, CommitReservation) and res.status is ReservationStatus.COMMITTED)
+            cmd.event_id == res.closed_by
+            or (isinstance(cmd, CommitReservation) and res.status is ReservationStatus.COMMITTED)
             or (isinstance(cmd, ReleaseReservation) and res.status is ReservationStatus.RELEASED)
             or (isinstance(cmd, ExpireReservation) and res.status is ReservationStatus.EXPIRED)
         )
@@ -472,19 +474,31 @@ def _decide_order(
         # a commit that arrives after the expiry finds the units already due back
         new = replace(record, reserved=record.reserved - res.qty)
         closed = replace(
-            res, status=ReservationStatus.EXPIRED, decided_at=cmd.occurred_at, reason="expired"
+            res,
+            status=ReservationStatus.EXPIRED,
+            decided_at=cmd.occurred_at,
+            reason="expired",
+            closed_by=cmd.event_id,
         )
         return _changed(record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired")
     if isinstance(cmd, CommitReservation):
         new = replace(record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty)
         closed = replace(
-            res, status=ReservationStatus.COMMITTED, decided_at=cmd.occurred_at, reason=""
+            res,
+            status=ReservationStatus.COMMITTED,
+            decided_at=cmd.occurred_at,
+            reason="",
+            closed_by=cmd.event_id,
         )
         return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
     assert isinstance(cmd, ReleaseReservation)
     new = replace(record, reserved=record.reserved - res.qty)
     closed = replace(
-        res, status=ReservationStatus.RELEASED, decided_at=cmd.occurred_at, reason=cmd.reason
+        res,
+        status=ReservationStatus.RELEASED,
+        decided_at=cmd.occurred_at,
+        reason=cmd.reason,
+        closed_by=cmd.event_id,
     )
     return _changed(record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason)
 

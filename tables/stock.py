@@ -135,6 +135,7 @@ def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, An
         "decided_at": res.decided_at,
         "reason": res.reason,
         "available_at_decision": res.available_at_decision,
+        "closed_by": res.closed_by,
         "topic": topic,
         "offset": offset,
     }
@@ -152,6 +153,7 @@ def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
         decided_at=d["decided_at"],
         reason=d.get("reason", ""),
         available_at_decision=d.get("available_at_decision", 0),
+        closed_by=d.get("closed_by", ""),
     )
 
 

@@ -251,3 +251,21 @@ def test_low_stock_crossing_down_and_back_up_is_an_event():
 def test_low_stock_is_off_by_default():
     d = core.decide(stocked(10), reserve(qty=9), T0)
     assert not [e for e in d.events if isinstance(e, core.LowStockCrossed)]
+
+
+def test_retried_late_commit_gets_the_original_expired_answer():
+    rec, res = reserved(qty=3)
+    late = core.CommitReservation("pay-1", "o1", "A", res.expires_at + 5)
+    first = core.decide(rec, late, T0, res)
+    again = core.decide(first.record, late, T0, first.reservation)
+    r1, r2 = result_of(first), result_of(again)
+    assert (r1.outcome, r1.duplicate) == (Outcome.EXPIRED, False)
+    assert (r2.outcome, r2.duplicate) == (Outcome.EXPIRED, True)
+    assert again.record == first.record
+
+
+def test_a_different_commit_after_expiry_is_invalid_state():
+    rec, res = reserved(qty=3)
+    d = core.decide(rec, core.ExpireReservation("x", "o1", "A", res.expires_at), T0, res)
+    late = core.decide(d.record, core.CommitReservation("pay-2", "o1", "A", T0), T0, d.reservation)
+    assert result_of(late).outcome is Outcome.INVALID_STATE
