@@ -7,7 +7,7 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds clean
+.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-unit    pure-core and codec tests only (no services)"
 	@echo "make stack-up | stack-down | stack-status | stack-reset"
 	@echo "make kill-rounds  many rounds of kill -9 against a worker (ROUNDS=50)"
+	@echo "make chaos        N rounds of flash sales under faults, I1..I6 checked (CHAOS_ROUNDS=10, CHAOS_SEED=)"
 	@echo "make lint | format"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -58,6 +59,11 @@ test: venv stack-up
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+CHAOS_ROUNDS ?= 10
+CHAOS_SEED ?=
+chaos: venv stack-up
+	CHAOS_ROUNDS=$(CHAOS_ROUNDS) CHAOS_SEED=$(CHAOS_SEED) $(PY) tests/chaos/run_chaos.py
 
 ROUNDS ?= 50
 kill-rounds: venv stack-up
