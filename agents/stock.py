@@ -26,6 +26,7 @@ from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, stock_table
 from pipeline.logs import bind_log_context, log_context
+from pipeline.offsets import OffsetTracker
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
@@ -48,10 +49,12 @@ def now_ms() -> int:
 class CommandHandler:
     """Applies one input event to the stock table; see the module docstring."""
 
-    def __init__(self, table: Any, codec: AvroCodec, cfg: Settings) -> None:
+    def __init__(self, table: Any, codec: AvroCodec, cfg: Settings, app: Any = None) -> None:
         self.table = table
         self.codec = codec
         self.cfg = cfg
+        self.app = app
+        self.offsets = OffsetTracker()
 
     async def handle(self, event: Any) -> None:
         msg = event.message
@@ -61,6 +64,7 @@ class CommandHandler:
     async def _handle(self, event: Any) -> None:
         msg = event.message
         topic, partition, offset = msg.topic, msg.partition, msg.offset
+        self._check_sequence(msg.tp, topic, partition, offset)
         key: bytes | None = event.key
         value: bytes = event.value if event.value is not None else b""
         delay = 0.5
@@ -110,6 +114,22 @@ class CommandHandler:
                 offset,
                 key,
                 value,
+            )
+
+    def _check_sequence(self, tp: Any, topic: str, partition: int, offset: int) -> None:
+        committed = None
+        consumer = getattr(self.app, "_consumer", None) if self.app is not None else None
+        if consumer is not None:
+            committed = getattr(consumer, "_committed_offset", {}).get(tp)
+        skipped = self.offsets.observe(topic, partition, offset, committed)
+        if skipped is not None:
+            metrics.INPUT_GAPS.labels(topic).inc(skipped[1] - skipped[0] + 1)
+            log.error(
+                "input records %s/%d@%d..%d were never delivered to this agent",
+                topic,
+                partition,
+                skipped[0],
+                skipped[1],
             )
 
     def apply(self, command: core.Command, topic: str, offset: int) -> core.Outcome | None:
@@ -200,7 +220,18 @@ class CommandHandler:
         await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
-handler = CommandHandler(stock_table, codec_from_settings(settings), settings)
+handler = CommandHandler(stock_table, codec_from_settings(settings), settings, app)
+
+
+@app.on_partitions_revoked.connect
+async def _forget_offsets_on_revoke(*args: Any, **kwargs: Any) -> None:
+    handler.offsets.reset()
+
+
+@app.on_partitions_assigned.connect
+async def _forget_offsets_on_assign(*args: Any, **kwargs: Any) -> None:
+    handler.offsets.reset()
+
 
 # One agent per input topic, concurrency 1: with more, Faust can commit past an
 # event still in flight (faust-streaming #606).

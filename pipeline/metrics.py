@@ -54,6 +54,13 @@ REROUTED = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+INPUT_GAPS = Counter(
+    "inventory_input_gaps_total",
+    "Input records Kafka never delivered to the agent: a forward jump in a partition's offsets "
+    "(should stay 0; see pipeline/offsets.py).",
+    ["topic"],
+    registry=REGISTRY,
+)
 SHORTFALLS = Counter(
     "inventory_shortfalls_total",
     "Cycle counts that came in below the reserved units.",
