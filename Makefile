@@ -7,7 +7,7 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos clean
+.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos bench clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
@@ -16,6 +16,7 @@ help:
 	@echo "make stack-up | stack-down | stack-status | stack-reset"
 	@echo "make kill-rounds  many rounds of kill -9 against a worker (ROUNDS=50)"
 	@echo "make chaos        N rounds of flash sales under faults, I1..I6 checked (CHAOS_ROUNDS=10, CHAOS_SEED=)"
+	@echo "make bench        benchmarks vs PostgreSQL, Redis and bare Kafka; writes bench/REPORT.md"
 	@echo "make lint | format"
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -59,6 +60,14 @@ test: venv stack-up
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# Benchmarks (not tests): PostgreSQL from Debian for the baseline, report in bench/REPORT.md
+bench: venv stack-up
+	@command -v pg_ctlcluster >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq postgresql; } || \
+	  { echo "PostgreSQL is missing: sudo apt-get install -y postgresql" >&2; exit 1; }
+	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m bench.run
 
 CHAOS_ROUNDS ?= 10
 CHAOS_SEED ?=

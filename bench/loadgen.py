@@ -1,0 +1,668 @@
+"""Load generator: flash sales, steady Zipf traffic and duplicate injection.
+
+Sends Avro commands with K producer threads (one confluent-kafka producer each, the
+project's murmur2 ``producer_config``), optionally paced to a total rate, and reads
+``reservation-results`` from where they stood before the first send. Every command's
+send time (wall clock, taken just before ``produce``) and the arrival time of its
+answer are recorded, so throughput and latency percentiles come from the same data.
+
+Modes (:class:`LoadSpec`):
+
+* ``flash``: one hot SKU restocked with ``units``, then ``attempts`` ReserveStock of
+  ``qty`` from ``producers`` threads; optionally a mix where a RESERVED answer is
+  followed by a CommitReservation (``commit_fraction``) or a ReleaseReservation
+  (``release_fraction``), and a share of the reserves carries a short ttl and is left
+  to expire (``expire_fraction``);
+* ``steady``: ``skus`` SKUs restocked with ``units`` each, reserves drawn with Zipf
+  popularity (exponent ``zipf``);
+* ``dup``: steady (or flash with ``--hot``) where ``dup_fraction`` of the reserves is
+  sent a second time with the same event and order id; each must be answered once more
+  with ``duplicate=true`` and change nothing.
+
+Command line (needs a running worker for the namespace; the namespace's topics are
+``--prefix``)::
+
+    python -m bench.loadgen flash --prefix inventory. --units 1000 --attempts 5000
+    python -m bench.loadgen steady --skus 1000 --attempts 20000 --rate 1500
+    python -m bench.loadgen dup --skus 100 --attempts 2000 --dup-fraction 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import random
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from tqdm import tqdm  # type: ignore[import-untyped]
+
+from config.settings import Settings
+from config.settings import settings as base_settings
+from pipeline.produce import producer_config
+from pipeline.topics import ensure_topics
+from schemas.codec import AvroCodec
+
+# results the pipeline publishes for the loadgen's commands
+ANSWER_OUTCOMES_HELD = ("RESERVED", "COMMITTED")
+
+
+@dataclass
+class LoadSpec:
+    """What to send; see the module docstring."""
+
+    mode: str = "flash"  # flash | steady | dup
+    attempts: int = 2000
+    units: int = 500  # flash: units of the hot SKU; steady: units per SKU
+    skus: int = 1  # steady: number of SKUs
+    zipf: float = 1.1
+    qty: int = 1
+    producers: int = 4
+    rate: float | None = None  # total commands/s; None = as fast as possible
+    commit_fraction: float = 0.0
+    release_fraction: float = 0.0
+    expire_fraction: float = 0.0
+    expire_ttl_ms: int = 1500
+    dup_fraction: float = 0.0
+    seed: int = 7
+    sku_prefix: str = ""
+    restock: bool = True
+    timeout: float = 300.0
+    progress: bool = True
+
+    def sku_names(self) -> list[str]:
+        prefix = self.sku_prefix or f"B{uuid.uuid4().hex[:6]}"
+        if self.mode == "flash" or self.skus <= 1:
+            return [f"{prefix}-HOT"]
+        return [f"{prefix}-{i:07d}" for i in range(self.skus)]
+
+
+@dataclass
+class Answer:
+    at: float  # wall clock, seconds
+    outcome: str
+    qty: int
+    duplicate: bool
+    order_id: str
+    sku: str
+
+
+@dataclass
+class LoadResult:
+    spec: LoadSpec
+    skus: list[str]
+    sent: dict[str, float]  # event_id -> send time (wall, s)
+    reserve_ids: list[str]
+    answers: dict[str, list[Answer]]  # event_id -> answers in arrival order
+    outcomes: Counter[str]
+    first_send: float
+    last_send: float
+    last_answer: float
+    restocked_units: dict[str, int]
+    injected_dups: int
+    expected_expiries: int
+    complete: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decisions(self) -> int:
+        return sum(len(v) for v in self.answers.values()) + self.outcomes.get("EXPIRED", 0)
+
+    @property
+    def throughput(self) -> float:
+        """Answers per second, first send to last answer."""
+        span = self.last_answer - self.first_send
+        return self.decisions / span if span > 0 else float("nan")
+
+    @property
+    def send_rate(self) -> float:
+        span = self.last_send - self.first_send
+        return len(self.sent) / span if span > 0 else float("nan")
+
+    def latencies_ms(self, event_ids: list[str] | None = None) -> list[float]:
+        """First answer minus send time, per answered event (ms)."""
+        out = []
+        for eid in event_ids if event_ids is not None else list(self.sent):
+            got = self.answers.get(eid)
+            if got:
+                out.append((got[0].at - self.sent[eid]) * 1000)
+        return out
+
+    def held_units(self) -> dict[str, int]:
+        """Per SKU: units held (RESERVED or COMMITTED) by the last answer of each order."""
+        last: dict[str, Answer] = {}
+        for got in self.answers.values():
+            for a in got:
+                if not a.duplicate:
+                    prev = last.get(a.order_id)
+                    if prev is None or a.at >= prev.at:
+                        last[a.order_id] = a
+        for order_id, a in self.expired_orders.items():
+            last[order_id] = a
+        held: dict[str, int] = defaultdict(int)
+        for a in last.values():
+            if a.outcome in ANSWER_OUTCOMES_HELD:
+                held[a.sku] += a.qty
+        return dict(held)
+
+    @property
+    def expired_orders(self) -> dict[str, Answer]:
+        return self.extra.get("expired_orders", {})
+
+    def oversold_units(self) -> int:
+        """Units granted beyond what was restocked, summed over SKUs (must be 0)."""
+        held = self.held_units()
+        return sum(max(0, held.get(s, 0) - self.restocked_units.get(s, 0)) for s in held)
+
+    def duplicate_answers(self) -> int:
+        """Answers with ``duplicate=true`` to the reserves the load generator sent twice."""
+        return sum(1 for e in self.reserve_ids for a in self.answers.get(e, ()) if a.duplicate)
+
+    def other_duplicate_answers(self) -> Counter[str]:
+        """Duplicate answers to commands the load generator did not send (e.g. the expiry
+        sweeper re-sending an ExpireReservation the agent had not applied yet), by outcome."""
+        mine = set(self.sent)
+        return Counter(
+            a.outcome
+            for e, got in self.answers.items()
+            if e not in mine
+            for a in got
+            if a.duplicate
+        )
+
+    def summary(self) -> dict[str, Any]:
+        from bench.common import percentile
+
+        lat = self.latencies_ms(self.reserve_ids)
+        return {
+            "mode": self.spec.mode,
+            "attempts": self.spec.attempts,
+            "skus": len(self.skus),
+            "sent": len(self.sent),
+            "decisions": self.decisions,
+            "throughput_per_s": self.throughput,
+            "send_rate_per_s": self.send_rate,
+            "outcomes": dict(self.outcomes),
+            "oversold_units": self.oversold_units(),
+            "injected_duplicates": self.injected_dups,
+            "duplicate_answers": self.duplicate_answers(),
+            "other_duplicate_answers": dict(self.other_duplicate_answers()),
+            "expired_orders": len(self.expired_orders),
+            "expected_expiries": self.expected_expiries,
+            "complete": self.complete,
+            "latency_ms": {
+                "p50": percentile(lat, 50),
+                "p90": percentile(lat, 90),
+                "p99": percentile(lat, 99),
+                "max": max(lat) if lat else float("nan"),
+            },
+        }
+
+
+def consumer_config(cfg: Settings, group: str) -> dict[str, Any]:
+    """The reading side used everywhere in the benchmarks (results, passthrough, bare Kafka)."""
+    return {
+        "bootstrap.servers": cfg.kafka_bootstrap,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 10,
+        "enable.partition.eof": False,
+    }
+
+
+def end_offsets(cfg: Settings, topic: str) -> list[TopicPartition]:
+    """The topic's current high watermarks, to read only what comes next."""
+    c = Consumer(consumer_config(cfg, f"bench-probe-{uuid.uuid4().hex}"))
+    try:
+        meta = c.list_topics(topic, timeout=10)
+        out = []
+        for p in sorted(meta.topics[topic].partitions):
+            deadline = time.monotonic() + 30
+            while True:  # a topic created a moment ago may not have a leader yet
+                try:
+                    _low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                    break
+                except KafkaException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            out.append(TopicPartition(topic, p, high))
+        return out
+    finally:
+        c.close()
+
+
+class TopicReader(threading.Thread):
+    """Reads a topic from given offsets in a thread; ``handle(msg, now)`` per message."""
+
+    def __init__(
+        self,
+        cfg: Settings,
+        start: list[TopicPartition],
+        handle: Callable[[Any, float], None],
+        warm: float = 1.0,
+    ) -> None:
+        super().__init__(daemon=True)
+        self.consumer = Consumer(consumer_config(cfg, f"bench-reader-{uuid.uuid4().hex}"))
+        self.consumer.assign(start)
+        self.handle = handle
+        self.stopping = threading.Event()
+        self.count = 0
+        # connect and start fetching before the caller sends anything, so the first
+        # records' latency does not include the consumer's start-up
+        self.pending = self.consumer.consume(num_messages=1000, timeout=warm) if warm else []
+
+    def run(self) -> None:
+        try:
+            now = time.time()
+            for m in self.pending:
+                if m.error() is None:
+                    self.count += 1
+                    self.handle(m, now)
+            while not self.stopping.is_set():
+                msgs = self.consumer.consume(num_messages=1000, timeout=0.05)
+                now = time.time()
+                for m in msgs:
+                    if m.error() is None:
+                        self.count += 1
+                        self.handle(m, now)
+        finally:
+            self.consumer.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(10)
+
+
+class ResultCollector:
+    """Answers on ``reservation-results`` by event id (and expiries by order id)."""
+
+    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
+        self.codec = codec
+        self.answers: dict[str, list[Answer]] = defaultdict(list)
+        self.expired: dict[str, Answer] = {}
+        self.outcomes: Counter[str] = Counter()
+        self.last_at = 0.0
+        self.total = 0  # answers except expiries
+        self.tracked: set[str] = set()
+        self.tracked_answered = 0  # tracked event ids with at least one answer
+        self.listeners: list[Callable[[str, Answer], None]] = []
+        self.reader = TopicReader(cfg, end_offsets(cfg, cfg.results_topic), self._on_message)
+
+    def _on_message(self, msg: Any, now: float) -> None:
+        name, v = self.codec.decode(msg.value())
+        if name != "ReservationResult":
+            return
+        a = Answer(now, v["outcome"], v["qty"], v["duplicate"], v["order_id"], v["sku"])
+        self.outcomes[a.outcome] += 1
+        self.last_at = now
+        if a.outcome == "EXPIRED" and not a.duplicate:
+            self.expired[a.order_id] = a
+        else:
+            got = self.answers[v["event_id"]]
+            if not got and v["event_id"] in self.tracked:
+                self.tracked_answered += 1
+            got.append(a)
+            self.total += 1
+        for listen in self.listeners:
+            listen(v["event_id"], a)
+
+    def start(self) -> None:
+        self.reader.start()
+
+    def stop(self) -> None:
+        self.reader.stop()
+
+
+class Sender:
+    """Paced sends from K threads; records send times."""
+
+    def __init__(self, cfg: Settings, codec: AvroCodec, threads: int, rate: float | None) -> None:
+        self.cfg = cfg
+        self.codec = codec
+        self.threads = max(1, threads)
+        self.rate = rate
+        self.sent: dict[str, float] = {}
+        self.failures: list[str] = []
+
+    def _producer(self) -> Producer:
+        conf = producer_config(self.cfg)
+        conf["queue.buffering.max.messages"] = 1_000_000
+        return Producer(conf)
+
+    def send_all(self, commands: list[tuple[str, dict[str, Any]]]) -> None:
+        """Send ``(type, fields)`` commands; returns when all are acknowledged."""
+        if not commands:
+            return
+        slices = [s for s in (commands[i :: self.threads] for i in range(self.threads)) if s]
+        # every thread connects its producer first; the pacing clock starts when all have
+        start: list[float] = []
+        barrier = threading.Barrier(len(slices), action=lambda: start.append(time.perf_counter()))
+        workers = [
+            threading.Thread(target=self._run, args=(i, part, barrier, start), daemon=True)
+            for i, part in enumerate(slices)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    def _run(
+        self,
+        index: int,
+        part: list[tuple[str, dict[str, Any]]],
+        barrier: threading.Barrier,
+        start: list[float],
+    ) -> None:
+        from pipeline.produce import topic_for_type
+
+        producer = self._producer()
+        producer.list_topics(timeout=10)  # connected before the clock starts
+        barrier.wait()
+        t0 = start[0]
+        interval = self.threads / self.rate if self.rate else 0.0
+        offset = index / self.rate if self.rate else 0.0
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                self.failures.append(str(err))
+
+        for j, (type_name, fields) in enumerate(part):
+            if interval:
+                due = t0 + offset + j * interval
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            now = time.time()
+            record = dict(fields)
+            record["occurred_at"] = int(now * 1000)
+            value = self.codec.encode(type_name, record)
+            while True:
+                try:
+                    producer.produce(
+                        topic_for_type(self.cfg, type_name),
+                        value,
+                        record["sku"].encode(),
+                        on_delivery=delivered,
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            self.sent.setdefault(record["event_id"], now)
+            producer.poll(0)
+        producer.flush(60)
+
+
+def plan_reserves(spec: LoadSpec, skus: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The ReserveStock commands (duplicates included) in send order."""
+    rng = random.Random(spec.seed)
+    if len(skus) == 1:
+        picks = [skus[0]] * spec.attempts
+    else:
+        weights = [1.0 / (k**spec.zipf) for k in range(1, len(skus) + 1)]
+        order = skus[:]
+        rng.shuffle(order)  # popularity unrelated to name or partition
+        picks = rng.choices(order, weights=weights, k=spec.attempts)
+    run = uuid.uuid4().hex[:8]
+    cmds: list[tuple[str, dict[str, Any]]] = []
+    for i, sku in enumerate(picks):
+        ttl = spec.expire_ttl_ms if rng.random() < spec.expire_fraction else 0
+        cmds.append(
+            (
+                "ReserveStock",
+                {
+                    "event_id": f"r-{run}-{i}",
+                    "order_id": f"o-{run}-{i}",
+                    "sku": sku,
+                    "qty": spec.qty,
+                    "channel": "web",
+                    "ttl_ms": ttl,
+                },
+            )
+        )
+    if spec.dup_fraction > 0:
+        dups = [c for c in cmds if rng.random() < spec.dup_fraction]
+        for c in dups:
+            # the same event again, somewhere later in the stream
+            at = rng.randrange(cmds.index(c) + 1, len(cmds) + 1)
+            cmds.insert(at, (c[0], dict(c[1])))
+    return cmds
+
+
+class LoadGenerator:
+    """Runs one :class:`LoadSpec` against a namespace whose worker is up."""
+
+    def __init__(self, cfg: Settings, codec: AvroCodec | None = None) -> None:
+        self.cfg = cfg
+        self.codec = codec or AvroCodec()
+
+    def restock(
+        self, skus: list[str], units: int, wait: Callable[[list[str], int], None] | None
+    ) -> None:
+        sender = Sender(self.cfg, self.codec, 2, None)
+        cmds = []
+        for sku in skus:
+            left = units
+            while left > 0:  # RestockReceived qty is capped by INVENTORY_MAX_QTY
+                qty = min(left, self.cfg.max_qty)
+                left -= qty
+                cmds.append(
+                    (
+                        "RestockReceived",
+                        {"event_id": f"s-{uuid.uuid4().hex}", "sku": sku, "qty": qty},
+                    )
+                )
+        sender.send_all(cmds)
+        if wait is not None:
+            wait(skus, units)
+
+    def run(
+        self,
+        spec: LoadSpec,
+        wait_restocked: Callable[[list[str], int], None] | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> LoadResult:
+        ensure_topics(self.cfg)
+        skus = spec.sku_names()
+        if spec.restock:
+            self.restock(skus, spec.units, wait_restocked)
+        commands = plan_reserves(spec, skus)
+        reserve_ids = list(dict.fromkeys(c[1]["event_id"] for c in commands))
+        injected = len(commands) - len(reserve_ids)
+        collector = ResultCollector(self.cfg, self.codec)
+        collector.tracked.update(reserve_ids)
+        followups: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        short_ttl = {c[1]["event_id"] for c in commands if c[1]["ttl_ms"]}
+        rng = random.Random(spec.seed + 1)
+        decided: set[str] = set()
+        follow_ids: set[str] = set()
+        expected_expiries = [0]
+
+        def react(event_id: str, a: Answer) -> None:
+            if a.duplicate or event_id in decided or a.outcome != "RESERVED":
+                return
+            decided.add(event_id)
+            if event_id in short_ttl:
+                expected_expiries[0] += 1
+                return
+            roll = rng.random()
+            kind = None
+            if roll < spec.commit_fraction:
+                kind = "CommitReservation"
+            elif roll < spec.commit_fraction + spec.release_fraction:
+                kind = "ReleaseReservation"
+            if kind:
+                fid = f"f-{uuid.uuid4().hex}"
+                follow_ids.add(fid)
+                collector.tracked.add(fid)
+                fields = {"event_id": fid, "order_id": a.order_id, "sku": a.sku}
+                followups.put((kind, fields))
+
+        mixing = spec.commit_fraction > 0 or spec.release_fraction > 0 or short_ttl
+        if mixing:
+            collector.listeners.append(react)
+        collector.start()
+        sender = Sender(self.cfg, self.codec, spec.producers, spec.rate)
+        follow_sender = Sender(self.cfg, self.codec, 1, None)
+
+        def follow_loop() -> None:
+            producer = follow_sender._producer()
+            from pipeline.produce import topic_for_type
+
+            while True:
+                item = followups.get()
+                if item is None:
+                    break
+                type_name, fields = item
+                now = time.time()
+                rec = dict(fields, occurred_at=int(now * 1000), channel="web")
+                producer.produce(
+                    topic_for_type(self.cfg, type_name),
+                    self.codec.encode(type_name, rec),
+                    rec["sku"].encode(),
+                )
+                follow_sender.sent[fields["event_id"]] = now
+                producer.poll(0)
+            producer.flush(30)
+
+        follower = threading.Thread(target=follow_loop, daemon=True)
+        if mixing:
+            follower.start()
+        total_expected = len(commands)
+        bar = tqdm(
+            total=total_expected,
+            desc=f"{spec.mode} {len(skus)} sku",
+            unit="ans",
+            leave=False,
+            disable=not spec.progress or not sys.stderr.isatty(),
+            file=sys.stderr,
+        )
+        t_first = time.time()
+        send_thread = threading.Thread(target=sender.send_all, args=(commands,), daemon=True)
+        send_thread.start()
+        deadline = time.monotonic() + spec.timeout
+        complete = False
+        shown = 0
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            got = collector.total
+            bar.update(max(0, min(got, total_expected) - shown))
+            shown = max(shown, min(got, total_expected))
+            if send_thread.is_alive() or collector.tracked_answered < len(collector.tracked):
+                continue
+            dup_done = collector.total >= len(commands) + len(follow_ids)
+            follow_done = followups.empty()
+            exp_done = len(collector.expired) >= expected_expiries[0]
+            if dup_done and follow_done and exp_done:
+                complete = True
+                break
+        bar.close()
+        followups.put(None)
+        if mixing:
+            follower.join(30)
+        send_thread.join(5)
+        if on_sent:
+            on_sent()
+        time.sleep(0.2)
+        collector.stop()
+        sent = dict(sender.sent)
+        sent.update(follow_sender.sent)
+        first = min(sender.sent.values()) if sender.sent else t_first
+        return LoadResult(
+            spec=spec,
+            skus=skus,
+            sent=sent,
+            reserve_ids=reserve_ids,
+            answers=dict(collector.answers),
+            outcomes=collector.outcomes,
+            first_send=first,
+            last_send=max(sender.sent.values()) if sender.sent else first,
+            last_answer=collector.last_at,
+            restocked_units={s: spec.units for s in skus} if spec.restock else {},
+            injected_dups=injected,
+            expected_expiries=expected_expiries[0],
+            complete=complete,
+            extra={"expired_orders": dict(collector.expired), "failures": sender.failures},
+        )
+
+
+def _wait_http(url: str) -> Callable[[list[str], int], None]:
+    import urllib.request
+
+    def wait(skus: list[str], units: int) -> None:
+        for sku in skus:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen(f"{url}/stock/{sku}", timeout=5) as r:
+                        if json.loads(r.read())["on_hand"] >= units:
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+
+    return wait
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.split("\n")[0])
+    p.add_argument("mode", choices=("flash", "steady", "dup"))
+    p.add_argument("--prefix", default=base_settings.topic_prefix, help="topic prefix")
+    p.add_argument("--worker", default="http://127.0.0.1:6066", help="worker URL (restock wait)")
+    p.add_argument("--attempts", type=int, default=2000)
+    p.add_argument("--units", type=int, default=500)
+    p.add_argument("--skus", type=int, default=1000)
+    p.add_argument("--zipf", type=float, default=1.1)
+    p.add_argument("--hot", action="store_true", help="dup mode on one hot SKU")
+    p.add_argument("--producers", type=int, default=4)
+    p.add_argument("--rate", type=float, default=None, help="total commands/s (default: max)")
+    p.add_argument("--commit-fraction", type=float, default=0.0)
+    p.add_argument("--release-fraction", type=float, default=0.0)
+    p.add_argument("--expire-fraction", type=float, default=0.0)
+    p.add_argument("--dup-fraction", type=float, default=None)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = p.parse_args(argv)
+    cfg = replace(base_settings, topic_prefix=args.prefix)
+    single = args.mode == "flash" or (args.mode == "dup" and args.hot)
+    dup = args.dup_fraction if args.dup_fraction is not None else (0.2 if args.mode == "dup" else 0)
+    spec = LoadSpec(
+        mode=args.mode,
+        attempts=args.attempts,
+        units=args.units,
+        skus=1 if single else args.skus,
+        zipf=args.zipf,
+        producers=args.producers,
+        rate=args.rate,
+        commit_fraction=args.commit_fraction,
+        release_fraction=args.release_fraction,
+        expire_fraction=args.expire_fraction,
+        dup_fraction=dup,
+    )
+    result = LoadGenerator(cfg).run(spec, wait_restocked=_wait_http(args.worker))
+    summary = result.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        lat = summary["latency_ms"]
+        print(
+            f"{summary['decisions']} decisions in {summary['decisions'] / result.throughput:.1f} s"
+            f" = {result.throughput:,.0f}/s; outcomes {summary['outcomes']};"
+            f" oversold {summary['oversold_units']}; duplicates injected"
+            f" {summary['injected_duplicates']}, answered {summary['duplicate_answers']};"
+            f" latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms"
+            + ("" if result.complete else " (INCOMPLETE: timed out)")
+        )
+    return 0 if result.complete and result.oversold_units() == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
