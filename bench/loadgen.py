@@ -223,7 +223,15 @@ def end_offsets(cfg: Settings, topic: str) -> list[TopicPartition]:
     """The topic's current high watermarks, to read only what comes next."""
     c = Consumer(consumer_config(cfg, f"bench-probe-{uuid.uuid4().hex}"))
     try:
-        meta = c.list_topics(topic, timeout=10)
+        deadline = time.monotonic() + 30
+        while True:  # a topic created a moment ago may not be in the metadata yet
+            meta = c.list_topics(topic, timeout=10)
+            t = meta.topics.get(topic)
+            if t is not None and t.error is None and t.partitions:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {topic} has no partitions in the metadata")
+            time.sleep(0.2)
         out = []
         for p in sorted(meta.topics[topic].partitions):
             deadline = time.monotonic() + 30
