@@ -70,6 +70,7 @@ class Sizes:
     p6_calibration: int = 4000
     rss_points: list[int] = field(default_factory=lambda: [100_000, 300_000])
     warm_restarts: int = 2
+    idle_seconds: float = 5.0  # window for the idle-CPU figure
     profile_seconds: float = 15.0
     levers: list[str] = field(
         default_factory=lambda: ["sink_off", "threaded_producer", "linger_10ms", "expiry_30s"]
@@ -85,15 +86,16 @@ QUICK = Sizes(
     flash_units=200,
     many_skus=100,
     pass_messages=5000,
-    p6_seconds=6.0,
+    p6_seconds=5.0,
     p6_skus=100,
-    p6_calibration=500,
-    rss_points=[5_000, 15_000],
+    p6_calibration=400,
+    rss_points=[5_000, 10_000],
     warm_restarts=1,
+    idle_seconds=2.0,
     profile_seconds=4.0,
     levers=["sink_off"],
     lever_pairs=1,
-    mix_attempts=400,
+    mix_attempts=300,
 )
 
 LEVER_ENV = {
@@ -581,11 +583,11 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
     def settle() -> tuple[float, float, float]:
         assert worker.proc is not None
         pid = worker.proc.pid
-        time.sleep(3)
+        time.sleep(min(3.0, sizes.idle_seconds))
         rss, hwm = rss_mb(pid)
         c0 = _cpu_seconds(pid)
-        time.sleep(5)
-        return rss, hwm, (_cpu_seconds(pid) - c0) / 5
+        time.sleep(sizes.idle_seconds)
+        return rss, hwm, (_cpu_seconds(pid) - c0) / sizes.idle_seconds
 
     try:
         for n in sizes.rss_points:
