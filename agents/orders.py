@@ -41,7 +41,7 @@ from prometheus_client import Counter, Gauge
 from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline import saga as sg
-from pipeline.app import app, dead_letters_topic, orders_topic
+from pipeline.app import _raw_topic, app, dead_letters_topic, input_guard, orders_topic
 from pipeline.clients import aiokafka_kwargs
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic
@@ -84,20 +84,9 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _raw_topic(*names: str) -> Any:
-    return app.topic(
-        *names,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
-
-
 checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)
 order_results_topic = _raw_topic(ORDER_RESULTS_TOPIC)
-saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.results_topic)
+saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.results_topic, acks=False)
 
 orders_table = app.Table(
     "orders",
@@ -304,7 +293,9 @@ handler = SagaHandler(orders_table, codec_from_settings(settings), settings)
 @app.agent(saga_inputs, concurrency=1)
 async def order_saga(stream: Any) -> None:
     async for event in stream.events():
-        await handler.handle(event)
+        if await input_guard.admit(event):
+            await handler.handle(event)
+            input_guard.done(event)
 
 
 # --------------------------------------------------------------------------

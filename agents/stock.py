@@ -3,6 +3,8 @@
 Per input record, in this order (no ``await`` between reading the table and
 writing it, so the three agents never interleave on a SKU):
 
+0. :mod:`pipeline.sequencing` admits only the next offset of its partition
+   (nothing is applied past a record Faust failed to deliver);
 1. decode and validate; bad input goes to the dead-letter topic;
 2. a record on a partition that is not its key's partition is re-sent to the
    right partition (never applied out of place);
@@ -24,9 +26,8 @@ from typing import Any
 
 from config.settings import Settings, settings
 from pipeline import core, metrics
-from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, stock_table
+from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, input_guard, stock_table
 from pipeline.logs import bind_log_context, log_context
-from pipeline.offsets import OffsetTracker
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
@@ -54,7 +55,6 @@ class CommandHandler:
         self.codec = codec
         self.cfg = cfg
         self.app = app
-        self.offsets = OffsetTracker()
 
     async def handle(self, event: Any) -> None:
         msg = event.message
@@ -64,7 +64,6 @@ class CommandHandler:
     async def _handle(self, event: Any) -> None:
         msg = event.message
         topic, partition, offset = msg.topic, msg.partition, msg.offset
-        self._check_sequence(msg.tp, topic, partition, offset)
         key: bytes | None = event.key
         value: bytes = event.value if event.value is not None else b""
         delay = 0.5
@@ -114,22 +113,6 @@ class CommandHandler:
                 offset,
                 key,
                 value,
-            )
-
-    def _check_sequence(self, tp: Any, topic: str, partition: int, offset: int) -> None:
-        committed = None
-        consumer = getattr(self.app, "_consumer", None) if self.app is not None else None
-        if consumer is not None:
-            committed = getattr(consumer, "_committed_offset", {}).get(tp)
-        skipped = self.offsets.observe(topic, partition, offset, committed)
-        if skipped is not None:
-            metrics.INPUT_GAPS.labels(topic).inc(skipped[1] - skipped[0] + 1)
-            log.error(
-                "input records %s/%d@%d..%d were never delivered to this agent",
-                topic,
-                partition,
-                skipped[0],
-                skipped[1],
             )
 
     def apply(self, command: core.Command, topic: str, offset: int) -> core.Outcome | None:
@@ -223,33 +206,29 @@ class CommandHandler:
 handler = CommandHandler(stock_table, codec_from_settings(settings), settings, app)
 
 
-@app.on_partitions_revoked.connect
-async def _forget_offsets_on_revoke(*args: Any, **kwargs: Any) -> None:
-    handler.offsets.reset()
-
-
-@app.on_partitions_assigned.connect
-async def _forget_offsets_on_assign(*args: Any, **kwargs: Any) -> None:
-    handler.offsets.reset()
-
-
-# One agent per input topic, concurrency 1: with more, Faust can commit past an
-# event still in flight (faust-streaming #606).
+# One agent per input topic, concurrency 1: records of a partition are applied in
+# offset order, and only in it (pipeline.sequencing); the guard commits the offsets.
 
 
 @app.agent(INPUT_TOPICS[settings.orders_topic], concurrency=1)
 async def orders(stream: Any) -> None:
     async for event in stream.events():
-        await handler.handle(event)
+        if await input_guard.admit(event):
+            await handler.handle(event)
+            input_guard.done(event)
 
 
 @app.agent(INPUT_TOPICS[settings.restocks_topic], concurrency=1)
 async def restocks(stream: Any) -> None:
     async for event in stream.events():
-        await handler.handle(event)
+        if await input_guard.admit(event):
+            await handler.handle(event)
+            input_guard.done(event)
 
 
 @app.agent(INPUT_TOPICS[settings.returns_topic], concurrency=1)
 async def returns(stream: Any) -> None:
     async for event in stream.events():
-        await handler.handle(event)
+        if await input_guard.admit(event):
+            await handler.handle(event)
+            input_guard.done(event)

@@ -100,6 +100,10 @@ class Settings:
     # consumer group session: how long a killed worker's partitions stay orphaned
     session_timeout_s: float = 10.0
     expiry_scan_interval_s: float = 1.0
+    # how often input offsets are committed (after a producer flush; pipeline.sequencing)
+    commit_interval_s: float = 1.0
+    # tests only: records whose first delivery to the agents is dropped (pipeline.failpoints)
+    failpoint_drop_delivery: str = ""
     # how long the changelog keeps superseded versions, so the relay that
     # derives StockChanged/ReservationResult from it never misses one
     changelog_min_compaction_lag_ms: int = 7 * 24 * 3600 * 1000
@@ -151,6 +155,8 @@ class Settings:
             expiry_scan_interval_s=_float(
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
             ),
+            commit_interval_s=_float(e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s),
+            failpoint_drop_delivery=e.get("INVENTORY_FAILPOINT_DROP_DELIVERY", ""),
             changelog_min_compaction_lag_ms=_int(
                 e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
             ),

@@ -22,9 +22,12 @@ from typing import Any
 import faust
 
 from config.settings import settings
-from pipeline.clients import faust_broker_kwargs
+from pipeline.clients import confluent_config, faust_broker_kwargs
+from pipeline.failpoints import drop_deliveries, parse_drops
 from pipeline.logs import faust_logging_config
 from pipeline.metrics import install_faust_sensor
+from pipeline.sequencing import InputGuard, confluent_log_start
+from pipeline.sequencing import install as install_input_guard
 from pipeline.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
 
 log = logging.getLogger("inventory.app")
@@ -71,14 +74,17 @@ class InventoryApp(faust.App):
             self._marker().write_text("ok\n")
 
 
-def _raw_topic(name: str) -> Any:
+def _raw_topic(*names: str, acks: bool = True) -> Any:
+    """A topic of raw bytes; ``acks=False`` for agent inputs: :mod:`pipeline.sequencing`
+    commits those, never Faust."""
     return app.topic(
-        name,
+        *names,
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",
         value_serializer="raw",
         partitions=settings.partitions,
+        acks=acks,
     )
 
 
@@ -107,9 +113,25 @@ app = InventoryApp(
 # Faust's framework metrics into our registry (one /metrics page); before the app starts
 install_faust_sensor(app)
 
-orders_topic = _raw_topic(settings.orders_topic)
-returns_topic = _raw_topic(settings.returns_topic)
-restocks_topic = _raw_topic(settings.restocks_topic)
+# every agent input is applied in offset order and committed by this guard, not by Faust
+input_guard = InputGuard(
+    app,
+    confluent_log_start(confluent_config(settings)),
+    commit_interval_s=settings.commit_interval_s,
+)
+install_input_guard(app, input_guard)
+
+if settings.failpoint_drop_delivery:
+    # before the consumer exists: it takes the conductor's callback when created
+    app.topics.on_message = drop_deliveries(  # type: ignore[method-assign]
+        app.topics.on_message,
+        parse_drops(settings.failpoint_drop_delivery),
+        settings.topic_prefix,
+    )
+
+orders_topic = _raw_topic(settings.orders_topic, acks=False)
+returns_topic = _raw_topic(settings.returns_topic, acks=False)
+restocks_topic = _raw_topic(settings.restocks_topic, acks=False)
 dead_letters_topic = _raw_topic(settings.dead_letters_topic)
 INPUT_TOPICS = {
     settings.orders_topic: orders_topic,

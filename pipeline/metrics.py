@@ -57,8 +57,14 @@ REROUTED = Counter(
 INPUT_GAPS = Counter(
     "inventory_input_gaps_total",
     "Input records Kafka never delivered to the agent: a forward jump in a partition's offsets "
-    "(should stay 0; see pipeline/offsets.py).",
+    "(should stay 0: each one triggers a rewind, see pipeline/sequencing.py).",
     ["topic"],
+    registry=REGISTRY,
+)
+INPUT_REWINDS = Counter(
+    "inventory_input_rewinds_total",
+    "Times the worker re-read its input partitions from the committed offsets to fetch "
+    "a record Faust had not delivered.",
     registry=REGISTRY,
 )
 SHORTFALLS = Counter(
