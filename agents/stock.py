@@ -162,6 +162,16 @@ class CommandHandler:
 
     def _count(self, decision: core.Decision, command: core.Command, now: int) -> None:
         metrics.COMMAND_AGE_SECONDS.observe(max(0, now - command.occurred_at) / 1000)
+        res = decision.reservation
+        if res is not None and decision.outcome is core.Outcome.RESERVED:
+            if res.from_allocation:
+                metrics.CHANNEL_UNITS_RESERVED.labels(res.channel, "allocation").inc(
+                    res.from_allocation
+                )
+            if res.qty > res.from_allocation:
+                metrics.CHANNEL_UNITS_RESERVED.labels(res.channel, "shared").inc(
+                    res.qty - res.from_allocation
+                )
         for e in decision.events:
             if isinstance(e, core.LowStockCrossed):
                 metrics.LOW_STOCK.labels(e.direction).inc()

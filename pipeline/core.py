@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
 DEFAULT_DEDUPE_WINDOW = 256
 
@@ -49,6 +50,7 @@ class Outcome(str, Enum):
     RETURNED = "RETURNED"
     RETURN_DAMAGED = "RETURN_DAMAGED"
     SAFETY_STOCK_SET = "SAFETY_STOCK_SET"
+    ALLOCATION_SET = "ALLOCATION_SET"
 
 
 class ReservationStatus(str, Enum):
@@ -68,12 +70,37 @@ class ReservationStatus(str, Enum):
 
 
 @dataclass(frozen=True)
+class ChannelAllocation:
+    """Units of a SKU set aside for one sales channel (``ChannelAllocationSet``).
+
+    ``allocated`` units are ring-fenced for the channel: no other channel can
+    reserve them, and the channel can reserve at most them unless
+    ``use_shared`` lets it go on into the shared pool. ``reserved`` of them are
+    held by the channel's open reservations; a commit takes its units out of
+    both, a release or expiry gives them back to the allocation.
+    """
+
+    channel: str
+    allocated: int
+    reserved: int = 0
+    use_shared: bool = False
+
+    @property
+    def free(self) -> int:
+        return max(0, self.allocated - self.reserved)
+
+
+@dataclass(frozen=True)
 class StockRecord:
     """The authoritative stock of one SKU.
 
-    ``available = on_hand - reserved - safety_stock``, shown as 0 when negative.
-    ``damaged`` counts returned units that cannot be sold (never on hand).
-    ``version`` rises by exactly one for every change of the sellable numbers.
+    ``available = on_hand - reserved - safety_stock``, shown as 0 when negative:
+    what can still be sold over all channels. ``channels`` are the per-channel
+    allocations (sorted by name); the shared pool is ``available`` minus the
+    allocations' free units, and :meth:`available_for` is what one channel can
+    reserve. ``damaged`` counts returned units that cannot be sold (never on
+    hand). ``version`` rises by exactly one for every change of the sellable
+    numbers or the allocations.
     """
 
     sku: str
@@ -83,10 +110,44 @@ class StockRecord:
     damaged: int = 0
     version: int = 0
     recent_event_ids: tuple[str, ...] = ()
+    channels: tuple[ChannelAllocation, ...] = ()
 
     @property
     def available(self) -> int:
         return max(0, self.on_hand - self.reserved - self.safety_stock)
+
+    @property
+    def shared_available(self) -> int:
+        """What a channel without an allocation can reserve."""
+        return max(0, self.available - sum(a.free for a in self.channels))
+
+    def allocation(self, channel: str) -> ChannelAllocation | None:
+        for a in self.channels:
+            if a.channel == channel:
+                return a
+        return None
+
+    def available_for(self, channel: str) -> int:
+        """Units ``channel`` can reserve now: its allocation first, then the shared pool."""
+        a = self.allocation(channel)
+        if a is None:
+            return self.shared_available
+        return min(self.available, a.free + (self.shared_available if a.use_shared else 0))
+
+    def with_allocation(self, channel: str, change: int, allocated_change: int = 0) -> StockRecord:
+        """The record with ``channel``'s reserved (and allocated) units moved by the changes."""
+        if not (change or allocated_change):
+            return self
+        out = []
+        for a in self.channels:
+            if a.channel == channel:
+                a = replace(
+                    a,
+                    reserved=max(0, a.reserved + change),
+                    allocated=max(0, a.allocated + allocated_change),
+                )
+            out.append(a)
+        return replace(self, channels=tuple(out))
 
 
 @dataclass(frozen=True)
@@ -104,6 +165,7 @@ class Reservation:
     reason: str = ""
     available_at_decision: int = 0
     closed_by: str = ""  # event_id of the command that closed it: its retry gets the same answer
+    from_allocation: int = 0  # of ``qty``, units taken from the channel's allocation
 
     def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
@@ -193,8 +255,22 @@ class SafetyStockSet:
     channel: str = "erp"
 
 
+@dataclass(frozen=True)
+class ChannelAllocationSet:
+    """Sets (absolute) the units allocated to ``channel``; 0 removes the allocation."""
+
+    event_id: str
+    sku: str
+    channel: str
+    qty: int
+    occurred_at: int
+    use_shared: bool = False
+
+
 OrderCommand = ReserveStock | CommitReservation | ReleaseReservation | ExpireReservation
-StockCommand = RestockReceived | StockCounted | ReturnReceived | SafetyStockSet
+StockCommand = (
+    RestockReceived | StockCounted | ReturnReceived | SafetyStockSet | ChannelAllocationSet
+)
 Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
 
@@ -217,6 +293,27 @@ class StockChanged:
     channel: str
     occurred_at: int
     processed_at: int
+    channels: tuple[ChannelStock, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChannelStock:
+    """One channel's numbers in a StockChanged (and in ``GET /stock/{sku}``)."""
+
+    channel: str
+    allocated: int
+    reserved: int
+    available: int
+    use_shared: bool
+
+
+def channel_stock(record: StockRecord) -> tuple[ChannelStock, ...]:
+    return tuple(
+        ChannelStock(
+            a.channel, a.allocated, a.reserved, record.available_for(a.channel), a.use_shared
+        )
+        for a in record.channels
+    )
 
 
 @dataclass(frozen=True)
@@ -362,12 +459,16 @@ def _decide_order(
                 res.reason,
                 duplicate=True,
             )
-        avail = record.available
+        avail = record.available_for(cmd.channel)
         qty = cmd.qty
         if avail < qty and cmd.allow_partial and avail > 0:
             qty = avail
         if avail >= qty:
-            new = replace(record, reserved=record.reserved + qty)
+            alloc = record.allocation(cmd.channel)
+            from_alloc = min(qty, alloc.free) if alloc is not None else 0
+            new = replace(record, reserved=record.reserved + qty).with_allocation(
+                cmd.channel, from_alloc
+            )
             new_res = Reservation(
                 order_id=cmd.order_id,
                 sku=cmd.sku,
@@ -378,9 +479,11 @@ def _decide_order(
                 event_id=cmd.event_id,
                 decided_at=cmd.occurred_at,
                 reason="partial" if qty < cmd.qty else "",
-                available_at_decision=new.available,
+                available_at_decision=new.available_for(cmd.channel),
+                from_allocation=from_alloc,
             )
             return _changed(record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason)
+        why = _refusal(record, cmd.channel, cmd.qty)
         refused = Reservation(
             order_id=cmd.order_id,
             sku=cmd.sku,
@@ -390,7 +493,7 @@ def _decide_order(
             channel=cmd.channel,
             event_id=cmd.event_id,
             decided_at=cmd.occurred_at,
-            reason="insufficient_stock",
+            reason=why,
             available_at_decision=avail,
         )
         return Decision(
@@ -404,16 +507,9 @@ def _decide_order(
                     Outcome.REJECTED,
                     cmd.qty,
                     avail,
-                    "insufficient_stock",
+                    why,
                 ),
-                CommandApplied(
-                    cmd.event_id,
-                    cmd.sku,
-                    ctype,
-                    Outcome.REJECTED,
-                    cmd.channel,
-                    "insufficient_stock",
-                ),
+                CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.REJECTED, cmd.channel, why),
             ),
         )
 
@@ -472,7 +568,9 @@ def _decide_order(
         )
     if isinstance(cmd, (ExpireReservation, CommitReservation)) and expired:
         # a commit that arrives after the expiry finds the units already due back
-        new = replace(record, reserved=record.reserved - res.qty)
+        new = replace(record, reserved=record.reserved - res.qty).with_allocation(
+            res.channel, -res.from_allocation
+        )
         closed = replace(
             res,
             status=ReservationStatus.EXPIRED,
@@ -482,7 +580,10 @@ def _decide_order(
         )
         return _changed(record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired")
     if isinstance(cmd, CommitReservation):
-        new = replace(record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty)
+        # the sold units leave the allocation they were taken from
+        new = replace(
+            record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty
+        ).with_allocation(res.channel, -res.from_allocation, -res.from_allocation)
         closed = replace(
             res,
             status=ReservationStatus.COMMITTED,
@@ -492,7 +593,9 @@ def _decide_order(
         )
         return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
     assert isinstance(cmd, ReleaseReservation)
-    new = replace(record, reserved=record.reserved - res.qty)
+    new = replace(record, reserved=record.reserved - res.qty).with_allocation(
+        res.channel, -res.from_allocation
+    )
     closed = replace(
         res,
         status=ReservationStatus.RELEASED,
@@ -547,6 +650,8 @@ def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int)
             new, outcome = replace(base, damaged=base.damaged + cmd.qty), Outcome.RETURN_DAMAGED
     elif isinstance(cmd, SafetyStockSet):
         new, outcome = replace(base, safety_stock=cmd.qty), Outcome.SAFETY_STOCK_SET
+    elif isinstance(cmd, ChannelAllocationSet):
+        new, outcome = _set_allocation(base, cmd), Outcome.ALLOCATION_SET
     else:  # pragma: no cover - the Command union is closed
         raise TypeError(f"not a command: {cmd!r}")
 
@@ -563,8 +668,27 @@ def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int)
 # helpers
 
 
-def _sellable(r: StockRecord) -> tuple[int, int, int]:
-    return (r.on_hand, r.reserved, r.safety_stock)
+def _refusal(record: StockRecord, channel: str, qty: int) -> str:
+    """Why ``channel`` cannot reserve ``qty`` (a reason code for the answer)."""
+    if record.available < qty:
+        return "insufficient_stock"
+    if record.allocation(channel) is not None:
+        return "channel_allocation_exhausted"
+    return "reserved_for_other_channels"
+
+
+def _set_allocation(record: StockRecord, cmd: ChannelAllocationSet) -> StockRecord:
+    held = record.allocation(cmd.channel)
+    reserved = held.reserved if held is not None else 0
+    others = [a for a in record.channels if a.channel != cmd.channel]
+    if cmd.qty > 0 or reserved > 0:
+        # open reservations keep their units counted against the channel until they close
+        others.append(ChannelAllocation(cmd.channel, cmd.qty, reserved, cmd.use_shared))
+    return replace(record, channels=tuple(sorted(others, key=lambda a: a.channel)))
+
+
+def _sellable(r: StockRecord) -> tuple[Any, ...]:
+    return (r.on_hand, r.reserved, r.safety_stock, r.channels)
 
 
 def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
@@ -581,6 +705,7 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
         channel=cmd.channel,
         occurred_at=cmd.occurred_at,
         processed_at=now,
+        channels=channel_stock(new),
     )
 
 

@@ -18,6 +18,13 @@ COMMANDS = Counter(
     ["type", "outcome", "channel"],
     registry=REGISTRY,
 )
+CHANNEL_UNITS_RESERVED = Counter(
+    "inventory_channel_units_reserved_total",
+    "Units reserved per sales channel, by where they came from: the channel's allocation "
+    "or the shared pool.",
+    ["channel", "source"],
+    registry=REGISTRY,
+)
 REJECTIONS = Counter(
     "inventory_rejections_total",
     "Reservations refused for lack of stock.",

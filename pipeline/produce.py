@@ -45,6 +45,7 @@ _TOPIC_OF_TYPE = {
     "RestockReceived": "restocks_topic",
     "StockCounted": "restocks_topic",
     "SafetyStockSet": "restocks_topic",
+    "ChannelAllocationSet": "restocks_topic",
     "ReturnReceived": "returns_topic",
     "PlaceOrder": "checkouts_topic",
     "CommitOrder": "checkouts_topic",

@@ -15,9 +15,10 @@ from pipeline import core
 
 MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_CHANNEL_LEN = 64
 
 ORDER_RECORDS = ("ReserveStock", "CommitReservation", "ReleaseReservation", "ExpireReservation")
-RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet")
+RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet", "ChannelAllocationSet")
 RETURN_RECORDS = ("ReturnReceived",)
 
 
@@ -149,6 +150,20 @@ def _safety(r: Mapping[str, Any], s: Settings) -> core.Command:
     )
 
 
+def _allocation(r: Mapping[str, Any], s: Settings) -> core.Command:
+    channel = r["channel"]
+    if not channel or len(channel) > MAX_CHANNEL_LEN:
+        raise Invalid("invalid_channel", f"channel must be 1..{MAX_CHANNEL_LEN} characters")
+    return core.ChannelAllocationSet(
+        _id(r, "event_id"),
+        r["sku"],
+        channel,
+        _qty(r["qty"], s, allow_zero=True),
+        _time(r),
+        use_shared=bool(r.get("use_shared", False)),
+    )
+
+
 def _return(r: Mapping[str, Any], s: Settings) -> core.Command:
     return core.ReturnReceived(
         _id(r, "event_id"),
@@ -169,6 +184,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "RestockReceived": _restock,
     "StockCounted": _count,
     "SafetyStockSet": _safety,
+    "ChannelAllocationSet": _allocation,
     "ReturnReceived": _return,
 }
 

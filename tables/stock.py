@@ -68,6 +68,7 @@ class StoredStock:
             "channel": "system",
             "occurred_at": self.version_at,
             "processed_at": self.version_at,
+            "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
         }
 
     def applied(self, topic: str, offset: int) -> bool:
@@ -88,6 +89,7 @@ class StoredStock:
                 "w": self.watermarks,
                 "fx": self.effects,
                 "vt": self.version_at,
+                "ch": [[a.channel, a.allocated, a.reserved, a.use_shared] for a in r.channels],
             }
         )
 
@@ -102,6 +104,10 @@ class StoredStock:
             damaged=d.get("damaged", 0),
             version=d["version"],
             recent_event_ids=tuple(d.get("ids", ())),
+            channels=tuple(
+                core.ChannelAllocation(c, alloc, res, bool(shared))
+                for c, alloc, res, shared in d.get("ch", ())
+            ),
         )
         return cls(
             record=record,
@@ -120,6 +126,16 @@ class StoredStock:
             "safety_stock": r.safety_stock,
             "available": r.available,
             "version": r.version,
+            "shared_available": r.shared_available,
+            "channels": {
+                c.channel: {
+                    "allocated": c.allocated,
+                    "reserved": c.reserved,
+                    "available": c.available,
+                    "use_shared": c.use_shared,
+                }
+                for c in core.channel_stock(r)
+            },
         }
 
 
@@ -136,6 +152,7 @@ def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, An
         "reason": res.reason,
         "available_at_decision": res.available_at_decision,
         "closed_by": res.closed_by,
+        "from_allocation": res.from_allocation,
         "topic": topic,
         "offset": offset,
     }
@@ -154,6 +171,7 @@ def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
         reason=d.get("reason", ""),
         available_at_decision=d.get("available_at_decision", 0),
         closed_by=d.get("closed_by", ""),
+        from_allocation=d.get("from_allocation", 0),
     )
 
 
@@ -204,7 +222,9 @@ def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]
     out: dict[str, list[dict[str, Any]]] = {}
     for e in events:
         if isinstance(e, core.StockChanged):
-            out.setdefault("StockChanged", []).append(e.__dict__.copy())
+            d = e.__dict__.copy()
+            d["channels"] = [c.__dict__.copy() for c in e.channels]
+            out.setdefault("StockChanged", []).append(d)
         elif isinstance(e, core.ReservationResult):
             d = e.__dict__.copy()
             d["outcome"] = e.outcome.value

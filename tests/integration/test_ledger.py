@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 
 import pytest
+import redis
 
 from harness import Namespace, Record, Worker, read_topic, wait_for
 from pipeline.partitioning import partition_for
@@ -181,10 +183,12 @@ def test_duplicates_are_answered_once_and_applied_once(worker, ns, producer):
     producer.send(
         "ReserveStock", {"order_id": "dup-o", "sku": sku, "qty": 2, "event_id": "dup-res"}
     )
-    producer.send("RestockReceived", {"sku": sku, "qty": 1})  # a marker that follows them
+    # a marker on the same partition after them (another topic would not be ordered)
+    producer.send("ReserveStock", {"order_id": "dup-marker", "sku": sku, "qty": 1})
     producer.flush()
-    body = wait_stock(worker, sku, on_hand=6)
-    assert (body["reserved"], body["version"]) == (2, 3)
+    results_for(ns, {"dup-marker"})
+    body = wait_stock(worker, sku, reserved=3)
+    assert (body["on_hand"], body["version"]) == (5, 3)
     answers = [r.value for r in results_for(ns, {"dup-o"})]
     assert [(a["outcome"], a["duplicate"]) for a in answers] == [
         ("RESERVED", False),
@@ -332,3 +336,82 @@ def test_retry_with_same_event_id_after_restart_gets_original_outcome(worker, ns
     answers = [(r.value["outcome"], r.value["duplicate"]) for r in results_for(ns, {"retry-o"})]
     assert answers[:2] == [("RESERVED", False), ("RESERVED", True)]
     assert stock(worker, sku)["reserved"] == 1
+
+
+def _allocated_sku(worker, producer, label: str) -> str:
+    """A fresh SKU with 100 units, 20 of them allocated to the marketplace (no shared pool)."""
+    sku = f"{label}-{uuid.uuid4().hex[:6]}"
+    producer.send("RestockReceived", {"sku": sku, "qty": 100})
+    producer.send("ChannelAllocationSet", {"sku": sku, "channel": "marketplace", "qty": 20})
+    producer.flush()
+    body = wait_stock(worker, sku, version=2)
+    assert body["channels"] == {
+        "marketplace": {"allocated": 20, "reserved": 0, "available": 20, "use_shared": False}
+    }
+    assert (body["available"], body["shared_available"]) == (100, 80)
+    return sku
+
+
+def _reserve_in_order(ns, producer, sku: str, orders: list[tuple[str, int, str]]) -> dict:
+    for order_id, qty, channel in orders:
+        producer.send(
+            "ReserveStock", {"order_id": order_id, "sku": sku, "qty": qty, "channel": channel}
+        )
+    producer.flush()
+    answers = results_for(ns, {o for o, _, _ in orders})
+    return {
+        a.value["order_id"]: (a.value["outcome"], a.value["reason"])
+        for a in answers
+        if not a.value["duplicate"]
+    }
+
+
+def test_a_channel_exhausts_its_quota_while_the_shared_pool_remains(worker, ns, producer):
+    sku = _allocated_sku(worker, producer, "CHQ")
+    got = _reserve_in_order(
+        ns,
+        producer,
+        sku,
+        [
+            (f"{sku}-m1", 20, "marketplace"),
+            (f"{sku}-m2", 1, "marketplace"),
+            (f"{sku}-w1", 5, "web"),
+        ],
+    )
+    assert got == {
+        f"{sku}-m1": ("RESERVED", ""),
+        f"{sku}-m2": ("REJECTED", "channel_allocation_exhausted"),
+        f"{sku}-w1": ("RESERVED", ""),
+    }
+    body = wait_stock(worker, sku, reserved=25)
+    assert body["channels"]["marketplace"] == {
+        "allocated": 20,
+        "reserved": 20,
+        "available": 0,
+        "use_shared": False,
+    }
+    assert (body["available"], body["shared_available"]) == (75, 75)
+    # the Redis projection shows the same per-channel numbers
+    r = redis.Redis.from_url(worker.ns.settings.redis_url, decode_responses=True)
+    key = worker.ns.settings.redis_stock_key(sku)
+    wait_for(lambda: r.hget(key, "version") == str(body["version"]), 30, "the Redis hash")
+    h = r.hgetall(key)
+    assert (h["channel:marketplace:available"], h["channel:marketplace:reserved"]) == ("0", "20")
+    assert h["shared_available"] == "75"
+
+
+def test_the_shared_pool_runs_out_while_a_channel_quota_remains(worker, ns, producer):
+    sku = _allocated_sku(worker, producer, "CHS")
+    got = _reserve_in_order(
+        ns,
+        producer,
+        sku,
+        [(f"{sku}-w1", 80, "web"), (f"{sku}-w2", 1, "web"), (f"{sku}-m1", 20, "marketplace")],
+    )
+    assert got == {
+        f"{sku}-w1": ("RESERVED", ""),
+        f"{sku}-w2": ("REJECTED", "reserved_for_other_channels"),
+        f"{sku}-m1": ("RESERVED", ""),
+    }
+    body = wait_stock(worker, sku, reserved=100)
+    assert body["available"] == 0

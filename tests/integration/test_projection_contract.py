@@ -268,8 +268,8 @@ def test_record_layout_and_updated_at(projection: Target) -> None:
     assert raw is not None
     stored = projection.stored(sku)
     if projection.kind == "redis":
-        assert set(raw) == MESSAGE_FIELDS - {"sku"}
-        assert raw["in_stock"] == "1"
+        assert set(raw) == MESSAGE_FIELDS - {"sku"} | {"shared_available"}
+        assert raw["in_stock"] == "1" and raw["shared_available"] == "6"
     else:
         assert set(raw) == set(MAPPING["properties"])
         assert raw["sku"] == sku and raw["in_stock"] is True
@@ -376,6 +376,49 @@ def test_redis_publishes_one_message_per_applied_change(redis_target: Target) ->
     # the message of a SKU's last change carries the hash's updated_at
     for m in messages[1:]:
         assert m["updated_at"] == int(projection.raw(m["sku"])["updated_at"])
+
+
+def test_redis_hash_shows_availability_per_channel(redis_target: Target) -> None:
+    sku = "SKU-CH"
+    first = change(sku, 1, on_hand=50, reserved=5)
+    first["channels"] = [
+        {
+            "channel": "marketplace",
+            "allocated": 20,
+            "reserved": 5,
+            "available": 15,
+            "use_shared": False,
+        },
+        {"channel": "store", "allocated": 10, "reserved": 0, "available": 30, "use_shared": True},
+    ]
+    redis_target.apply([first])
+    raw = redis_target.raw(sku)
+    assert raw is not None
+    channel_fields = {k: v for k, v in raw.items() if k.startswith("channel:")}
+    assert channel_fields == {
+        "channel:marketplace:available": "15",
+        "channel:marketplace:allocated": "20",
+        "channel:marketplace:reserved": "5",
+        "channel:store:available": "30",
+        "channel:store:allocated": "10",
+        "channel:store:reserved": "0",
+    }
+    # 45 available, 15 + 10 of them ring-fenced: 20 left for channels without an allocation
+    assert raw["shared_available"] == "20"
+    # the next version drops the marketplace allocation: its fields go with it
+    second = change(sku, 2, on_hand=50, reserved=0)
+    second["channels"] = [
+        {"channel": "store", "allocated": 10, "reserved": 0, "available": 50, "use_shared": True}
+    ]
+    redis_target.apply([second])
+    raw = redis_target.raw(sku)
+    assert raw is not None
+    assert sorted(k for k in raw if k.startswith("channel:")) == [
+        "channel:store:allocated",
+        "channel:store:available",
+        "channel:store:reserved",
+    ]
+    assert raw["shared_available"] == "40"
 
 
 def test_redis_reloads_the_script_on_noscript(redis_target: Target) -> None:

@@ -118,6 +118,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "occurred_at": T,
         "channel": "erp",
     },
+    "ChannelAllocationSet": {
+        "event_id": "e7a",
+        "sku": "SKU-1",
+        "channel": "marketplace",
+        "qty": 20,
+        "use_shared": False,
+        "occurred_at": T,
+    },
     "ReturnReceived": {
         "event_id": "e8",
         "order_id": "o1",
@@ -140,6 +148,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "channel": "web",
         "occurred_at": T,
         "processed_at": T + 3,
+        "channels": [
+            {
+                "channel": "marketplace",
+                "allocated": 20,
+                "reserved": 2,
+                "available": 18,
+                "use_shared": False,
+            }
+        ],
     },
     "ReservationResult": {
         "event_id": "e1",
@@ -190,6 +207,37 @@ def _field_type(record: str, field: str) -> Any:
     return next(f["type"] for f in doc["fields"] if f["name"] == field)
 
 
+CHANNEL_STOCK = {
+    "type": "array",
+    "items": {
+        "type": "record",
+        "name": "ChannelStock",
+        "doc": "One sales channel's allocation of the SKU.",
+        "fields": [
+            {"name": "channel", "type": "string", "doc": "The sales channel."},
+            {
+                "name": "allocated",
+                "type": "int",
+                "doc": "Units set aside for the channel (sold units leave it).",
+            },
+            {
+                "name": "reserved",
+                "type": "int",
+                "doc": "Of them, units held by the channel's open reservations.",
+            },
+            {
+                "name": "available",
+                "type": "int",
+                "doc": "Units the channel can reserve now (its free allocation, plus the shared pool when use_shared).",
+            },
+            {
+                "name": "use_shared",
+                "type": "boolean",
+                "doc": "Whether the channel may reserve from the shared pool.",
+            },
+        ],
+    },
+}
 CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
     "PlaceOrder": [
         ("event_id", S, NO_DEFAULT),
@@ -279,6 +327,14 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("occurred_at", L, NO_DEFAULT),
         ("channel", S, "erp"),
     ],
+    "ChannelAllocationSet": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("channel", S, NO_DEFAULT),
+        ("qty", INT, NO_DEFAULT),
+        ("use_shared", "boolean", False),
+        ("occurred_at", L, NO_DEFAULT),
+    ],
     "ReturnReceived": [
         ("event_id", S, NO_DEFAULT),
         ("order_id", S, NO_DEFAULT),
@@ -301,6 +357,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("channel", S, NO_DEFAULT),
         ("occurred_at", L, NO_DEFAULT),
         ("processed_at", L, NO_DEFAULT),
+        ("channels", CHANNEL_STOCK, []),
     ],
     "ReservationResult": [
         ("event_id", S, NO_DEFAULT),
