@@ -127,6 +127,8 @@ class InputGuard:
     async def admit(self, event: Any) -> bool:
         msg = event.message
         tp, offset = msg.tp, msg.offset
+        # Faust counts a message in only for acking topics; its ack still counts it out
+        self.app.sensors.on_message_in(tp, offset, msg)
         if not self.seq.known(tp):
             if self.app.rebalancing:
                 # an event fetched before the rebalance: the start offset is not known
@@ -200,6 +202,7 @@ class InputGuard:
             if ok:
                 self._committed.update(positions)
                 self.app.tables.on_commit(positions)
+                self.app.monitor.on_tp_commit(positions)  # Faust's committed-offset gauge
             return ok
 
     async def rewind(self, tp: Any) -> None:

@@ -166,6 +166,8 @@ def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
             "safety_stock": 0,
             "available": 4,
             "version": 1,
+            "shared_available": 4,
+            "channels": {},
         }
 
         reader = RawKeepingCodec(SchemaRegistry(registry_url))

@@ -41,6 +41,8 @@ def test_worker_applies_a_restock_and_answers_health_and_stock(kafka):
             "safety_stock": 0,
             "available": 7,
             "version": 1,
+            "shared_available": 7,
+            "channels": {},
         }
         assert worker.get_json("/stock/NO-SUCH-SKU")[0] == 404
         changes = read_topic(

@@ -99,12 +99,25 @@ class FakeTables:
         pass
 
 
+class FakeSensors:
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, int]] = []
+        self.committed: dict[Any, int] = {}
+
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        self.seen.append((tp, offset))
+
+    def on_tp_commit(self, offsets: Any) -> None:
+        self.committed.update(offsets)
+
+
 class FakeApp:
     def __init__(self) -> None:
         self.calls: list[Any] = []
         self.consumer = FakeConsumer(self.calls)
         self.producer = FakeProducer(self.calls)
         self.tables = FakeTables()
+        self.sensors = self.monitor = FakeSensors()
         self.rebalancing = False
 
 
@@ -197,6 +210,8 @@ def test_commits_flush_first_and_skip_unassigned_unmoved_and_rebalancing():
 
     run(go())
     assert app.calls == ["flush", ("commit", {a: 1}), "flush", ("commit", {a: 2})]
+    assert app.monitor.committed == {a: 2}  # Faust's committed-offset gauge follows
+    assert app.sensors.seen == [(a, 0), (b, 0)]
 
 
 def test_a_rewind_never_resumes_the_flow_of_a_rebalance():
