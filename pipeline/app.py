@@ -26,7 +26,7 @@ from pipeline.clients import confluent_config, faust_broker_kwargs
 from pipeline.failpoints import drop_deliveries, parse_drops
 from pipeline.logs import faust_logging_config
 from pipeline.metrics import install_faust_sensor
-from pipeline.sequencing import InputGuard, confluent_log_start
+from pipeline.sequencing import InputGuard, confluent_offsets
 from pipeline.sequencing import install as install_input_guard
 from pipeline.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
 
@@ -76,7 +76,9 @@ class InventoryApp(faust.App):
 
 def _raw_topic(*names: str, acks: bool = True) -> Any:
     """A topic of raw bytes; ``acks=False`` for agent inputs: :mod:`pipeline.sequencing`
-    commits those, never Faust."""
+    commits those, never Faust, and watches their partitions."""
+    if not acks:
+        input_guard.watch(*names)
     return app.topic(
         *names,
         key_type=bytes,
@@ -116,7 +118,7 @@ install_faust_sensor(app)
 # every agent input is applied in offset order and committed by this guard, not by Faust
 input_guard = InputGuard(
     app,
-    confluent_log_start(confluent_config(settings)),
+    confluent_offsets(confluent_config(settings), app.conf.id),  # Faust's group id
     commit_interval_s=settings.commit_interval_s,
 )
 install_input_guard(app, input_guard)

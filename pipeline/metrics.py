@@ -70,8 +70,15 @@ INPUT_GAPS = Counter(
 )
 INPUT_REWINDS = Counter(
     "inventory_input_rewinds_total",
-    "Times the worker re-read its input partitions from the committed offsets to fetch "
+    "Times the worker re-read an input partition from its next offset to fetch "
     "a record Faust had not delivered.",
+    registry=REGISTRY,
+)
+INPUT_STALLS = Counter(
+    "inventory_input_stalls_total",
+    "Input partitions found applying nothing for a while with records waiting in the log "
+    "(each one is rewound; see pipeline/sequencing.py).",
+    ["topic"],
     registry=REGISTRY,
 )
 SHORTFALLS = Counter(

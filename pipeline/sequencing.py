@@ -13,21 +13,36 @@ So the agents' input topics are consumed with acks disabled (Faust never
 commits them) and this module takes over:
 
 * :class:`Sequencer` (pure) keeps, per input partition, the next offset to
-  apply. It starts at the group's committed offset when the partition is
-  assigned (the log start when nothing was ever committed). A record below it
+  apply. It starts, at the first record after the partition is assigned, at
+  the group's committed offset as the broker has it (the log start when nothing
+  was ever committed or the committed records were deleted). A record below it
   was applied already (skip), the record at it is applied, a record above it
   means something before it was not delivered: it is not applied.
 * :class:`InputGuard` (Faust glue) commits each partition's next offset every
   ``commit_interval_s`` and when partitions are revoked, always after flushing
   the producer, so a committed offset never runs ahead of the changelog records
-  of the inputs below it. On a gap it rewinds: stop the fetch flow, commit what
-  was applied, seek every assigned partition to its committed offset (Faust's
-  own ``perform_seek``, the step its recovery ends with), resume. The missing
-  record is fetched again; records past it that were already queued are
-  skipped until it has been applied.
+  of the inputs below it. On a gap it rewinds that partition: stop the fetch
+  flow, commit what was applied, seek the partition to its next offset (and
+  reset Faust's read offset with it: Faust's ``seek_wait``), resume. The
+  missing record is fetched again; records past it that were already queued
+  are skipped until it has been applied.
+* A watchdog (every ``commit_interval_s``) rewinds any input partition that
+  applied nothing for ``stall_after_s`` while the log holds records past its
+  next offset: a gap is otherwise only noticed when a later record arrives,
+  and Faust's fetcher can lose the re-read records too (a delivery in flight
+  when the flow stops still raises its read offset, and it drops records below
+  that), or a partition's first records after an assignment.
+
+The start offset is asked of the broker, not taken from Faust's bookkeeping:
+Faust (and aiokafka's ``seek_to_committed``) treat a committed offset of 0 as
+"nothing committed", and records delivered between Faust's seek and the end of
+its rebalance must be judged against the offset the fetch really resumed at.
 
 Correctness does not depend on how Faust loses a record: nothing past a
-missing offset is applied or committed.
+missing offset is applied or committed. Not handled: offsets that never hold
+a record (transaction markers of a transactional producer on an input topic)
+would read as a gap that never fills, stalling that partition (never
+overselling); the inputs here are written without transactions.
 """
 
 from __future__ import annotations
@@ -37,11 +52,17 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipeline import metrics
 
 log = logging.getLogger("inventory.sequencing")
+
+
+class PartitionOffsets(NamedTuple):
+    committed: int | None  # the group's committed offset; None when nothing was committed
+    log_start: int  # first offset still in the log
+    log_end: int  # offset the next record written will get
 
 
 class Verdict(enum.Enum):
@@ -106,14 +127,18 @@ class InputGuard:
     def __init__(
         self,
         app: Any,
-        log_start: Callable[[str, int], Awaitable[int]],
+        offsets: Callable[[str, int], Awaitable[PartitionOffsets]],
         *,
         commit_interval_s: float = 1.0,
         rewind_retry_s: float = 2.0,
+        stall_after_s: float = 3.0,
     ) -> None:
-        """``log_start(topic, partition)`` returns the partition's first offset in the log."""
+        """``offsets(topic, partition)`` asks the broker about the partition."""
         self.app = app
-        self.log_start = log_start
+        self.offsets = offsets
+        self.stall_after_s = stall_after_s
+        self.topics: set[str] = set()  # the guarded input topics (watched for stalls)
+        self._progress: dict[Any, tuple[int, float]] = {}  # next offset, since when
         self.seq = Sequencer()
         self.commit_interval_s = commit_interval_s
         self.rewind_retry_s = rewind_retry_s
@@ -121,6 +146,7 @@ class InputGuard:
         self._rewound_at: dict[Any, float] = {}
         self._gap_reported: dict[Any, int] = {}
         self._lock = asyncio.Lock()
+        self._rewind_lock = asyncio.Lock()
 
     # --- the agent's side -------------------------------------------------
 
@@ -130,12 +156,16 @@ class InputGuard:
         # Faust counts a message in only for acking topics; its ack still counts it out
         self.app.sensors.on_message_in(tp, offset, msg)
         if not self.seq.known(tp):
-            if self.app.rebalancing:
-                # an event fetched before the rebalance: the start offset is not known
-                # until the rebalance has sought to the committed offsets; not applied
-                # (so not committed) here, it is fetched again after the rebalance
+            if tp not in self.app.consumer.assignment():
+                # held over from before a rebalance that took the partition away: its
+                # new owner applies it
                 return False
-            self.seq.start(tp, await self._start_offset(tp))
+            # first record since the assignment (or a record held over a rebalance
+            # that kept the partition): judged against where this group's reading
+            # of the partition resumes
+            start = await self._start_offset(tp)
+            if not self.seq.known(tp):  # (the watchdog may have started it meanwhile)
+                self.seq.start(tp, start)
         verdict = self.seq.check(tp, offset)
         if verdict is Verdict.APPLY:
             return True
@@ -167,12 +197,23 @@ class InputGuard:
     # --- commits and rewinds ---------------------------------------------
 
     async def _start_offset(self, tp: Any) -> int:
-        consumer = self.app.consumer
-        committed = consumer._committed_offset.get(tp)  # set by perform_seek at assignment
-        if committed is not None:
-            return int(committed)
-        # nothing committed yet (Faust also maps a committed 0 to None): the log start
-        return int(await self.log_start(tp.topic, tp.partition))
+        committed, log_start, _end = await self.offsets(tp.topic, tp.partition)
+        if committed is None:
+            return log_start
+        if committed < log_start:
+            log.error(
+                "input %s/%d: committed offset @%d is below the log start @%d: "
+                "records @%d..%d were deleted before they were applied",
+                tp.topic,
+                tp.partition,
+                committed,
+                log_start,
+                committed,
+                log_start - 1,
+            )
+            metrics.INPUT_GAPS.labels(tp.topic).inc(log_start - committed)
+            return log_start
+        return committed
 
     async def commit(self, tps: Iterable[Any] | None = None, *, revoking: bool = False) -> bool:
         """Flush the producer, then commit the next offset of each partition that moved.
@@ -206,33 +247,110 @@ class InputGuard:
             return ok
 
     async def rewind(self, tp: Any) -> None:
-        """Re-read every assigned partition from what was applied (see module docstring)."""
+        """Re-read ``tp`` from its next offset (see module docstring).
+
+        Rewinds run one at a time with the fetch flow stopped from before the
+        seek until after it: a record of ``tp`` fetched before the seek and
+        delivered after it would raise Faust's read offset past the records the
+        seek brings back, and Faust drops records below its read offset.
+        """
         now = time.monotonic()
         if now - self._rewound_at.get(tp, -1e9) < self.rewind_retry_s:
             return  # a rewind for this gap is under way: its records are still queued
         if self.app.rebalancing:
-            return  # the rebalance ends with a seek to the committed offsets anyway
+            return  # the partition's sequencing restarts when it is assigned again
         self._rewound_at[tp] = now
-        consumer = self.app.consumer
-        consumer.stop_flow()
-        try:
-            # let the fetch loop notice the stop before the seek resets its read offsets
-            for _ in range(3):
-                await asyncio.sleep(0)
-            if not await self.commit():
+        async with self._rewind_lock:
+            if self.app.rebalancing or not self.seq.known(tp):
                 return
-            if self.app.rebalancing:
-                return
-            await consumer.perform_seek()
-            metrics.INPUT_REWINDS.inc()
-        finally:
-            if not self.app.rebalancing:
-                consumer.resume_flow()
+            consumer = self.app.consumer
+            consumer.stop_flow()
+            try:
+                # let the fetch loop drop the delivery it was making before the seek
+                # resets its read offset
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                await self.commit()
+                if self.app.rebalancing or not self.seq.known(tp):
+                    return
+                offset = self.seq.next_offset(tp)
+                assert offset is not None
+                _committed, log_start, _end = await self.offsets(tp.topic, tp.partition)
+                if offset < log_start:  # deleted by retention before it was applied
+                    log.error(
+                        "input %s/%d: records @%d..%d were deleted before they were "
+                        "applied; resuming at the log start",
+                        tp.topic,
+                        tp.partition,
+                        offset,
+                        log_start - 1,
+                    )
+                    metrics.INPUT_GAPS.labels(tp.topic).inc(log_start - offset)
+                    self.seq.start(tp, log_start)
+                    offset = log_start
+                if self.app.rebalancing:
+                    return
+                await consumer.seek_wait({tp: offset})
+                metrics.INPUT_REWINDS.inc()
+            finally:
+                if not self.app.rebalancing:
+                    consumer.resume_flow()
+
+    def watch(self, *topics: str) -> None:
+        """Guard ``topics``: their partitions are watched for stalls (:meth:`watchdog`)."""
+        self.topics.update(topics)
+
+    async def watchdog(self) -> None:
+        """Rewind every assigned input partition that stopped short of its log end.
+
+        A gap is noticed when a later record arrives. When the records a rewind
+        brings back are lost as well (Faust's fetcher dropping a delivery that
+        raced the seek), or a partition's first records after an assignment are
+        lost, and nothing later arrives, no later record ever reports it: this
+        check does. A partition whose next offset has not moved for
+        ``stall_after_s`` while the log holds records from it on is rewound; one
+        that is merely busy loses nothing by it (what it re-reads is skipped).
+        """
+        if self.app.rebalancing:
+            return
+        now = time.monotonic()
+        for tp in self.app.consumer.assignment():
+            if tp.topic not in self.topics:
+                continue
+            nxt = self.seq.next_offset(tp)
+            mark = -1 if nxt is None else nxt
+            seen = self._progress.get(tp)
+            if seen is None or seen[0] != mark:
+                self._progress[tp] = (mark, now)
+                continue
+            if now - seen[1] < self.stall_after_s:
+                continue
+            self._progress[tp] = (seen[0], now)
+            committed, log_start, log_end = await self.offsets(tp.topic, tp.partition)
+            if nxt is None:  # no record arrived since the assignment
+                start = await self._start_offset(tp)
+                if start >= log_end or self.seq.known(tp):
+                    continue
+                self.seq.start(tp, start)
+                nxt = start
+            elif nxt >= log_end:
+                continue  # caught up
+            log.warning(
+                "input %s/%d: nothing applied for %.0f s while @%d..%d wait; rewinding",
+                tp.topic,
+                tp.partition,
+                self.stall_after_s,
+                nxt,
+                log_end - 1,
+            )
+            metrics.INPUT_STALLS.labels(tp.topic).inc()
+            await self.rewind(tp)
 
     def on_revoked(self, revoked: Iterable[Any]) -> None:
         revoked = list(revoked)
         self.seq.forget(revoked)
         for tp in revoked:
+            self._progress.pop(tp, None)
             self._committed.pop(tp, None)
             self._rewound_at.pop(tp, None)
             self._gap_reported.pop(tp, None)
@@ -243,26 +361,34 @@ class InputGuard:
         self._committed.clear()
         self._rewound_at.clear()
         self._gap_reported.clear()
+        self._progress.clear()
 
 
-def confluent_log_start(config: dict[str, Any]) -> Callable[[str, int], Awaitable[int]]:
-    """``log_start`` from a group-less confluent-kafka consumer, queried off the event loop."""
+def confluent_offsets(
+    config: dict[str, Any], group_id: str
+) -> Callable[[str, int], Awaitable[PartitionOffsets]]:
+    """``offsets`` for :class:`InputGuard` from a confluent-kafka consumer of the app's
+    group that never joins it (``committed`` only fetches offsets), queried off the
+    event loop."""
     from confluent_kafka import Consumer, TopicPartition
 
     client: list[Any] = []
 
-    def query(topic: str, partition: int) -> int:
+    def query(topic: str, partition: int) -> PartitionOffsets:
         if not client:
-            client.append(Consumer({**config, "group.id": "inventory-log-start"}))
-        low, _high = client[0].get_watermark_offsets(
-            TopicPartition(topic, partition), timeout=10.0, cached=False
-        )
-        return int(low)
+            client.append(Consumer({**config, "group.id": group_id, "enable.auto.commit": False}))
+        tp = TopicPartition(topic, partition)
+        (got,) = client[0].committed([tp], timeout=10.0)
+        if got.error is not None:
+            raise RuntimeError(f"committed offset of {topic}/{partition}: {got.error}")
+        low, high = client[0].get_watermark_offsets(tp, timeout=10.0, cached=False)
+        committed = int(got.offset) if got.offset >= 0 else None
+        return PartitionOffsets(committed, int(low), int(high))
 
-    async def log_start(topic: str, partition: int) -> int:
+    async def offsets(topic: str, partition: int) -> PartitionOffsets:
         return await asyncio.get_running_loop().run_in_executor(None, query, topic, partition)
 
-    return log_start
+    return offsets
 
 
 def install(app: Any, guard: InputGuard) -> None:
@@ -271,6 +397,7 @@ def install(app: Any, guard: InputGuard) -> None:
     @app.timer(interval=guard.commit_interval_s)
     async def _commit_inputs() -> None:
         await guard.commit()
+        await guard.watchdog()
 
     @app.on_partitions_revoked.connect
     async def _commit_before_revoke(sender: Any, revoked: set[Any], **_: Any) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import metrics
-from pipeline.sequencing import InputGuard, Sequencer, Verdict
+from pipeline.sequencing import InputGuard, PartitionOffsets, Sequencer, Verdict
 
 
 def test_sequencer_applies_only_the_next_offset():
@@ -61,13 +61,9 @@ class Event:
 @dataclass
 class FakeConsumer:
     calls: list[Any]
-    committed_at_assignment: dict[TP, int] = field(default_factory=dict)
+    committed: dict[TP, int] = field(default_factory=dict)  # the group's, on the broker
     assigned: set[TP] = field(default_factory=set)
     commit_ok: bool = True
-
-    @property
-    def _committed_offset(self) -> dict[TP, int]:
-        return self.committed_at_assignment
 
     def assignment(self) -> set[TP]:
         return self.assigned
@@ -82,8 +78,8 @@ class FakeConsumer:
     def resume_flow(self) -> None:
         self.calls.append("resume_flow")
 
-    async def perform_seek(self) -> None:
-        self.calls.append("seek")
+    async def seek_wait(self, offsets: dict[TP, int]) -> None:
+        self.calls.append(("seek", dict(offsets)))
 
 
 class FakeProducer:
@@ -121,12 +117,22 @@ class FakeApp:
         self.rebalancing = False
 
 
-def guard_for(app: FakeApp, log_start: int = 0) -> InputGuard:
-    async def start(topic: str, partition: int) -> int:
-        app.calls.append(("log_start", topic, partition))
-        return log_start
+def guard_for(app: FakeApp, log_start: int = 0, log_end: int = 10**9) -> InputGuard:
+    app.log_start, app.log_end = log_start, log_end
 
-    return InputGuard(app, start, commit_interval_s=1.0, rewind_retry_s=60.0)
+    async def offsets(topic: str, partition: int) -> PartitionOffsets:
+        app.calls.append(("offsets", topic, partition))
+        committed = app.consumer.committed.get(TP(topic, partition))
+        return PartitionOffsets(committed, app.log_start, app.log_end)
+
+    g = InputGuard(app, offsets, commit_interval_s=1.0, rewind_retry_s=60.0)
+    g.watch("orders")
+    return g
+
+
+def assigned(app: FakeApp, committed: dict[TP, int]) -> None:
+    app.consumer.committed.update(committed)
+    app.consumer.assigned.update(committed)
 
 
 def run(coro: Any) -> Any:
@@ -140,8 +146,7 @@ def ev(offset: int, topic: str = "orders", partition: int = 0) -> Event:
 def test_the_first_record_after_assignment_must_be_the_committed_offset():
     app = FakeApp()
     tp = TP("orders", 0)
-    app.consumer.committed_at_assignment[tp] = 40
-    app.consumer.assigned.add(tp)
+    assigned(app, {tp: 40})
     g = guard_for(app)
 
     async def go() -> list[bool]:
@@ -154,24 +159,51 @@ def test_the_first_record_after_assignment_must_be_the_committed_offset():
 
     assert run(go()) == [False, True, True]
     assert g.seq.next_offset(tp) == 42
-    assert "seek" not in app.calls
+    assert app.calls == [("offsets", "orders", 0)]  # asked once, at the first record
+
+
+def test_a_committed_offset_of_zero_is_an_offset():
+    # Faust and aiokafka's seek_to_committed read a committed 0 as "nothing committed"
+    app = FakeApp()
+    tp = TP("orders", 0)
+    assigned(app, {tp: 0})
+    g = guard_for(app, log_start=0)
+    assert run(g.admit(ev(0))) is True
 
 
 def test_without_a_committed_offset_reading_starts_at_the_log_start():
     app = FakeApp()
+    app.consumer.assigned.add(TP("orders", 0))
     g = guard_for(app, log_start=7)
     assert run(g.admit(ev(7))) is True
-    assert app.calls[0] == ("log_start", "orders", 0)
     app2 = FakeApp()
+    app2.consumer.assigned.add(TP("orders", 0))
     g2 = guard_for(app2, log_start=7)
     assert run(g2.admit(ev(8))) is False  # @7 never arrived
 
 
-def test_a_gap_is_not_applied_and_rewinds_after_committing_what_was_applied():
+def test_a_committed_offset_below_the_log_start_resumes_at_the_log_start_and_counts():
     app = FakeApp()
     tp = TP("orders", 0)
-    app.consumer.committed_at_assignment[tp] = 10
-    app.consumer.assigned.add(tp)
+    assigned(app, {tp: 3})
+    g = guard_for(app, log_start=10)
+    before = metrics.INPUT_GAPS.labels("orders")._value.get()
+    assert run(g.admit(ev(10))) is True
+    assert metrics.INPUT_GAPS.labels("orders")._value.get() - before == 7
+
+
+def test_a_record_of_a_partition_no_longer_assigned_is_left_to_its_owner():
+    app = FakeApp()
+    g = guard_for(app)
+    assert run(g.admit(ev(0))) is False
+    assert not g.seq.known(TP("orders", 0))
+    assert app.calls == []
+
+
+def test_a_gap_is_not_applied_and_rewinds_that_partition_to_its_next_offset():
+    app = FakeApp()
+    tp, other = TP("orders", 0), TP("orders", 1)
+    assigned(app, {tp: 10, other: 0})
     g = guard_for(app)
     before = metrics.INPUT_GAPS.labels("orders")._value.get()
     rewinds = metrics.INPUT_REWINDS._value.get()
@@ -184,23 +216,65 @@ def test_a_gap_is_not_applied_and_rewinds_after_committing_what_was_applied():
         return out
 
     assert run(go()) == [True, False, False]
-    assert app.calls == ["stop_flow", "flush", ("commit", {tp: 11}), "seek", "resume_flow"]
+    assert app.calls == [
+        ("offsets", "orders", 0),
+        "stop_flow",
+        "flush",
+        ("commit", {tp: 11}),
+        ("offsets", "orders", 0),
+        ("seek", {tp: 11}),  # only the partition with the gap
+        "resume_flow",
+    ]
     assert metrics.INPUT_GAPS.labels("orders")._value.get() - before == 2
     assert metrics.INPUT_REWINDS._value.get() - rewinds == 1
     assert g.seq.next_offset(tp) == 11
 
 
+def test_a_rewind_to_offset_zero_seeks_to_zero():
+    # the stall CI hit: nothing committed yet, the first records lost; the rewind
+    # committed 0 and Faust's perform_seek ignored it, so the fetch never went back
+    app = FakeApp()
+    tp = TP("orders", 0)
+    app.consumer.assigned.add(tp)
+    g = guard_for(app, log_start=0)
+    assert run(g.admit(ev(87))) is False
+    assert ("seek", {tp: 0}) in app.calls
+    assert app.calls[-1] == "resume_flow"
+
+
+def test_a_rewind_past_records_deleted_by_retention_resumes_at_the_log_start():
+    app = FakeApp()
+    tp = TP("orders", 0)
+    assigned(app, {tp: 5})
+    g = guard_for(app, log_start=5)
+
+    async def go() -> None:
+        assert await g.admit(ev(5))
+        g.done(ev(5))
+
+    run(go())
+
+    async def later(topic: str, partition: int) -> PartitionOffsets:
+        app.calls.append(("offsets", topic, partition))
+        return PartitionOffsets(6, 20, 30)  # retention removed @6..@19 before they were applied
+
+    g.offsets = later
+    assert run(g.admit(ev(25))) is False
+    assert ("seek", {tp: 20}) in app.calls
+    assert g.seq.next_offset(tp) == 20
+
+
 def test_commits_flush_first_and_skip_unassigned_unmoved_and_rebalancing():
     app = FakeApp()
     a, b = TP("orders", 0), TP("orders", 1)
-    app.consumer.committed_at_assignment.update({a: 0, b: 0})
-    app.consumer.assigned.update({a})
+    assigned(app, {a: 0, b: 0})
     g = guard_for(app)
 
     async def go() -> None:
         for e in (ev(0, partition=0), ev(0, partition=1)):
             assert await g.admit(e)
             g.done(e)
+        app.consumer.assigned.discard(b)  # taken away: not ours to commit
         assert await g.commit()
         assert await g.commit()  # nothing moved: no second commit
         app.rebalancing = True
@@ -209,7 +283,8 @@ def test_commits_flush_first_and_skip_unassigned_unmoved_and_rebalancing():
         assert await g.commit([a], revoking=True)
 
     run(go())
-    assert app.calls == ["flush", ("commit", {a: 1}), "flush", ("commit", {a: 2})]
+    commits = [c for c in app.calls if c[0] != "offsets"]
+    assert commits == ["flush", ("commit", {a: 1}), "flush", ("commit", {a: 2})]
     assert app.monitor.committed == {a: 2}  # Faust's committed-offset gauge follows
     assert app.sensors.seen == [(a, 0), (b, 0)]
 
@@ -217,8 +292,7 @@ def test_commits_flush_first_and_skip_unassigned_unmoved_and_rebalancing():
 def test_a_rewind_never_resumes_the_flow_of_a_rebalance():
     app = FakeApp()
     tp = TP("orders", 0)
-    app.consumer.committed_at_assignment[tp] = 0
-    app.consumer.assigned.add(tp)
+    assigned(app, {tp: 0})
     g = guard_for(app)
 
     async def flush_then_rebalance() -> None:
@@ -233,13 +307,106 @@ def test_a_rewind_never_resumes_the_flow_of_a_rebalance():
         assert not await g.admit(ev(5))
 
     run(go())
-    assert app.calls == ["stop_flow", "flush"]  # no commit, no seek, flow left to the rebalance
+    # no commit, no seek, flow left to the rebalance
+    assert app.calls == [("offsets", "orders", 0), "stop_flow", "flush"]
 
 
-def test_a_record_held_over_a_rebalance_is_dropped_for_refetching():
+def test_a_partition_stalled_short_of_its_log_end_is_rewound_by_the_watchdog():
+    # the rewound records can be lost as well (a delivery racing the seek); with
+    # nothing later arriving, no gap is ever reported: the watchdog notices
     app = FakeApp()
-    app.rebalancing = True
-    g = guard_for(app)
-    assert run(g.admit(ev(3))) is False
-    assert not g.seq.known(TP("orders", 0))
+    tp = TP("orders", 0)
+    assigned(app, {tp: 3})
+    g = guard_for(app, log_end=10)
+    g.rewind_retry_s = 0.0
+    g.stall_after_s = 0.0
+    before = metrics.INPUT_STALLS.labels("orders")._value.get()
+
+    async def go() -> None:
+        assert await g.admit(ev(3))
+        g.done(ev(3))
+        await g.watchdog()  # first look: remembers @4
+        await g.watchdog()  # no progress, @4..@9 in the log: rewind
+
+    run(go())
+    assert [c for c in app.calls if c[0] == "seek"] == [("seek", {tp: 4})]
+    assert metrics.INPUT_STALLS.labels("orders")._value.get() - before == 1
+
+
+def test_the_watchdog_leaves_caught_up_and_progressing_partitions_alone():
+    app = FakeApp()
+    tp = TP("orders", 0)
+    assigned(app, {tp: 3})
+    g = guard_for(app, log_end=4)
+    g.stall_after_s = 0.0
+
+    async def go() -> None:
+        assert await g.admit(ev(3))
+        g.done(ev(3))
+        await g.watchdog()
+        await g.watchdog()  # caught up: @4 is the log end
+        app.log_end = 50
+        assert await g.admit(ev(4))
+        g.done(ev(4))
+        await g.watchdog()  # moved since the last look
+        g.stall_after_s = 60.0
+        await g.watchdog()  # not for long enough
+
+    run(go())
+    assert not [c for c in app.calls if c[0] == "seek"]
+
+
+def test_the_watchdog_starts_a_partition_whose_first_records_never_arrived():
+    app = FakeApp()
+    tp = TP("orders", 2)
+    assigned(app, {tp: 0})  # a committed 0, records @0..@4 in the log, none delivered
+    g = guard_for(app, log_end=5)
+    g.stall_after_s = 0.0
+
+    async def go() -> None:
+        await g.watchdog()
+        await g.watchdog()
+
+    run(go())
+    assert ("seek", {tp: 0}) in app.calls
+    assert g.seq.next_offset(tp) == 0
+
+
+def test_the_watchdog_ignores_other_topics_and_rebalances():
+    app = FakeApp()
+    other = TP("stock-changes", 0)
+    app.consumer.assigned.add(other)
+    g = guard_for(app, log_end=5)
+    g.stall_after_s = 0.0
+
+    async def go() -> None:
+        await g.watchdog()
+        await g.watchdog()
+        app.rebalancing = True
+        app.consumer.assigned.add(TP("orders", 0))
+        await g.watchdog()
+        await g.watchdog()
+
+    run(go())
     assert app.calls == []
+
+
+def test_rewinds_of_two_partitions_never_overlap():
+    app = FakeApp()
+    a, b = TP("orders", 0), TP("orders", 1)
+    assigned(app, {a: 0, b: 0})
+    g = guard_for(app)
+
+    async def go() -> None:
+        await asyncio.gather(g.admit(ev(4, partition=0)), g.admit(ev(4, partition=1)))
+
+    run(go())
+    flow = [c for c in app.calls if c in ("stop_flow", "resume_flow") or c[0] == "seek"]
+    assert flow == [
+        "stop_flow",
+        ("seek", {a: 0}),
+        "resume_flow",
+        "stop_flow",
+        ("seek", {b: 0}),
+        "resume_flow",
+    ]
