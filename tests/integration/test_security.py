@@ -43,14 +43,40 @@ def secure_broker(kafka):
         (stack / "kafka-libs").symlink_to(main_libs)
     cert, key, p12 = root / "cert.pem", root / "key.pem", root / "server.p12"
     made = _run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-         "-keyout", str(key), "-out", str(cert)]
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ]
     )
     assert made.returncode == 0, made.stderr
     made = _run(
-        ["openssl", "pkcs12", "-export", "-in", str(cert), "-inkey", str(key), "-out", str(p12),
-         "-passout", "pass:keystore-pw"]
+        [
+            "openssl",
+            "pkcs12",
+            "-export",
+            "-in",
+            str(cert),
+            "-inkey",
+            str(key),
+            "-out",
+            str(p12),
+            "-passout",
+            "pass:keystore-pw",
+        ]
     )
     assert made.returncode == 0, made.stderr
     plain, ctl, sasl = free_port(), free_port(), free_port()
@@ -139,9 +165,17 @@ def test_wrong_password_fails_with_a_clear_message_and_no_secret(secure_broker, 
     env = dict(os.environ, **secure_env(secure_broker, wrong))
     env["INVENTORY_TOPIC_PREFIX"] = f"wrong-{uuid.uuid4().hex[:6]}."
     done = _run(
-        [sys.executable, "-m", "pipeline.produce", "send", "RestockReceived",
-         '{"sku": "SEC-2", "qty": 1}'],
-        cwd=REPO, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.produce",
+            "send",
+            "RestockReceived",
+            '{"sku": "SEC-2", "qty": 1}',
+        ],
+        cwd=REPO,
+        env=env,
+        timeout=120,
     )
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
@@ -152,7 +186,11 @@ def test_wrong_password_fails_with_a_clear_message_and_no_secret(secure_broker, 
 def vars_of(s) -> dict:
     """The security fields of a Settings, to overlay on a namespace's settings."""
     keys = [
-        "kafka_bootstrap", "kafka_security_protocol", "kafka_sasl_mechanism",
-        "kafka_sasl_username", "kafka_sasl_password", "kafka_ssl_cafile",
+        "kafka_bootstrap",
+        "kafka_security_protocol",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
     ]
     return {k: getattr(s, k) for k in keys}
