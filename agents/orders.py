@@ -41,7 +41,14 @@ from prometheus_client import Counter, Gauge
 from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline import saga as sg
-from pipeline.app import _raw_topic, app, dead_letters_topic, input_guard, orders_topic
+from pipeline.app import (
+    _raw_topic,
+    app,
+    dead_letters_topic,
+    input_guard,
+    orders_topic,
+    table_options,
+)
 from pipeline.clients import aiokafka_kwargs
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic
@@ -93,7 +100,7 @@ orders_table = app.Table(
     key_type=bytes,
     value_type=bytes,
     partitions=settings.partitions,
-    options={"driver": "rocksdict", "block_cache_size": 8 * 1024 * 1024},
+    options=table_options(settings),
     extra_topic_configs={
         "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
     },

@@ -102,6 +102,11 @@ class Settings:
     expiry_scan_interval_s: float = 1.0
     # how often input offsets are committed (after a producer flush; pipeline.sequencing)
     commit_interval_s: float = 1.0
+    # RocksDB memory per table partition (each partition is its own DB): memtables
+    # (write buffers) and block cache; Faust's defaults are 64 MiB x 3 memtables
+    rocksdb_write_buffer_mb: int = 8
+    rocksdb_max_write_buffers: int = 2
+    rocksdb_block_cache_mb: int = 8
     # tests only: records whose first delivery to the agents is dropped (pipeline.failpoints)
     failpoint_drop_delivery: str = ""
     # how long the changelog keeps superseded versions, so the relay that
@@ -156,6 +161,15 @@ class Settings:
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
             ),
             commit_interval_s=_float(e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s),
+            rocksdb_write_buffer_mb=_int(
+                e, "INVENTORY_ROCKSDB_WRITE_BUFFER_MB", d.rocksdb_write_buffer_mb
+            ),
+            rocksdb_max_write_buffers=_int(
+                e, "INVENTORY_ROCKSDB_MAX_WRITE_BUFFERS", d.rocksdb_max_write_buffers
+            ),
+            rocksdb_block_cache_mb=_int(
+                e, "INVENTORY_ROCKSDB_BLOCK_CACHE_MB", d.rocksdb_block_cache_mb
+            ),
             failpoint_drop_delivery=e.get("INVENTORY_FAILPOINT_DROP_DELIVERY", ""),
             changelog_min_compaction_lag_ms=_int(
                 e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms

@@ -21,7 +21,7 @@ from typing import Any
 
 import faust
 
-from config.settings import settings
+from config.settings import Settings, settings
 from pipeline.clients import confluent_config, faust_broker_kwargs
 from pipeline.failpoints import drop_deliveries, parse_drops
 from pipeline.logs import faust_logging_config
@@ -72,6 +72,17 @@ class InventoryApp(faust.App):
         await super().on_shutdown()
         if self._flushed_on_stop and Path(self.conf.datadir).exists():
             self._marker().write_text("ok\n")
+
+
+def table_options(cfg: Settings) -> dict[str, Any]:
+    """Options of every RocksDB table: memory per partition DB from the settings."""
+    mib = 1024 * 1024
+    return {
+        "driver": "rocksdict",
+        "write_buffer_size": cfg.rocksdb_write_buffer_mb * mib,
+        "max_write_buffer_number": cfg.rocksdb_max_write_buffers,
+        "block_cache_size": cfg.rocksdb_block_cache_mb * mib,
+    }
 
 
 def _raw_topic(*names: str, acks: bool = True) -> Any:
@@ -146,7 +157,7 @@ stock_table = app.Table(
     key_type=bytes,
     value_type=bytes,
     partitions=settings.partitions,
-    options={"driver": "rocksdict", "block_cache_size": 8 * 1024 * 1024},
+    options=table_options(settings),
     extra_topic_configs={
         "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
     },
