@@ -26,13 +26,21 @@ from typing import Any
 
 from config.settings import Settings, settings
 from pipeline import core, metrics
-from pipeline.app import INPUT_TOPICS, app, dead_letters_topic, input_guard, stock_table
+from pipeline.app import (
+    INPUT_TOPICS,
+    app,
+    dead_letters_topic,
+    input_guard,
+    open_reservations,
+    stock_table,
+)
 from pipeline.logs import bind_log_context, log_context
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from schemas.registry import RegistryError
 from tables.stock import (
+    OpenReservations,
     StoredReservation,
     StoredStock,
     effects_of,
@@ -50,11 +58,19 @@ def now_ms() -> int:
 class CommandHandler:
     """Applies one input event to the stock table; see the module docstring."""
 
-    def __init__(self, table: Any, codec: AvroCodec, cfg: Settings, app: Any = None) -> None:
+    def __init__(
+        self,
+        table: Any,
+        codec: AvroCodec,
+        cfg: Settings,
+        app: Any = None,
+        open_reservations: OpenReservations | None = None,
+    ) -> None:
         self.table = table
         self.codec = codec
         self.cfg = cfg
         self.app = app
+        self.open_reservations = open_reservations
 
     async def handle(self, event: Any) -> None:
         msg = event.message
@@ -149,6 +165,8 @@ class CommandHandler:
             )
             # written before the SKU record: see tables.stock for why the order matters
             self.table[rkey] = new_res.to_bytes()
+            if self.open_reservations is not None:
+                self.open_reservations.note(rkey, new_res.current)
         watermarks = dict(stored.watermarks) if stored else {}
         watermarks[topic] = offset
         version_at = stored.version_at if stored else 0
@@ -213,7 +231,9 @@ class CommandHandler:
         await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
-handler = CommandHandler(stock_table, codec_from_settings(settings), settings, app)
+handler = CommandHandler(
+    stock_table, codec_from_settings(settings), settings, app, open_reservations
+)
 
 
 # One agent per input topic, concurrency 1: records of a partition are applied in

@@ -100,6 +100,9 @@ class Settings:
     # consumer group session: how long a killed worker's partitions stay orphaned
     session_timeout_s: float = 10.0
     expiry_scan_interval_s: float = 1.0
+    # how often the sweeper re-reads every reservation from the table (a backstop:
+    # between these it checks the open reservations the agent noted)
+    expiry_full_scan_s: float = 30.0
     # how often input offsets are committed (after a producer flush; pipeline.sequencing)
     commit_interval_s: float = 1.0
     # RocksDB memory per table partition (each partition is its own DB): memtables
@@ -160,6 +163,7 @@ class Settings:
             expiry_scan_interval_s=_float(
                 e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
             ),
+            expiry_full_scan_s=_float(e, "INVENTORY_EXPIRY_FULL_SCAN_S", d.expiry_full_scan_s),
             commit_interval_s=_float(e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s),
             rocksdb_write_buffer_mb=_int(
                 e, "INVENTORY_ROCKSDB_WRITE_BUFFER_MB", d.rocksdb_write_buffer_mb

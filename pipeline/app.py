@@ -29,6 +29,7 @@ from pipeline.metrics import install_faust_sensor
 from pipeline.sequencing import InputGuard, confluent_offsets
 from pipeline.sequencing import install as install_input_guard
 from pipeline.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
+from tables.stock import OpenReservations
 
 log = logging.getLogger("inventory.app")
 
@@ -162,6 +163,9 @@ stock_table = app.Table(
         "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
     },
 )
+
+# open reservations of this worker's partitions, for the expiry sweeper (pipeline.expiry)
+open_reservations = OpenReservations()
 
 # Register agents, views, timers and the relay (they import the objects above).
 import agents.orders  # noqa: E402,F401

@@ -1,5 +1,10 @@
 """The expiry sweeper: finds overdue reservations and sends ExpireReservation.
 
+It does not scan the table every second: the agent notes each reservation it
+writes in ``open_reservations``; the sweeper rebuilds that set from the table
+after every rebalance (a restore writes the table without the agent) and every
+``INVENTORY_EXPIRY_FULL_SCAN_S`` as a backstop, and checks only the open ones.
+
 It never writes the table (Faust forbids writes outside stream iteration):
 every worker scans the reservations of its own active partitions and sends an
 ExpireReservation command, keyed by SKU, to ``inventory.orders``; the agent
@@ -14,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Any
 
 from config.settings import settings
 from pipeline import metrics
-from pipeline.app import app, orders_topic, stock_table
+from pipeline.app import app, open_reservations, orders_topic, stock_table
 from pipeline.partitioning import partition_for
 from schemas.codec import codec_from_settings
-from tables.stock import RESERVATION_SEP, StoredReservation
+from tables.stock import RESERVATION_SEP
 
 log = logging.getLogger("inventory.expiry")
 
@@ -29,19 +35,18 @@ _codec = codec_from_settings(settings)
 _sent: dict[bytes, int] = {}
 
 
+_built: dict[str, Any] = {"generation": None, "at": 0.0}
+
+
 def overdue(now: int) -> list[tuple[str, str]]:
     """(sku, order_id) of open reservations past their expiry in this worker's partitions."""
-    found = []
-    pending = 0
-    for key, value in stock_table.data.items():
-        if RESERVATION_SEP not in key:
-            continue
-        cur = StoredReservation.from_bytes(value).current
-        if cur["status"] == "RESERVED":
-            pending += 1
-            if cur["expires_at"] <= now:
-                found.append((cur["sku"], cur["order_id"]))
-    metrics.RESERVATIONS_PENDING.set(pending)
+    generation = app.consumer_generation_id
+    mono = time.monotonic()
+    if generation != _built["generation"] or mono - _built["at"] >= settings.expiry_full_scan_s:
+        open_reservations.rebuild(stock_table.data.items())
+        _built.update(generation=generation, at=mono)
+    found = open_reservations.overdue(now)
+    metrics.RESERVATIONS_PENDING.set(len(open_reservations))
     metrics.RESERVATIONS_OVERDUE.set(len(found))
     return found
 

@@ -23,6 +23,7 @@ Values are JSON (orjson): small, fast and readable with any Kafka tool.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,3 +235,38 @@ def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]
         elif isinstance(e, core.LowStockCrossed):
             out.setdefault("LowStockCrossed", []).append(e.__dict__.copy())
     return out
+
+
+class OpenReservations:
+    """The open (RESERVED) reservations of a worker's partitions, by table key.
+
+    The expiry sweeper checks these every second instead of decoding the whole
+    table: the agent notes every reservation it writes, and the sweeper
+    rebuilds the set from the table after each rebalance (a restore from the
+    changelog writes the table without the agent) and, as a backstop, every
+    ``INVENTORY_EXPIRY_FULL_SCAN_S``.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[bytes, tuple[int, str, str]] = {}  # key -> expires_at, sku, order
+
+    def note(self, key: bytes, current: dict[str, Any]) -> None:
+        """Record the reservation just written under ``key`` (its ``current`` version)."""
+        if current["status"] == core.ReservationStatus.RESERVED.value:
+            self._open[key] = (current["expires_at"], current["sku"], current["order_id"])
+        else:
+            self._open.pop(key, None)
+
+    def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Replace the set by the open reservations among ``items`` (table key, value)."""
+        self._open = {}
+        for key, value in items:
+            if RESERVATION_SEP in key:
+                self.note(key, StoredReservation.from_bytes(value).current)
+
+    def overdue(self, now: int) -> list[tuple[str, str]]:
+        """(sku, order_id) of the open reservations whose expiry is at or before ``now``."""
+        return [(sku, order) for at, sku, order in self._open.values() if at <= now]
+
+    def __len__(self) -> int:
+        return len(self._open)

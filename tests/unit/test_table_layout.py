@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipeline import core
 from tables.stock import (
+    OpenReservations,
     StoredReservation,
     StoredStock,
     effects_of,
@@ -86,3 +87,40 @@ def test_effects_hold_only_what_the_relay_publishes():
     fx = effects_of(d.events)
     assert set(fx) == {"StockChanged", "ReservationResult"}
     assert fx["ReservationResult"][0]["outcome"] == "RESERVED"
+
+
+def _held(order: str, sku: str, expires_at: int, status: core.ReservationStatus) -> bytes:
+    r = core.Reservation(order, sku, 1, status, expires_at, "web", f"e-{order}", T0)
+    return StoredReservation.new(r, ORDERS, 1).to_bytes()
+
+
+def test_open_reservations_follow_the_writes_and_report_only_the_overdue():
+    idx = OpenReservations()
+    k1, k2 = reservation_key("A", "o1"), reservation_key("B", "o2")
+    idx.note(k1, StoredReservation.from_bytes(_held("o1", "A", T0 + 10, RESERVED)).current)
+    idx.note(k2, StoredReservation.from_bytes(_held("o2", "B", T0 + 50, RESERVED)).current)
+    assert len(idx) == 2
+    assert idx.overdue(T0 + 9) == []
+    assert idx.overdue(T0 + 10) == [("A", "o1")]
+    committed = _held("o1", "A", T0 + 10, core.ReservationStatus.COMMITTED)
+    idx.note(k1, StoredReservation.from_bytes(committed).current)  # closed: no longer open
+    assert idx.overdue(T0 + 100) == [("B", "o2")]
+    assert len(idx) == 1
+
+
+def test_open_reservations_rebuild_from_the_table_skipping_sku_records_and_closed_ones():
+    idx = OpenReservations()
+    idx.note(
+        reservation_key("Z", "gone"),
+        {"status": "RESERVED", "expires_at": 0, "sku": "Z", "order_id": "gone"},
+    )
+    items = [
+        (stock_key("A"), stock_at(3).to_bytes()),
+        (reservation_key("A", "o1"), _held("o1", "A", T0 + 10, RESERVED)),
+        (reservation_key("A", "o2"), _held("o2", "A", T0, core.ReservationStatus.RELEASED)),
+    ]
+    idx.rebuild(items)
+    assert idx.overdue(T0 + 1000) == [("A", "o1")]  # the entry not in the table is gone
+
+
+RESERVED = core.ReservationStatus.RESERVED
