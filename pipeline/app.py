@@ -117,6 +117,10 @@ app = InventoryApp(
     broker_session_timeout=settings.session_timeout_s,
     broker_heartbeat_interval=settings.heartbeat_interval_s,
     producer_linger_ms=1,
+    # a worker that joins while a just-started broker does not list its topics yet
+    # gets an empty assignment; the consumer rejoins when a metadata refresh shows
+    # them, so refresh every 10 s instead of aiokafka's 5 min
+    consumer_metadata_max_age_ms=10_000,
     key_serializer="raw",
     value_serializer="raw",
     # JSON logs at INVENTORY_LOG_LEVEL (the CLI's -l is ignored: Faust's spinner would reset it)
