@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -121,10 +122,19 @@ def test_outages_of_redis_and_search_lose_nothing_and_converge(kafka, targets):
         rds = redis.Redis.from_url(private_redis.url)
 
         behind: dict[str, tuple[int, int | None, int | None]] = {}
+        # the worker may still be applying the tail of the stream (it can lag the producer
+        # on a busy machine): only a table unchanged for 2 s is the final state
+        seen: dict[str, Any] = {"versions": None, "since": 0.0}
 
         def converged() -> bool:
             behind.clear()
-            for sku, v in table_versions(worker).items():
+            versions = table_versions(worker)
+            if versions != seen["versions"]:
+                seen.update(versions=versions, since=time.monotonic())
+                return False
+            if time.monotonic() - seen["since"] < 2.0:
+                return False
+            for sku, v in versions.items():
                 got = rds.hget(ns.settings.redis_stock_key(sku), "version")
                 in_redis = None if got is None else int(got)
                 in_search = search_version(base.opensearch_url, index, sku)
