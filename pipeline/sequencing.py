@@ -164,6 +164,8 @@ class InputGuard:
             # that kept the partition): judged against where this group's reading
             # of the partition resumes
             start = await self._start_offset(tp)
+            if tp not in self.app.consumer.assignment():
+                return False  # taken away while the broker was asked
             if not self.seq.known(tp):  # (the watchdog may have started it meanwhile)
                 self.seq.start(tp, start)
         verdict = self.seq.check(tp, offset)
@@ -196,8 +198,27 @@ class InputGuard:
 
     # --- commits and rewinds ---------------------------------------------
 
+    async def _ask(self, tp: Any) -> PartitionOffsets | None:
+        """The broker's offsets for ``tp``; None (logged) while the broker does not answer."""
+        try:
+            return await self.offsets(tp.topic, tp.partition)
+        except Exception as exc:  # noqa: BLE001 - broker away: asked again later
+            log.warning(
+                "input %s/%d: cannot read offsets from the broker (%s); asking again later",
+                tp.topic,
+                tp.partition,
+                exc,
+            )
+            return None
+
     async def _start_offset(self, tp: Any) -> int:
-        committed, log_start, _end = await self.offsets(tp.topic, tp.partition)
+        """Where ``tp`` resumes; waits for the broker to answer (nothing flows without it)."""
+        while (found := await self._ask(tp)) is None:
+            await asyncio.sleep(1.0)
+        return self._start_from(tp, found)
+
+    def _start_from(self, tp: Any, found: PartitionOffsets) -> int:
+        committed, log_start, _end = found
         if committed is None:
             return log_start
         if committed < log_start:
@@ -275,7 +296,8 @@ class InputGuard:
                     return
                 offset = self.seq.next_offset(tp)
                 assert offset is not None
-                _committed, log_start, _end = await self.offsets(tp.topic, tp.partition)
+                found = await self._ask(tp)
+                log_start = found.log_start if found is not None else offset
                 if offset < log_start:  # deleted by retention before it was applied
                     log.error(
                         "input %s/%d: records @%d..%d were deleted before they were "
@@ -326,9 +348,12 @@ class InputGuard:
             if now - seen[1] < self.stall_after_s:
                 continue
             self._progress[tp] = (seen[0], now)
-            committed, log_start, log_end = await self.offsets(tp.topic, tp.partition)
+            found = await self._ask(tp)
+            if found is None:
+                return  # the broker does not answer: the next tick looks again
+            log_end = found.log_end
             if nxt is None:  # no record arrived since the assignment
-                start = await self._start_offset(tp)
+                start = self._start_from(tp, found)
                 if start >= log_end or self.seq.known(tp):
                     continue
                 self.seq.start(tp, start)

@@ -410,3 +410,38 @@ def test_rewinds_of_two_partitions_never_overlap():
         ("seek", {b: 0}),
         "resume_flow",
     ]
+
+
+def test_a_broker_that_does_not_answer_crashes_nothing():
+    # chaos: the watchdog's offsets query timed out during a broker restart and the
+    # exception crashed the worker; now each caller waits or tries again later
+    app = FakeApp()
+    tp = TP("orders", 0)
+    assigned(app, {tp: 3})
+    g = guard_for(app, log_end=10)
+    g.stall_after_s = 0.0
+    answer = g.offsets
+    failures = {"left": 0}
+
+    async def flaky(topic: str, partition: int) -> PartitionOffsets:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("Failed to get committed offsets: Local: Timed out")
+        return await answer(topic, partition)
+
+    g.offsets = flaky
+
+    async def go() -> None:
+        failures["left"] = 1
+        assert await g.admit(ev(3))  # asked again after a second, then applied
+        g.done(ev(3))
+        await g.watchdog()
+        failures["left"] = 5
+        await g.watchdog()  # stalled, but the broker is away: no crash, no rewind yet
+        assert not [c for c in app.calls if c[0] == "seek"]
+        failures["left"] = 0
+        await g.watchdog()
+        await g.watchdog()  # the broker is back: rewound
+
+    run(go())
+    assert [c for c in app.calls if c[0] == "seek"] == [("seek", {tp: 4})]
