@@ -112,6 +112,9 @@ class Settings:
     rocksdb_block_cache_mb: int = 8
     # tests only: records whose first delivery to the agents is dropped (pipeline.failpoints)
     failpoint_drop_delivery: str = ""
+    # tests only: a relay process SIGKILLs itself once it has published this many
+    # records, after sending a batch and before committing it (0 = off)
+    failpoint_relay_kill_after: int = 0
     # how long the changelog keeps superseded versions, so the relay that
     # derives StockChanged/ReservationResult from it never misses one
     changelog_min_compaction_lag_ms: int = 7 * 24 * 3600 * 1000
@@ -130,6 +133,9 @@ class Settings:
     redis_key_prefix: str = "inventory:"
     search_index: str = "inventory-stock"
     sink_enabled: bool = True
+    # publish StockChanged/ReservationResult from the changelog inside each worker;
+    # 0 = run it as its own process instead (python -m pipeline.relay)
+    relay_enabled: bool = True
     sink_batch_size: int = 500
     sink_max_backoff_s: float = 30.0
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
@@ -175,6 +181,7 @@ class Settings:
                 e, "INVENTORY_ROCKSDB_BLOCK_CACHE_MB", d.rocksdb_block_cache_mb
             ),
             failpoint_drop_delivery=e.get("INVENTORY_FAILPOINT_DROP_DELIVERY", ""),
+            failpoint_relay_kill_after=_int(e, "INVENTORY_FAILPOINT_RELAY_KILL_AFTER", 0),
             changelog_min_compaction_lag_ms=_int(
                 e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
             ),
@@ -193,6 +200,7 @@ class Settings:
             redis_key_prefix=_str(e, "INVENTORY_REDIS_KEY_PREFIX", d.redis_key_prefix),
             search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
             sink_enabled=_str(e, "INVENTORY_SINK_ENABLED", "1") not in ("0", "false", "no"),
+            relay_enabled=_str(e, "INVENTORY_RELAY_ENABLED", "1") not in ("0", "false", "no"),
             sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size),
             sink_max_backoff_s=_float(e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s),
             stock_changes_retention_ms=_int(

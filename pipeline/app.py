@@ -171,11 +171,18 @@ stock_table = app.Table(
 # open reservations of this worker's partitions, for the expiry sweeper (pipeline.expiry)
 open_reservations = OpenReservations()
 
-# Register agents, views, timers and the relay (they import the objects above).
+# Register agents, views and timers (they import the objects above).
 import agents.orders  # noqa: E402,F401
 import agents.stock  # noqa: E402,F401
 import pipeline.expiry  # noqa: E402,F401
 import pipeline.live  # noqa: E402,F401
-import pipeline.relay  # noqa: E402,F401
 import pipeline.sinks.worker  # noqa: E402,F401
 import pipeline.web  # noqa: E402,F401
+
+if settings.relay_enabled:
+    from pipeline.relay import ChangelogRelay, run_forever
+    from schemas.codec import codec_from_settings
+
+    @app.task
+    async def run_relay() -> None:
+        await run_forever(ChangelogRelay(settings, codec_from_settings(settings)))

@@ -2,9 +2,12 @@
 
 Every SKU record in the stock table's changelog carries the effects of the
 command that wrote it (:mod:`tables.stock`). The relay consumes the changelog
-in its own consumer group and publishes those effects, then commits. It runs
-in every worker; Kafka's group protocol spreads the changelog partitions over
-them.
+in its own consumer group and publishes those effects, then commits. By default
+it runs in every worker (Kafka's group protocol spreads the changelog
+partitions over them); with ``INVENTORY_RELAY_ENABLED=0`` on the workers it runs
+as its own process instead, ``python -m pipeline.relay`` (any number of them,
+same group), which takes its consume-decode-encode-produce work off the
+deciding event loop.
 
 Delivery is at-least-once: after a crash the relay re-publishes what it had
 not committed, so ``inventory.stock-changes`` may hold a version twice (with
@@ -18,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from config.settings import Settings, settings
 from pipeline import metrics
-from pipeline.app import app
 from pipeline.clients import aiokafka_kwargs
+from pipeline.logs import configure_logging
 from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
@@ -39,6 +44,7 @@ class ChangelogRelay:
         self.cfg = cfg
         self.codec = codec
         self.topic = changelog_topic(cfg)
+        self.published = 0  # records sent by this process (for the kill failpoint)
 
     def outputs(self, key: bytes, value: bytes | None) -> list[tuple[str, bytes, bytes, str]]:
         """(topic, key, value, record name) to publish for one changelog record."""
@@ -90,6 +96,11 @@ class ChangelogRelay:
                     offsets[tp] = records[-1].offset + 1
                 if futures:
                     await asyncio.gather(*futures)
+                self.published += len(futures)
+                kill_after = self.cfg.failpoint_relay_kill_after
+                if kill_after and self.published >= kill_after:
+                    log.warning("failpoint: relay killed after %d records", self.published)
+                    os.kill(os.getpid(), signal.SIGKILL)  # published, not committed
                 await consumer.commit(offsets)
                 await self._update_lag(consumer)
         finally:
@@ -115,11 +126,8 @@ class ChangelogRelay:
         metrics.RELAY_LAG.set(lag)
 
 
-relay = ChangelogRelay(settings, codec_from_settings(settings))
-
-
-@app.task
-async def run_relay() -> None:
+async def run_forever(relay: ChangelogRelay) -> None:
+    """Run the relay, restarting it after any failure (broker hiccups included)."""
     while True:
         try:
             await relay.run()
@@ -128,3 +136,8 @@ async def run_relay() -> None:
         except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
             log.exception("relay failed; restarting in 1 s")
             await asyncio.sleep(1.0)
+
+
+if __name__ == "__main__":
+    configure_logging(settings.log_level)
+    asyncio.run(run_forever(ChangelogRelay(settings, codec_from_settings(settings))))

@@ -80,7 +80,7 @@ class Namespace:
         return env
 
 
-_STARTED: list[Worker] = []
+_STARTED: list[Worker | Sidecar] = []
 
 
 @atexit.register
@@ -189,6 +189,47 @@ class Worker:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return "(no log)"
+
+
+class Sidecar:
+    """A non-Faust process of the pipeline (``python -m pipeline.relay`` or
+    ``python -m pipeline.sinks``) in a namespace, killed with its process group."""
+
+    def __init__(
+        self,
+        ns: Namespace,
+        module: str,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.ns = ns
+        self.module = module
+        self.log_path = log_path or OUT / ns.name / f"{module}.log"
+        self.extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Sidecar:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                cwd=REPO,
+                env={**self.ns.env(0, OUT / self.ns.name / "sidecar"), **self.extra_env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _STARTED.append(self)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
 
 
 @dataclass(frozen=True)
