@@ -33,6 +33,8 @@ from pipeline import core
 
 RESERVATION_SEP = b"\x00r\x00"
 
+Entry = tuple[int, str, str]  # an open reservation: expires_at, sku, order_id
+
 
 def stock_key(sku: str) -> bytes:
     return sku.encode("utf-8")
@@ -244,25 +246,66 @@ class OpenReservations:
     table: the agent notes every reservation it writes, and the sweeper
     rebuilds the set from the table after each rebalance (a restore from the
     changelog writes the table without the agent) and, as a backstop, every
-    ``INVENTORY_EXPIRY_FULL_SCAN_S``.
+    ``INVENTORY_EXPIRY_FULL_SCAN_S``. A rebuild may scan in slices between
+    which the agent keeps writing: notes made after :meth:`start_rebuild` win
+    over what the scan found for the same key.
     """
 
     def __init__(self) -> None:
-        self._open: dict[bytes, tuple[int, str, str]] = {}  # key -> expires_at, sku, order
+        self._open: dict[bytes, Entry] = {}
+        self._noted: dict[bytes, Entry | None] | None = None  # notes during a rebuild
+
+    @staticmethod
+    def entry(current: dict[str, Any]) -> Entry | None:
+        """(expires_at, sku, order_id) of an open reservation version, None if closed."""
+        if current["status"] == core.ReservationStatus.RESERVED.value:
+            return (current["expires_at"], current["sku"], current["order_id"])
+        return None
 
     def note(self, key: bytes, current: dict[str, Any]) -> None:
         """Record the reservation just written under ``key`` (its ``current`` version)."""
-        if current["status"] == core.ReservationStatus.RESERVED.value:
-            self._open[key] = (current["expires_at"], current["sku"], current["order_id"])
+        entry = self.entry(current)
+        if entry is not None:
+            self._open[key] = entry
         else:
             self._open.pop(key, None)
+        if self._noted is not None:
+            self._noted[key] = entry
+
+    def start_rebuild(self) -> None:
+        """Begin a scan of the table; notes from now on override what it finds."""
+        self._noted = {}
+
+    def abort_rebuild(self) -> None:
+        """Forget a scan that did not finish (e.g. a rebalance began); keep the old set."""
+        self._noted = None
+
+    def finish_rebuild(self, found: dict[bytes, Entry]) -> None:
+        """Replace the set by ``found`` (key -> entry from the scan) plus the notes since
+        :meth:`start_rebuild`."""
+        for key, entry in (self._noted or {}).items():
+            if entry is None:
+                found.pop(key, None)
+            else:
+                found[key] = entry
+        self._noted = None
+        self._open = found
+
+    @classmethod
+    def scan_one(cls, key: bytes, value: bytes, found: dict[bytes, Entry]) -> None:
+        """Add the table item (``key``, ``value``) to ``found`` if it is an open reservation."""
+        if RESERVATION_SEP in key:
+            entry = cls.entry(StoredReservation.from_bytes(value).current)
+            if entry is not None:
+                found[key] = entry
 
     def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Replace the set by the open reservations among ``items`` (table key, value)."""
-        self._open = {}
+        self.start_rebuild()
+        found: dict[bytes, Entry] = {}
         for key, value in items:
-            if RESERVATION_SEP in key:
-                self.note(key, StoredReservation.from_bytes(value).current)
+            self.scan_one(key, value, found)
+        self.finish_rebuild(found)
 
     def overdue(self, now: int) -> list[tuple[str, str]]:
         """(sku, order_id) of the open reservations whose expiry is at or before ``now``."""

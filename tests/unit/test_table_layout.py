@@ -124,3 +124,32 @@ def test_open_reservations_rebuild_from_the_table_skipping_sku_records_and_close
 
 
 RESERVED = core.ReservationStatus.RESERVED
+
+
+def test_notes_made_while_a_sliced_rebuild_scans_win_over_what_the_scan_found():
+    idx = OpenReservations()
+    k1, k2, k3 = (reservation_key("A", o) for o in ("o1", "o2", "o3"))
+    idx.start_rebuild()
+    found: dict[bytes, tuple[int, str, str]] = {}
+    # the scan reads o1 still open, then the agent closes o1 and opens o3 mid-scan
+    OpenReservations.scan_one(k1, _held("o1", "A", T0 + 10, RESERVED), found)
+    idx.note(k1, StoredReservation.from_bytes(_held("o1", "A", T0 + 10, COMMITTED)).current)
+    idx.note(k3, StoredReservation.from_bytes(_held("o3", "A", T0 + 30, RESERVED)).current)
+    OpenReservations.scan_one(k2, _held("o2", "A", T0 + 20, RESERVED), found)
+    idx.finish_rebuild(found)
+    assert sorted(idx.overdue(T0 + 1000)) == [("A", "o2"), ("A", "o3")]
+    # after the rebuild, notes go straight to the set again
+    idx.note(k2, StoredReservation.from_bytes(_held("o2", "A", T0 + 20, COMMITTED)).current)
+    assert idx.overdue(T0 + 1000) == [("A", "o3")]
+
+
+def test_an_aborted_rebuild_keeps_the_old_set():
+    idx = OpenReservations()
+    k1 = reservation_key("A", "o1")
+    idx.note(k1, StoredReservation.from_bytes(_held("o1", "A", T0 + 10, RESERVED)).current)
+    idx.start_rebuild()
+    idx.abort_rebuild()
+    assert idx.overdue(T0 + 10) == [("A", "o1")]
+
+
+COMMITTED = core.ReservationStatus.COMMITTED
