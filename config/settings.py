@@ -102,7 +102,7 @@ class Settings:
     expiry_scan_interval_s: float = 1.0
     # how often the sweeper re-reads every reservation from the table (a backstop:
     # between these it checks the open reservations the agent noted)
-    expiry_full_scan_s: float = 30.0
+    expiry_full_scan_s: float = 300.0
     # how often input offsets are committed (after a producer flush; pipeline.sequencing)
     commit_interval_s: float = 1.0
     # RocksDB memory per table partition (each partition is its own DB): memtables
@@ -136,6 +136,8 @@ class Settings:
     # publish StockChanged/ReservationResult from the changelog inside each worker;
     # 0 = run it as its own process instead (python -m pipeline.relay)
     relay_enabled: bool = True
+    # /metrics port of a standalone relay or sinks process (0 = none)
+    metrics_port: int = 0
     sink_batch_size: int = 500
     sink_max_backoff_s: float = 30.0
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
@@ -201,6 +203,7 @@ class Settings:
             search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
             sink_enabled=_str(e, "INVENTORY_SINK_ENABLED", "1") not in ("0", "false", "no"),
             relay_enabled=_str(e, "INVENTORY_RELAY_ENABLED", "1") not in ("0", "false", "no"),
+            metrics_port=_int(e, "INVENTORY_METRICS_PORT", d.metrics_port),
             sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size),
             sink_max_backoff_s=_float(e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s),
             stock_changes_retention_ms=_int(

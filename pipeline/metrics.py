@@ -203,3 +203,12 @@ def install_faust_sensor(app: AppT) -> None:
     if current is not None and current in app.sensors:
         raise RuntimeError("install_faust_sensor(app) must run before the app starts")
     app.monitor = PrometheusMonitor(metrics=faust_metrics())
+
+
+def serve_standalone(port: int, host: str) -> None:
+    """``/metrics`` of REGISTRY on ``host:port`` for a process without a Faust web server
+    (``python -m pipeline.relay`` / ``python -m pipeline.sinks``); no-op for port 0."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host, registry=REGISTRY)

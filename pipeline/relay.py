@@ -140,4 +140,5 @@ async def run_forever(relay: ChangelogRelay) -> None:
 
 if __name__ == "__main__":
     configure_logging(settings.log_level)
+    metrics.serve_standalone(settings.metrics_port, settings.web_host)
     asyncio.run(run_forever(ChangelogRelay(settings, codec_from_settings(settings))))

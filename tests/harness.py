@@ -206,7 +206,12 @@ class Sidecar:
         self.module = module
         self.log_path = log_path or OUT / ns.name / f"{module}.log"
         self.extra_env = env or {}
+        self.port = free_port()  # its /metrics
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Sidecar:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +219,11 @@ class Sidecar:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module],
                 cwd=REPO,
-                env={**self.ns.env(0, OUT / self.ns.name / "sidecar"), **self.extra_env},
+                env={
+                    **self.ns.env(0, OUT / self.ns.name / "sidecar"),
+                    "INVENTORY_METRICS_PORT": str(self.port),
+                    **self.extra_env,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

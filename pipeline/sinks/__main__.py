@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from config.settings import settings
+from pipeline import metrics
 from pipeline.logs import configure_logging
 from pipeline.sinks.runner import SinkRunner, build_projections, run_forever
 from schemas.codec import codec_from_settings
@@ -19,4 +20,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     configure_logging(settings.log_level)
+    metrics.serve_standalone(settings.metrics_port, settings.web_host)
     asyncio.run(main())

@@ -12,6 +12,8 @@ knows the kill fell mid-stream.
 
 from __future__ import annotations
 
+import urllib.request
+
 import pytest
 
 from harness import Namespace, Sidecar, Worker, read_topic, wait_for
@@ -54,6 +56,15 @@ def test_relay_process_killed_mid_stream_loses_no_answer_or_version(kafka):
         assert len(answers) > ORDERS
         assert all(len(outcomes) == 1 for outcomes in by_order.values())
         assert sum(1 for o in by_order.values() if o == {"RESERVED"}) == UNITS
+        # the standalone relay serves its own /metrics (INVENTORY_METRICS_PORT)
+        with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        published = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("inventory_relay_published_total{")
+        )
+        assert published > 0
 
         _, stock = worker.get_json("/stock/RP-1")
         final = stock["version"]
