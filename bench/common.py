@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import shutil
 import statistics
@@ -74,6 +75,9 @@ class BenchNamespace:
         w = harness.Worker(self.ns, name, data_dir=OUT / "work" / self.name / name / "data")
         w.log_path = OUT / "work" / self.name / f"{name}.log"
         return w
+
+    def sidecar(self, module: str) -> harness.Sidecar:
+        return harness.Sidecar(self.ns, module, OUT / "work" / self.name / f"{module}.log")
 
     def cleanup(self) -> None:
         """Delete the namespace's topics, Redis keys and search index (best effort)."""
@@ -177,6 +181,12 @@ def rss_mb(pid: int) -> tuple[float, float]:
             k, v = line.split(":", 1)
             vals[k] = int(v.split()[0]) / 1024
     return vals["VmRSS"], vals["VmHWM"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used so far (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def time_to_healthy(worker: harness.Worker, timeout: float = 300.0) -> float:

@@ -41,6 +41,7 @@ from bench.common import (
     REPORT_DIR,
     BenchNamespace,
     StackRestarted,
+    cpu_seconds,
     log_count,
     percentile,
     ratio,
@@ -73,7 +74,14 @@ class Sizes:
     idle_seconds: float = 5.0  # window for the idle-CPU figure
     profile_seconds: float = 15.0
     levers: list[str] = field(
-        default_factory=lambda: ["sink_off", "threaded_producer", "linger_10ms", "expiry_30s"]
+        default_factory=lambda: [
+            "split",
+            "relay_out",
+            "sink_off",
+            "uvloop",
+            "linger_10ms",
+            "threaded_producer",
+        ]
     )
     lever_pairs: int = 2
     mix_attempts: int = 3000
@@ -93,7 +101,7 @@ QUICK = Sizes(
     warm_restarts=1,
     idle_seconds=2.0,
     profile_seconds=4.0,
-    levers=["sink_off"],
+    levers=["split"],
     lever_pairs=1,
     mix_attempts=300,
 )
@@ -107,7 +115,27 @@ LEVER_ENV = {
     "linger_10ms": {"PRODUCER_LINGER": "0.01"},
     # the expiry sweeper scans every stored reservation each interval
     "expiry_30s": {"INVENTORY_EXPIRY_SCAN_INTERVAL_S": "30"},
+    # uvloop instead of asyncio's default event loop (Faust reads FAUST_LOOP)
+    "uvloop": {"FAUST_LOOP": "uvloop"},
+    # the changelog relay as its own process (python -m pipeline.relay)
+    "relay_out": {"INVENTORY_RELAY_ENABLED": "0"},
+    # relay and sinks each in their own process: the worker only decides
+    "split": {"INVENTORY_RELAY_ENABLED": "0", "INVENTORY_SINK_ENABLED": "0"},
 }
+# processes a lever runs beside the worker (the work it took out of the worker)
+LEVER_SIDECARS: dict[str, tuple[str, ...]] = {
+    "relay_out": ("pipeline.relay",),
+    "split": ("pipeline.relay", "pipeline.sinks"),
+}
+# The topology the headline pipeline figures use (the tuning outcome): a worker that
+# only decides, the relay and the sinks each in their own process. "One process" runs
+# (the default deployment, everything inside the worker) are measured beside it.
+TUNED = "split"
+
+
+def tuned() -> dict[str, Any]:
+    """pipeline_run keyword arguments for the tuned topology."""
+    return {"env": LEVER_ENV[TUNED], "sidecars": LEVER_SIDECARS[TUNED]}
 
 
 def log(msg: str) -> None:
@@ -136,26 +164,47 @@ def pipeline_run(
     env: dict[str, str] | None = None,
     profile_to: Path | None = None,
     profile_seconds: float = 0.0,
+    sidecars: tuple[str, ...] = (),
     attempts_left: int = 2,
 ) -> dict[str, Any]:
-    """One load against a fresh worker in a fresh namespace; summary dict."""
+    """One load against a fresh worker (plus ``sidecars``, modules run as their own
+    processes) in a fresh namespace; summary dict."""
     ns = BenchNamespace.fresh(label, sink=sink, **(env or {}))
     worker = ns.worker()
+    sides = [ns.sidecar(m) for m in sidecars]
     pids = stack_pids()
     try:
         worker.start(timeout=180)
+        for side in sides:
+            side.start()
         gen = LoadGenerator(ns.settings)
         wait = _restock_waiter(worker)
         spy: list[Any] = []
+        assert worker.proc is not None
+        procs = {"worker": worker.proc.pid}
+        procs.update({s.module: s.proc.pid for s in sides if s.proc is not None})
+        # the services do per-decision work too (every Kafka record is a broker request)
+        for service, pid in zip(("kafka", "redis", "opensearch"), pids, strict=True):
+            if pid.isdigit() and Path(f"/proc/{pid}").exists():
+                procs[service] = int(pid)
+        cpu0: dict[str, float] = {}
 
         def after_restock(skus: list[str], units: int) -> None:
             wait(skus, units)
+            cpu0.update({name: cpu_seconds(pid) for name, pid in procs.items()})
             if profile_to is not None and worker.proc is not None:
                 spy.append(profile.record(worker.proc.pid, profile_to, profile_seconds))
 
         result = gen.run(spec, wait_restocked=after_restock)
         out = result.summary()
-        assert worker.proc is not None
+        # CPU per decision of each pipeline process: far less sensitive than rates to
+        # other processes on a shared machine (it is what a decision costs, not how long
+        # it waited for a core)
+        decided = max(1, out["decisions"])
+        out["cpu_ms_per_decision"] = {
+            name: (cpu_seconds(pid) - cpu0.get(name, 0.0)) * 1000 / decided
+            for name, pid in procs.items()
+        }
         out["rss_mb"] = rss_mb(worker.proc.pid)[0]
         out["table_oversold"] = _table_oversold(worker, result)
         out["latencies_ms"] = result.latencies_ms(result.reserve_ids)
@@ -182,11 +231,14 @@ def pipeline_run(
                 env=env,
                 profile_to=profile_to,
                 profile_seconds=profile_seconds,
+                sidecars=sidecars,
                 attempts_left=attempts_left - 1,
             )
         raise
     finally:
         worker.kill()
+        for side in sides:
+            side.kill()
         ns.cleanup()
 
 
@@ -235,18 +287,21 @@ def throughput_repeats(sizes: Sizes, pg: baselines.PostgresCluster | None) -> di
             lambda: baselines.redis_flash(base.redis_url, n, m * 10, pipeline_depth=100).summary(),
             log=log,
         )
+        flash = LoadSpec(mode="flash", attempts=m, units=n, producers=4)
+        single = LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4)
         log(f"repeat {r + 1}: pipeline flash sale (hot SKU, {m} reserves for {n} units)")
-        rep["pipeline_flash"] = pipeline_run(
-            "flash", LoadSpec(mode="flash", attempts=m, units=n, producers=4)
-        )
+        rep["pipeline_flash"] = pipeline_run("flash", flash, **tuned())
+        log(f"repeat {r + 1}: the same flash sale, everything in one worker process")
+        rep["pipeline_flash_1proc"] = pipeline_run("flash-1proc", flash)
         log(f"repeat {r + 1}: pipeline single SKU, every reserve granted")
-        rep["pipeline_single"] = pipeline_run(
-            "single", LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4)
-        )
+        rep["pipeline_single"] = pipeline_run("single", single, **tuned())
+        log(f"repeat {r + 1}: the same single-SKU load, everything in one worker process")
+        rep["pipeline_single_1proc"] = pipeline_run("single-1proc", single)
         log(f"repeat {r + 1}: pipeline {sizes.many_skus} SKUs (Zipf 1.1), every reserve granted")
         rep["pipeline_many"] = pipeline_run(
             "many",
             LoadSpec(mode="steady", attempts=m, units=m * 2, skus=sizes.many_skus, producers=4),
+            **tuned(),
         )
         log(f"repeat {r + 1}: bare passthroughs, {sizes.pass_messages} ReserveStock messages")
         msgs = baselines.reserve_messages(base, sizes.pass_messages)
@@ -282,6 +337,13 @@ def _repeat_ratios(rep: dict[str, Any]) -> None:
         "p2_many_vs_single": ratio(_tp(rep, "pipeline_many"), _tp(rep, "pipeline_single")),
         "p3_vs_aiokafka": ratio(_tp(rep, "pipeline_single"), _tp(rep, "pass_aiokafka")),
         "p3_vs_confluent": ratio(_tp(rep, "pipeline_single"), _tp(rep, "pass_confluent")),
+        # the same measures for the default deployment (relay and sinks inside the worker)
+        "p1_vs_postgres_1proc": ratio(_tp(rep, "pipeline_flash_1proc"), _tp(rep, "postgres")),
+        "p3_vs_aiokafka_1proc": ratio(_tp(rep, "pipeline_single_1proc"), _tp(rep, "pass_aiokafka")),
+        "tuned_vs_1proc_flash": ratio(_tp(rep, "pipeline_flash"), _tp(rep, "pipeline_flash_1proc")),
+        "tuned_vs_1proc_single": ratio(
+            _tp(rep, "pipeline_single"), _tp(rep, "pipeline_single_1proc")
+        ),
     }
 
 
@@ -298,13 +360,16 @@ def _metric_sum(worker: Any, name: str) -> float:
     )
 
 
-def wait_quiet(worker: Any, timeout: float = 60.0) -> None:
-    """Until the relay and both sinks report no lag (or ``timeout``)."""
+def wait_quiet(procs: list[Any], timeout: float = 60.0) -> None:
+    """Until the relay and both sinks report no lag on any of ``procs``' /metrics (or
+    ``timeout``): the worker and the standalone relay and sinks processes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            lag = _metric_sum(worker, "inventory_relay_lag_records") + _metric_sum(
-                worker, "inventory_sink_lag_records"
+            lag = sum(
+                _metric_sum(p, "inventory_relay_lag_records")
+                + _metric_sum(p, "inventory_sink_lag_records")
+                for p in procs
             )
             if lag == 0:
                 return
@@ -320,13 +385,16 @@ def latency_run(sizes: Sizes) -> dict[str, Any]:
     that rate was not sustainable after all and the window is repeated at a lower share
     of the maximum (0.5, then 0.3, then 0.2); every attempt is reported.
     """
-    ns = BenchNamespace.fresh("p6")
+    ns = BenchNamespace.fresh("p6", **LEVER_ENV[TUNED])
     cfg = ns.settings
     worker = ns.worker()
+    sides = [ns.sidecar(m) for m in LEVER_SIDECARS[TUNED]]
     prefix = f"P6{uuid.uuid4().hex[:6]}"
     attempts_out: list[dict[str, Any]] = []
     try:
         worker.start(timeout=180)
+        for side in sides:
+            side.start()
         gen = LoadGenerator(cfg)
         calib = LoadSpec(
             mode="steady",
@@ -339,7 +407,7 @@ def latency_run(sizes: Sizes) -> dict[str, Any]:
         log(f"P6: maximum rate, {calib.attempts} reserves as fast as possible")
         max_rate = gen.run(calib, wait_restocked=_restock_waiter(worker)).throughput
         for share in (0.5, 0.3, 0.2):
-            wait_quiet(worker)
+            wait_quiet([worker, *sides])
             rate = max(5.0, max_rate * share)
             log(
                 f"P6: {rate:.0f}/s paced for {sizes.p6_seconds:.0f} s ({share} x max {max_rate:.0f}/s)"
@@ -353,6 +421,8 @@ def latency_run(sizes: Sizes) -> dict[str, Any]:
         rss = rss_mb(worker.proc.pid)[0]
     finally:
         worker.stop()
+        for side in sides:
+            side.kill()
         ns.cleanup()
     final = attempts_out[-1]
     log("P6: bare Kafka produce-to-consume at the same rate")
@@ -709,6 +779,7 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
             LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4),
             profile_to=out,
             profile_seconds=sizes.profile_seconds,
+            **tuned(),
         )
         res.pop("latencies_ms", None)
         return {"run": res, "raw": str(out)}
@@ -724,17 +795,29 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
             for i in range(sizes.lever_pairs):
                 log(f"lever {name} ({i + 1}/{sizes.lever_pairs}): {LEVER_ENV[name]}")
                 base = pipeline_run("lever-base", spec)
-                res = pipeline_run(f"lever-{name}", spec, env=LEVER_ENV[name])
+                res = pipeline_run(
+                    f"lever-{name}",
+                    spec,
+                    env=LEVER_ENV[name],
+                    sidecars=LEVER_SIDECARS.get(name, ()),
+                )
                 pairs.append(
                     {
                         "base_per_s": base["throughput_per_s"],
                         "lever_per_s": res["throughput_per_s"],
                         "ratio": ratio(res["throughput_per_s"], base["throughput_per_s"]),
+                        "base_cpu_ms": base["cpu_ms_per_decision"],
+                        "lever_cpu_ms": res["cpu_ms_per_decision"],
                         "base_buffer_full": base["producer_buffer_full_warnings"],
                         "lever_buffer_full": res["producer_buffer_full_warnings"],
                     }
                 )
-            out[name] = {"env": LEVER_ENV[name], "attempts": m, "pairs": pairs}
+            out[name] = {
+                "env": LEVER_ENV[name],
+                "sidecars": list(LEVER_SIDECARS.get(name, ())),
+                "attempts": m,
+                "pairs": pairs,
+            }
         return out
 
     step("levers", levers)
@@ -754,6 +837,7 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
                 dup_fraction=0.1,
                 timeout=240,
             ),
+            **tuned(),
         )
         res.pop("latencies_ms", None)
         return res
@@ -806,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of table sizes for the memory run (e.g. 100000,300000,1000000)",
     )
     p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--levers", default="", help=f"comma list of levers: {','.join(LEVER_ENV)}")
+    p.add_argument("--lever-pairs", type=int, default=None)
     p.add_argument("--from-json", type=Path, default=None, help="only re-render a saved run")
     args = p.parse_args(argv)
     from bench import report
@@ -815,6 +901,13 @@ def main(argv: list[str] | None = None) -> int:
         sizes.rss_points = [int(x) for x in args.rss_skus.split(",") if x]
     if args.repeats:
         sizes.repeats = args.repeats
+    if args.levers:
+        sizes.levers = [x for x in args.levers.split(",") if x]
+        unknown = set(sizes.levers) - set(LEVER_ENV)
+        if unknown:
+            p.error(f"unknown levers: {sorted(unknown)}")
+    if args.lever_pairs:
+        sizes.lever_pairs = args.lever_pairs
     name = "quick" if args.quick else "full"
     raw = OUT / f"results-{name}.json"
     skip = {s for s in args.skip.split(",") if s}
