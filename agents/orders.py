@@ -50,12 +50,13 @@ from pipeline.app import (
     table_options,
 )
 from pipeline.clients import aiokafka_kwargs
+from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic
 from pipeline.validation import Invalid
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from schemas.registry import RegistryError
-from tables.orders import StoredSaga, order_key, result_to_dict
+from tables.orders import OpenSagas, StoredSaga, order_key, result_to_dict
 
 log = logging.getLogger("inventory.orders")
 
@@ -142,11 +143,18 @@ def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
 class SagaHandler:
     """Applies one checkouts record or ledger answer to the saga table."""
 
-    def __init__(self, table: Any, codec: AvroCodec, cfg: Settings) -> None:
+    def __init__(
+        self,
+        table: Any,
+        codec: AvroCodec,
+        cfg: Settings,
+        open_sagas: OpenSagas | None = None,
+    ) -> None:
         self.table = table
         self.codec = codec
         self.cfg = cfg
         self.limits = sg.Limits.of(cfg)
+        self.open_sagas = open_sagas
 
     async def handle(self, event: Any) -> None:
         msg = event.message
@@ -246,7 +254,10 @@ class SagaHandler:
             watermarks = dict(stored.watermarks) if stored else {}
             watermarks[topic] = offset
             effects = [result_to_dict(decision.result)] if decision.result is not None else []
-            self.table[key] = StoredSaga(decision.saga, watermarks, effects, now_ms()).to_bytes()
+            value = StoredSaga(decision.saga, watermarks, effects, now_ms()).to_bytes()
+            self.table[key] = value
+            if self.open_sagas is not None:
+                self.open_sagas.note(key, value, decision.saga)
         if decision.result is not None:
             ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
         return decision
@@ -294,7 +305,12 @@ class SagaHandler:
         await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
-handler = SagaHandler(orders_table, codec_from_settings(settings), settings)
+# the sagas of this worker's partitions that are not final, for the sweeper
+open_sagas = OpenSagas()
+handler = SagaHandler(orders_table, codec_from_settings(settings), settings, open_sagas)
+saga_index = IndexRefresher(
+    "saga", app, orders_table, open_sagas, OpenSagas.entry_of, settings.expiry_full_scan_s
+)
 
 
 @app.agent(saga_inputs, concurrency=1)
@@ -313,21 +329,18 @@ _resent: dict[bytes, int] = {}
 
 @app.timer(interval=settings.expiry_scan_interval_s)
 async def sweep_sagas() -> None:
-    if app.rebalancing or not app.tables.recovery.completed.is_set():
+    # reads only the open sagas (the index), not every order ever seen
+    if not settled(app) or not await saga_index.refresh():
         return
     now = now_ms()
-    open_sagas = 0
-    seen = 0
-    for key, value in list(orders_table.data.items()):
-        seen += 1
-        if seen % 500 == 0:
-            await asyncio.sleep(0)
+    waiting = 0
+    for key, value in list(open_sagas.items()):
         stored = StoredSaga.from_bytes(value)
         saga = stored.saga
         if saga.status.final:
             continue
         pending = sg.outstanding(saga)
-        open_sagas += bool(pending)
+        waiting += bool(pending)
         expire = sg.due_for_expiry(saga, now)
         if not expire and not pending:
             continue
@@ -355,7 +368,7 @@ async def sweep_sagas() -> None:
             log.info("re-sending %d ledger commands of order %s", len(pending), saga.order_id)
             await handler.send(pending)
             SAGA_RESENT.inc(len(pending))
-    SAGAS_OPEN.set(open_sagas)
+    SAGAS_OPEN.set(waiting)
     for key, at in list(_resent.items()):
         if now - at > 10 * RESEND_AFTER_MS:
             del _resent[key]

@@ -17,18 +17,17 @@ so a stale leadership during a rebalance cannot stop expiry.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
-from typing import Any
 
 from config.settings import settings
 from pipeline import metrics
 from pipeline.app import app, open_reservations, orders_topic, stock_table
+from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from schemas.codec import codec_from_settings
-from tables.stock import RESERVATION_SEP, Entry, OpenReservations
+from tables.stock import RESERVATION_SEP, OpenReservations
 
 log = logging.getLogger("inventory.expiry")
 
@@ -37,46 +36,14 @@ _codec = codec_from_settings(settings)
 _sent: dict[bytes, int] = {}
 
 
-_built: dict[str, Any] = {"generation": None, "at": 0.0}
-SCAN_SLICE = 2_000  # table items per slice of a rebuild, between which the agents run
-
-
-def _settled() -> bool:
-    """No rebalance or restore under way: a restore writes the table without the agent,
-    so the index is rebuilt only after it (Faust ends a rebalance after its recovery)."""
-    return not app.rebalancing and not app.in_recovery and app.tables.recovery.completed.is_set()
-
-
-async def refresh_index() -> bool:
-    """Rebuild ``open_reservations`` from the table when the partitions changed or the
-    backstop interval passed. The scan yields to the event loop every SCAN_SLICE items,
-    so a table of a million SKUs never blocks the agents for seconds. Returns False when
-    a rebalance interrupted it (the old set stays; the next tick tries again)."""
-    generation = app.consumer_generation_id
-    mono = time.monotonic()
-    if generation == _built["generation"] and mono - _built["at"] < settings.expiry_full_scan_s:
-        return True
-    started = time.perf_counter()
-    open_reservations.start_rebuild()
-    found: dict[bytes, Entry] = {}
-    try:
-        for i, (key, value) in enumerate(stock_table.data.items(), 1):
-            OpenReservations.scan_one(key, value, found)
-            if i % SCAN_SLICE == 0:
-                await asyncio.sleep(0)
-                if not _settled() or app.consumer_generation_id != generation:
-                    open_reservations.abort_rebuild()
-                    return False
-    except Exception as exc:  # noqa: BLE001 - a partition closed under the scan: retry
-        open_reservations.abort_rebuild()
-        log.warning("reservation index rebuild interrupted (%s); retrying", exc)
-        return False
-    open_reservations.finish_rebuild(found)
-    _built.update(generation=generation, at=mono)
-    log.info(
-        "reservation index rebuilt: %d open in %.2f s", len(found), time.perf_counter() - started
-    )
-    return True
+index = IndexRefresher(
+    "reservation",
+    app,
+    stock_table,
+    open_reservations,
+    OpenReservations.entry_of,
+    settings.expiry_full_scan_s,
+)
 
 
 def overdue(now: int) -> list[tuple[str, str]]:
@@ -89,9 +56,7 @@ def overdue(now: int) -> list[tuple[str, str]]:
 
 @app.timer(interval=settings.expiry_scan_interval_s)
 async def sweep_expired() -> None:
-    if not _settled():
-        return
-    if not await refresh_index():
+    if not settled(app) or not await index.refresh():
         return
     now = int(time.time() * 1000)
     for sku, order_id in overdue(now):

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from pipeline import saga as sg
+from tables.index import LiveIndex
 
 
 def order_key(order_id: str) -> bytes:
@@ -155,3 +156,17 @@ class StoredSaga:
             ],
             "outstanding": len(sg.outstanding(s)),
         }
+
+
+class OpenSagas(LiveIndex[bytes]):
+    """The sagas of a worker's partitions that are not final, by table key, with their
+    stored value: all the saga sweeper reads (see :mod:`tables.index`)."""
+
+    @staticmethod
+    def entry_of(key: bytes, value: bytes) -> bytes | None:
+        """The stored value if the saga is still open, else None."""
+        return value if not StoredSaga.from_bytes(value).saga.status.final else None
+
+    def note(self, key: bytes, value: bytes, saga: sg.Saga) -> None:
+        """Record the saga value just written under ``key``."""
+        self.put(key, None if saga.status.final else value)

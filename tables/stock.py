@@ -23,13 +23,13 @@ Values are JSON (orjson): small, fast and readable with any Kafka tool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from pipeline import core
+from tables.index import LiveIndex
 
 RESERVATION_SEP = b"\x00r\x00"
 
@@ -239,21 +239,9 @@ def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]
     return out
 
 
-class OpenReservations:
-    """The open (RESERVED) reservations of a worker's partitions, by table key.
-
-    The expiry sweeper checks these every second instead of decoding the whole
-    table: the agent notes every reservation it writes, and the sweeper
-    rebuilds the set from the table after each rebalance (a restore from the
-    changelog writes the table without the agent) and, as a backstop, every
-    ``INVENTORY_EXPIRY_FULL_SCAN_S``. A rebuild may scan in slices between
-    which the agent keeps writing: notes made after :meth:`start_rebuild` win
-    over what the scan found for the same key.
-    """
-
-    def __init__(self) -> None:
-        self._open: dict[bytes, Entry] = {}
-        self._noted: dict[bytes, Entry | None] | None = None  # notes during a rebuild
+class OpenReservations(LiveIndex[Entry]):
+    """The open (RESERVED) reservations of a worker's partitions, by table key, for the
+    expiry sweeper (see :mod:`tables.index` for how it stays current)."""
 
     @staticmethod
     def entry(current: dict[str, Any]) -> Entry | None:
@@ -262,54 +250,17 @@ class OpenReservations:
             return (current["expires_at"], current["sku"], current["order_id"])
         return None
 
+    @classmethod
+    def entry_of(cls, key: bytes, value: bytes) -> Entry | None:
+        """The entry of a table item, None unless it is an open reservation."""
+        if RESERVATION_SEP not in key:
+            return None
+        return cls.entry(StoredReservation.from_bytes(value).current)
+
     def note(self, key: bytes, current: dict[str, Any]) -> None:
         """Record the reservation just written under ``key`` (its ``current`` version)."""
-        entry = self.entry(current)
-        if entry is not None:
-            self._open[key] = entry
-        else:
-            self._open.pop(key, None)
-        if self._noted is not None:
-            self._noted[key] = entry
-
-    def start_rebuild(self) -> None:
-        """Begin a scan of the table; notes from now on override what it finds."""
-        self._noted = {}
-
-    def abort_rebuild(self) -> None:
-        """Forget a scan that did not finish (e.g. a rebalance began); keep the old set."""
-        self._noted = None
-
-    def finish_rebuild(self, found: dict[bytes, Entry]) -> None:
-        """Replace the set by ``found`` (key -> entry from the scan) plus the notes since
-        :meth:`start_rebuild`."""
-        for key, entry in (self._noted or {}).items():
-            if entry is None:
-                found.pop(key, None)
-            else:
-                found[key] = entry
-        self._noted = None
-        self._open = found
-
-    @classmethod
-    def scan_one(cls, key: bytes, value: bytes, found: dict[bytes, Entry]) -> None:
-        """Add the table item (``key``, ``value``) to ``found`` if it is an open reservation."""
-        if RESERVATION_SEP in key:
-            entry = cls.entry(StoredReservation.from_bytes(value).current)
-            if entry is not None:
-                found[key] = entry
-
-    def rebuild(self, items: Iterable[tuple[bytes, bytes]]) -> None:
-        """Replace the set by the open reservations among ``items`` (table key, value)."""
-        self.start_rebuild()
-        found: dict[bytes, Entry] = {}
-        for key, value in items:
-            self.scan_one(key, value, found)
-        self.finish_rebuild(found)
+        self.put(key, self.entry(current))
 
     def overdue(self, now: int) -> list[tuple[str, str]]:
         """(sku, order_id) of the open reservations whose expiry is at or before ``now``."""
-        return [(sku, order) for at, sku, order in self._open.values() if at <= now]
-
-    def __len__(self) -> int:
-        return len(self._open)
+        return [(sku, order) for _, (at, sku, order) in self.items() if at <= now]

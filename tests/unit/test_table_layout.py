@@ -119,7 +119,7 @@ def test_open_reservations_rebuild_from_the_table_skipping_sku_records_and_close
         (reservation_key("A", "o1"), _held("o1", "A", T0 + 10, RESERVED)),
         (reservation_key("A", "o2"), _held("o2", "A", T0, core.ReservationStatus.RELEASED)),
     ]
-    idx.rebuild(items)
+    idx.rebuild(items, OpenReservations.entry_of)
     assert idx.overdue(T0 + 1000) == [("A", "o1")]  # the entry not in the table is gone
 
 
@@ -132,10 +132,10 @@ def test_notes_made_while_a_sliced_rebuild_scans_win_over_what_the_scan_found():
     idx.start_rebuild()
     found: dict[bytes, tuple[int, str, str]] = {}
     # the scan reads o1 still open, then the agent closes o1 and opens o3 mid-scan
-    OpenReservations.scan_one(k1, _held("o1", "A", T0 + 10, RESERVED), found)
+    found[k1] = OpenReservations.entry_of(k1, _held("o1", "A", T0 + 10, RESERVED))
     idx.note(k1, StoredReservation.from_bytes(_held("o1", "A", T0 + 10, COMMITTED)).current)
     idx.note(k3, StoredReservation.from_bytes(_held("o3", "A", T0 + 30, RESERVED)).current)
-    OpenReservations.scan_one(k2, _held("o2", "A", T0 + 20, RESERVED), found)
+    found[k2] = OpenReservations.entry_of(k2, _held("o2", "A", T0 + 20, RESERVED))
     idx.finish_rebuild(found)
     assert sorted(idx.overdue(T0 + 1000)) == [("A", "o2"), ("A", "o3")]
     # after the rebuild, notes go straight to the set again

@@ -1,0 +1,79 @@
+"""Rebuilds a :class:`tables.index.LiveIndex` from a Faust table without stalling the agents."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from tables.index import LiveIndex
+
+log = logging.getLogger("inventory.indexing")
+
+E = TypeVar("E")
+SCAN_SLICE = 2_000  # table items per slice of a rebuild, between which the agents run
+
+
+def settled(app: Any) -> bool:
+    """No rebalance or restore under way. A restore writes the table without the agents,
+    so an index is rebuilt only after it (Faust ends a rebalance after its recovery)."""
+    return not app.rebalancing and not app.in_recovery and app.tables.recovery.completed.is_set()
+
+
+class IndexRefresher(Generic[E]):
+    """Rebuilds ``index`` from ``table`` after each change of the partitions and every
+    ``full_scan_s``, reading the table in slices of SCAN_SLICE items."""
+
+    def __init__(
+        self,
+        name: str,
+        app: Any,
+        table: Any,
+        index: LiveIndex[E],
+        entry_of: Callable[[bytes, bytes], E | None],
+        full_scan_s: float,
+    ) -> None:
+        self.name = name
+        self.app = app
+        self.table = table
+        self.index = index
+        self.entry_of = entry_of
+        self.full_scan_s = full_scan_s
+        self._generation: int | None = None
+        self._at = 0.0
+
+    async def refresh(self) -> bool:
+        """Rebuild if due. False when a rebalance or an error interrupted the scan: the old
+        index stays and the next call tries again."""
+        generation = self.app.consumer_generation_id
+        mono = time.monotonic()
+        if generation == self._generation and mono - self._at < self.full_scan_s:
+            return True
+        started = time.perf_counter()
+        self.index.start_rebuild()
+        found: dict[bytes, E] = {}
+        try:
+            for i, (key, value) in enumerate(self.table.data.items(), 1):
+                entry = self.entry_of(key, value)
+                if entry is not None:
+                    found[key] = entry
+                if i % SCAN_SLICE == 0:
+                    await asyncio.sleep(0)
+                    if not settled(self.app) or self.app.consumer_generation_id != generation:
+                        self.index.abort_rebuild()
+                        return False
+        except Exception as exc:  # noqa: BLE001 - a partition closed under the scan: retry
+            self.index.abort_rebuild()
+            log.warning("%s index rebuild interrupted (%s); retrying", self.name, exc)
+            return False
+        self.index.finish_rebuild(found)
+        self._generation, self._at = generation, mono
+        log.info(
+            "%s index rebuilt: %d open in %.2f s",
+            self.name,
+            len(found),
+            time.perf_counter() - started,
+        )
+        return True
