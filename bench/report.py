@@ -33,7 +33,8 @@ SUBSYSTEMS = {
     ),
     "relay: changelog -> results/stock-changes": r"pipeline/relay\.py",
     "sinks: Redis + OpenSearch projections": r"pipeline/sinks/",
-    "expiry sweeper (full table scan)": r"pipeline/expiry\.py",
+    "expiry sweeper (checks its index of open reservations)": r"pipeline/expiry\.py",
+    "order saga agent (reads every answer back from reservation-results)": r"agents/orders\.py",
     "live SSE (Redis subscription)": r"pipeline/live\.py",
     "aiokafka producer (all sends)": r"aiokafka/producer/",
     "aiokafka consumer/fetcher (all reads)": r"aiokafka/consumer/",
@@ -268,7 +269,9 @@ class _Writer:
             f"{fmt_spread(self.ratios('tuned_vs_1proc_single'))}). The CPU table below shows "
             "the limit: every decision costs the machine a few milliseconds of CPU across the "
             "worker, the relay, the sinks and the broker, mostly Faust/aiokafka per-record "
-            "machinery; on 2 cores that work, not the decision, sets the pace.",
+            "machinery; on 2 cores that work, not the decision, sets the pace. Splitting the "
+            "processes does not remove any of it (each process even polls its own consumers), "
+            "so it pays only where a core would otherwise wait.",
             "",
         )
         self.cpu_table()
@@ -699,8 +702,9 @@ class _Writer:
             "",
             "| SKUs in table | changelog records | cold start → healthz s | restore s | "
             "restore rec/s | bare read rec/s | restore ÷ bare | RSS after cold restore MB | "
-            "idle CPU (cores) | warm start → healthz s | warm ÷ cold | RSS after warm start MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "expiry index rebuild after the start s | idle CPU (cores) | warm start → healthz s | "
+            "warm ÷ cold | RSS after warm start MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         )
         for p in pts:
             bare = p["bare_per_s"]
@@ -708,21 +712,26 @@ class _Writer:
                 f"| {p['skus']:,} | {p['changelog_records']:,} | {fmt(p['cold_start_s'], 1)} | "
                 f"{fmt(p['restore_s'], 1)} | {fmt(p['restore_per_s'])} | {fmt(bare)} "
                 f"| {fmt(p['restore_per_s'] / bare if bare else float('nan'), 3)} "
-                f"| {fmt(p['rss_mb'], 0)} | {fmt(p['idle_cpu_cores'], 2)} "
+                f"| {fmt(p['rss_mb'], 0)} | {fmt(p.get('index_rebuild_cold_s'), 1)} "
+                f"| {fmt(p['idle_cpu_cores'], 2)} "
                 f"| {fmt(p.get('warm_start_s'), 1)} "
                 f"| {fmt(p.get('warm_start_s', float('nan')) / p['cold_start_s'], 2)} "
                 f"| {fmt(p.get('warm_rss_mb'), 0)} |"
             )
         self.add("")
+        runs: dict[str, list[int]] = {}
         for p in pts:
             if isinstance(p.get("separate_run"), str):
-                self.add(
-                    f"The {p['skus']:,}-SKU row comes from a separate invocation started "
-                    f"{p['separate_run']} (`python -m bench.run --only memory --rss-skus "
-                    f"{p['skus']} --merge-into bench/out/results-full.json`), after the main "
-                    "run, because it alone takes several minutes here.",
-                    "",
-                )
+                runs.setdefault(p["separate_run"], []).append(p["skus"])
+        for started, skus in runs.items():
+            rows = ", ".join(f"{n:,}" for n in skus)
+            self.add(
+                f"The {rows}-SKU row{'s come' if len(skus) > 1 else ' comes'} from a separate "
+                f"invocation started {started}, after the main run (`python -m bench.run "
+                f"--only memory --rss-skus {','.join(str(n) for n in skus)} --merge-into "
+                "bench/out/results-full.json`).",
+                "",
+            )
         if warm:
             self.add(
                 f"More warm restarts with {self.main_largest():,} SKUs: "
@@ -784,24 +793,26 @@ class _Writer:
             f"{self.rss_text(rss1m)}. The verdict uses the cold-restore figure: a worker is "
             "in that state after every crash or move of its partitions. The table itself "
             "lives in RocksDB files, so RSS is what the process keeps around it: RocksDB "
-            "memtables (Faust's default write buffer is 64 MiB × up to 3 per partition DB, "
-            "8 partition DBs here; only the block cache is lowered to 8 MiB in "
-            "`pipeline/app.py`), the block cache, and Python's heap. Right after a cold restore "
+            "memtables (8 MiB × up to 2 per partition DB, 8 partition DBs here; "
+            "`INVENTORY_ROCKSDB_WRITE_BUFFER_MB` / `_MAX_WRITE_BUFFERS`), the block cache "
+            "(8 MiB per partition DB, `INVENTORY_ROCKSDB_BLOCK_CACHE_MB`), and Python's heap. "
+            "Right after a cold restore "
             "the memtables hold the freshly restored records and the heap still holds "
             "what the recovery loop allocated; after a warm start the same table is mostly in "
-            "SST files. " + self.growth_text(pts) + " Levers, all configuration: "
-            "`write_buffer_size` / "
-            "`max_write_buffer_number` in the table's `options` (as `block_cache_size` "
-            "already is), fewer partitions per worker, and not keeping closed reservations "
-            "in the table forever (every order adds a key).",
+            "SST files. " + self.growth_text(pts) + " Further levers: smaller memtables, fewer "
+            "partitions per worker, and not keeping closed reservations in the table forever "
+            "(every order adds a key).",
             "",
             f"Restore runs at {fmt(ratio5, 3)} of a bare consumer's rate: Faust applies changelog "
             "records one by one through its recovery loop (`recovery_buffer_size` 1000, "
             "per-record callbacks, RocksDB writes, offset bookkeeping) while the bare consumer "
-            "only counts them. The idle-CPU column is the expiry sweeper: every "
-            "`INVENTORY_EXPIRY_SCAN_INTERVAL_S` (1 s) it iterates over *every key* of the "
-            "worker's table in Python to find overdue reservations, so an idle worker's CPU "
-            "grows linearly with the table (see the idle profile below).",
+            "only counts them. Once after every start (and every "
+            "`INVENTORY_EXPIRY_FULL_SCAN_S`, 300 s) the expiry sweeper rebuilds its index of "
+            "open reservations by reading the whole table, in slices between which the agents "
+            "run (the rebuild column, from the worker's log). The idle-CPU column is the "
+            f"worker's CPU over {fmt(self.r.get('sizes', {}).get('idle_seconds'), 0)} s after "
+            "that rebuild; between rebuilds the sweeper checks only the index (see the idle "
+            "profile below).",
             "",
         )
 
@@ -873,7 +884,7 @@ class _Writer:
                 f"Idle worker with {n:,} SKUs in the table (no traffic), 5 s of py-spy: "
                 f"{ip.share('expiry') * 100:.0f}% of {ip.samples} samples are in "
                 "`pipeline/expiry.py` (it checks an in-memory index of open reservations each "
-                "second and rebuilds it from the table every 30 s). Top self frames: "
+                "second and rebuilds it from the table every 300 s). Top self frames: "
                 + ", ".join(f"`{k}` {v * 100:.0f}%" for k, v in ip.top("self", 4)),
                 "",
             )
@@ -896,7 +907,10 @@ class _Writer:
             "side in every repeat: tuned ÷ one process "
             f"{fmt_spread(self.ratios('tuned_vs_1proc_flash'))} (flash sale), "
             f"{fmt_spread(self.ratios('tuned_vs_1proc_single'))} (single SKU); and as the "
-            "`split` lever below. The relay out of process is at-least-once like inside the "
+            "`split` lever below. A ratio within about ±20% of 1 is no measurable effect on "
+            "this machine; the CPU table in the summary shows why the gain is small: the work "
+            "per decision stays, it only moves to other processes. "
+            "The relay out of process is at-least-once like inside the "
             "worker; `tests/integration/test_relay_process.py` kills it with SIGKILL between "
             "publishing and committing a batch and finds every answer and every version.",
             "2. **The expiry sweeper checks an index of open reservations** instead of decoding "
@@ -1011,8 +1025,11 @@ class _Writer:
             f"- **uvloop** (`FAUST_LOOP=uvloop`): {lv('uvloop')}. The event loop itself is "
             "not where the time goes (see the profile: Faust and aiokafka per-record code).",
             f"- **Producer linger 10 ms** (`PRODUCER_LINGER=0.01`; the app sets 1 ms): "
-            f"{lv('linger_10ms')}. It saves produce requests but adds up to 10 ms per hop, "
-            "and there are four hops from an order to Redis.",
+            f"{lv('linger_10ms')}. Fewer, larger produce requests cost the worker and the "
+            "broker less per record. Not made the default: it adds up to 10 ms per hop and "
+            "there are four hops from an order to Redis (the P6 goal), and the same lever "
+            "measured 0.93x in the previous report; a throughput-bound deployment can set "
+            "`PRODUCER_LINGER`.",
             f"- **Faust's threaded producer** (`PRODUCER_THREADED=true`): "
             f"{lv('threaded_producer')}; it sends the changelog from its own thread and loop, "
             "and its behaviour under kill -9 was never checked, so it stays off.",

@@ -650,14 +650,36 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
     warm: list[dict[str, Any]] = []
     filled = 0
 
-    def settle() -> tuple[float, float, float]:
+    rebuilt_line = "reservation index rebuilt"
+    rebuilds_seen = [0]
+    rebuild_s: dict[str, float] = {}
+
+    def settle(label: str) -> tuple[float, float, float]:
+        """RSS right after the start; idle CPU once the expiry sweeper's first index
+        rebuild (a read of the whole table, after every start) has finished."""
         assert worker.proc is not None
         pid = worker.proc.pid
         time.sleep(min(3.0, sizes.idle_seconds))
         rss, hwm = rss_mb(pid)
+        deadline = time.monotonic() + 600
+        while log_count(worker, rebuilt_line) <= rebuilds_seen[0]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the expiry sweeper never rebuilt its index")
+            time.sleep(0.5)
+        rebuilds_seen[0] = log_count(worker, rebuilt_line)
+        found = re.findall(r"reservation index rebuilt: \d+ open in ([0-9.]+) s", _log_text())
+        if found:
+            rebuild_s[label] = float(found[-1])
+        time.sleep(1.0)
         c0 = _cpu_seconds(pid)
         time.sleep(sizes.idle_seconds)
         return rss, hwm, (_cpu_seconds(pid) - c0) / sizes.idle_seconds
+
+    def _log_text() -> str:
+        try:
+            return worker.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     try:
         for n in sizes.rss_points:
@@ -669,7 +691,7 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
             log(f"memory: cold start restoring {records:,} changelog records")
             cold = time_to_healthy(worker, timeout=1800)
             restore = restore_seconds(worker.log_path)
-            rss, hwm, idle_cpu = settle()
+            rss, hwm, idle_cpu = settle("cold")
             last = "FILL" + str(n - 1).zfill(12)
             status, body = worker.get_json(f"/stock/{last}")
             if profile_to is not None and n == sizes.rss_points[-1] and worker.proc is not None:
@@ -679,7 +701,7 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
             worker.stop()
             log(f"memory: warm restart with {n:,} SKUs")
             warm_s = time_to_healthy(worker, timeout=1800)
-            warm_rss, _, warm_cpu = settle()
+            warm_rss, _, warm_cpu = settle("warm")
             worker.stop()
             bare_n, bare_s = bare_changelog_read(cfg)
             points.append(
@@ -698,6 +720,8 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
                     "warm_start_s": warm_s,
                     "warm_rss_mb": warm_rss,
                     "warm_idle_cpu_cores": warm_cpu,
+                    "index_rebuild_cold_s": rebuild_s.get("cold"),
+                    "index_rebuild_warm_s": rebuild_s.get("warm"),
                     "last_sku_found": status == 200 and body.get("on_hand") == 100,
                 }
             )
@@ -705,7 +729,7 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
         for i in range(sizes.warm_restarts - 1):
             log(f"memory: extra warm restart {i + 1} with {filled:,} SKUs")
             t = time_to_healthy(worker, timeout=1800)
-            rss, _, _ = settle()
+            rss, _, _ = settle("extra")
             warm.append({"warm_start_s": t, "rss_mb": rss})
             worker.stop()
     finally:
