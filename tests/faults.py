@@ -78,6 +78,7 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.mode = "up"
         self._listener: socket.socket | None = None
+        self._reserved: socket.socket | None = None  # bound, not listening: refuses
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -86,10 +87,24 @@ class TcpProxy:
         self._listen()
         return self
 
+    def _bound(self) -> socket.socket:
+        deadline = time.monotonic() + 5
+        while True:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", self.port))
+                return sock
+            except OSError:
+                sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # the old listener is released when its accept returns
+
     def _listen(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
+        # the port stays reserved while refusing: free, the kernel may hand it to an
+        # outgoing connection as its local port, and listening again would then fail
+        sock, self._reserved = self._reserved or self._bound(), None
         sock.listen(64)
         self._listener = sock
         threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
@@ -147,10 +162,22 @@ class TcpProxy:
         self._drop_connections()
         if mode == "refuse":
             if self._listener is not None:
+                # close() alone leaves a thread blocked in accept() holding the socket,
+                # still listening; shutdown wakes it (EINVAL) so the socket really goes
+                try:
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
+                if not self._closed:
+                    self._reserved = self._bound()
         elif self._listener is None:
             self._listen()
 
     def close(self) -> None:
+        self._closed = True
         self.set_mode("refuse")
+        if self._reserved is not None:
+            self._reserved.close()
+            self._reserved = None
