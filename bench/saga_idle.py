@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import cpu_seconds, harness, rss_mb
+from bench.tablefill import commit_relay_to_end
 from pipeline import saga as sg
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic, ensure_topics
@@ -69,20 +70,7 @@ def main() -> None:
                 producer.poll(0.05)
     if producer.flush(120):
         raise RuntimeError("saga changelog records not delivered")
-    # the order relay must not re-publish them: its group starts at the end
-    relay = Consumer(
-        {
-            "bootstrap.servers": cfg.kafka_bootstrap,
-            "group.id": f"{cfg.app_id}-orders-relay",
-            "enable.auto.commit": False,
-        }
-    )
-    ends = [
-        TopicPartition(topic, part, relay.get_watermark_offsets(TopicPartition(topic, part))[1])
-        for part in range(cfg.partitions)
-    ]
-    relay.commit(offsets=ends, asynchronous=False)
-    relay.close()
+    commit_relay_to_end(cfg, "orders", "orders-relay")  # nothing to re-publish
     worker = harness.Worker(ns, "w1")
     try:
         started = time.monotonic()

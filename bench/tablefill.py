@@ -102,13 +102,15 @@ def fill_changelog(cfg: Settings, start: int, count: int, prefix: str = "FILL") 
     return count
 
 
-def commit_relay_to_end(cfg: Settings) -> None:
-    """Mark the changelog as relayed (the relay's group at the high watermark)."""
-    topic = changelog_topic(cfg)
+def commit_relay_to_end(cfg: Settings, table: str = "stock", group: str = "relay") -> None:
+    """Mark ``table``'s changelog as relayed (the ``<app id>-<group>`` consumer group at
+    the high watermark): the stock relay by default, ``("orders", "orders-relay")`` for
+    the order relay."""
+    topic = changelog_topic(cfg, table)
     c = Consumer(
         {
             "bootstrap.servers": cfg.kafka_bootstrap,
-            "group.id": f"{cfg.app_id}-relay",
+            "group.id": f"{cfg.app_id}-{group}",
             "enable.auto.commit": False,
         }
     )
