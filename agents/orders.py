@@ -2,7 +2,7 @@
 
 * **Agent** ``order_saga`` (concurrency 1) reads ``inventory.checkouts``
   (PlaceOrder, CommitOrder, CancelOrder, keyed by order id) *and*
-  ``inventory.reservation-results`` (the ledger's answers, keyed by order id).
+  ``inventory.order-line-results`` (the ledger's answers to the saga's own commands, keyed by order id).
   Both topics have the same partition count and key bytes, so partition p of
   each lands on the same worker, which owns partition p of the saga table: one
   agent sees an order's commands and its lines' answers, serially. Per record:
@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import Counter, Gauge
 
+from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline import saga as sg
@@ -94,7 +95,9 @@ def now_ms() -> int:
 
 checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)
 order_results_topic = _raw_topic(ORDER_RESULTS_TOPIC)
-saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.results_topic, acks=False)
+# the checkouts and the ledger's answers to the saga's own commands (asked for with the
+# reply header, so the saga never reads the public answers of plain ReserveStock traffic)
+saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.line_results_topic, acks=False, guarded=True)
 
 orders_table = app.Table(
     "orders",
@@ -158,7 +161,7 @@ class SagaHandler:
 
     async def handle(self, event: Any) -> None:
         msg = event.message
-        if msg.topic == self.cfg.results_topic:
+        if msg.topic == self.cfg.line_results_topic:
             await self._answer(event)
         else:
             await self._command(event)
@@ -270,6 +273,7 @@ class SagaHandler:
                 key=key,
                 value=self.codec.encode(name, fields),
                 partition=partition_for(key, self.cfg.partitions),
+                headers=[(REPLY_HEADER, b"saga")],
             )
 
     async def publish(self, result: sg.OrderResult) -> None:
@@ -309,7 +313,12 @@ class SagaHandler:
 open_sagas = OpenSagas()
 handler = SagaHandler(orders_table, codec_from_settings(settings), settings, open_sagas)
 saga_index = IndexRefresher(
-    "saga", app, orders_table, open_sagas, OpenSagas.entry_of, settings.expiry_full_scan_s
+    "saga",
+    app,
+    lambda: orders_table.data.items(),
+    open_sagas,
+    OpenSagas.entry_of,
+    settings.expiry_full_scan_s,
 )
 
 

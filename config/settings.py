@@ -103,8 +103,18 @@ class Settings:
     # how often the sweeper re-reads every reservation from the table (a backstop:
     # between these it checks the open reservations the agent noted)
     expiry_full_scan_s: float = 300.0
-    # how often input offsets are committed (after a producer flush; pipeline.sequencing)
+    # how often the saga's input offsets are committed (after a producer flush;
+    # pipeline.sequencing); the ledger commits its inputs in each batch's transaction
     commit_interval_s: float = 1.0
+    # the ledger's batches (agents.ledger): records per batch (also the most commands one
+    # SKU record carries the effects of), the transaction timeout after which the broker
+    # aborts a dead worker's open batch, the largest record the producers write, and how
+    # long a partition may apply nothing while its log holds records before it re-reads
+    ledger_batch_max: int = 500
+    transaction_timeout_s: float = 20.0
+    max_record_bytes: int = 1_000_000
+    ledger_stall_after_s: float = 3.0
+    feed_max_buffered: int = 20_000
     # RocksDB memory per table partition (each partition is its own DB): memtables
     # (write buffers) and block cache; Faust's defaults are 64 MiB x 3 memtables
     rocksdb_write_buffer_mb: int = 8
@@ -173,6 +183,15 @@ class Settings:
             ),
             expiry_full_scan_s=_float(e, "INVENTORY_EXPIRY_FULL_SCAN_S", d.expiry_full_scan_s),
             commit_interval_s=_float(e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s),
+            ledger_batch_max=_int(e, "INVENTORY_LEDGER_BATCH_MAX", d.ledger_batch_max),
+            transaction_timeout_s=_float(
+                e, "INVENTORY_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s
+            ),
+            max_record_bytes=_int(e, "INVENTORY_MAX_RECORD_BYTES", d.max_record_bytes),
+            ledger_stall_after_s=_float(
+                e, "INVENTORY_LEDGER_STALL_AFTER_S", d.ledger_stall_after_s
+            ),
+            feed_max_buffered=_int(e, "INVENTORY_FEED_MAX_BUFFERED", d.feed_max_buffered),
             rocksdb_write_buffer_mb=_int(
                 e, "INVENTORY_ROCKSDB_WRITE_BUFFER_MB", d.rocksdb_write_buffer_mb
             ),
@@ -253,6 +272,11 @@ class Settings:
     def checkouts_topic(self) -> str:
         """Order commands (PlaceOrder, CommitOrder, CancelOrder), keyed by order id."""
         return f"{self.topic_prefix}checkouts"
+
+    @property
+    def line_results_topic(self) -> str:
+        """The ledger's answers to the saga's own commands (internal), keyed by order id."""
+        return f"{self.topic_prefix}order-line-results"
 
     @property
     def order_results_topic(self) -> str:

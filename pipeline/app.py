@@ -1,15 +1,18 @@
-"""The Faust application: topics, the stock table and the wiring of agents and views.
+"""The Faust application: topics, the saga table and the wiring of agents and views.
 
 Start a worker with the standard CLI::
 
     faust -A pipeline.app worker --web-port 6066 --datadir .data/worker1
 
-Local RocksDB state is trusted only after a clean shutdown. A worker killed
-with SIGKILL may have written RocksDB entries whose changelog records never
-reached Kafka; keeping them would let the offset guard skip the redelivered
-input while the changelog (the truth other workers recover from, and the
-source of the output topics) lacks its effect. So a worker that finds no
-clean-shutdown marker wipes its table files and restores from the changelog.
+The stock ledger is not a Faust table: :mod:`agents.ledger` keeps it in its own
+RocksDB files and a transactional changelog (``{app_id}-stock-changelog``), fed in
+batches by the consumer (:mod:`pipeline.kafka.feed`). Its local files are written
+only after the changelog committed, so they are kept across a ``kill -9``.
+
+The saga's Faust table is trusted only after a clean shutdown: Faust writes
+RocksDB before the changelog acknowledges, so a worker that finds no
+clean-shutdown marker wipes its Faust table files and restores them from their
+changelog.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import faust
 from config.settings import Settings, settings
 from pipeline.clients import confluent_config, faust_broker_kwargs
 from pipeline.failpoints import drop_deliveries, parse_drops
+from pipeline.kafka.feed import BatchFeed, feeding_transport
 from pipeline.logs import faust_logging_config
 from pipeline.metrics import install_faust_sensor
 from pipeline.sequencing import InputGuard, confluent_offsets
@@ -40,6 +44,10 @@ class InventoryApp(faust.App):
     """faust.App plus the start-up checks and the clean-shutdown marker."""
 
     _flushed_on_stop: bool = False
+
+    def _new_transport(self) -> Any:
+        # the consumer hands the ledger's input topics to the feed in batches
+        return feeding_transport(self, ledger_feed)
 
     def _marker(self) -> Path:
         return Path(self.conf.datadir) / CLEAN_MARKER
@@ -86,10 +94,11 @@ def table_options(cfg: Settings) -> dict[str, Any]:
     }
 
 
-def _raw_topic(*names: str, acks: bool = True) -> Any:
-    """A topic of raw bytes; ``acks=False`` for agent inputs: :mod:`pipeline.sequencing`
-    commits those, never Faust, and watches their partitions."""
-    if not acks:
+def _raw_topic(*names: str, acks: bool = True, guarded: bool = False) -> Any:
+    """A topic of raw bytes; ``acks=False`` for agent inputs, which Faust never commits:
+    ``guarded`` ones are committed and watched by :mod:`pipeline.sequencing` (the saga's),
+    the ledger's by its transactions."""
+    if guarded:
         input_guard.watch(*names)
     return app.topic(
         *names,
@@ -131,7 +140,10 @@ app = InventoryApp(
 # Faust's framework metrics into our registry (one /metrics page); before the app starts
 install_faust_sensor(app)
 
-# every agent input is applied in offset order and committed by this guard, not by Faust
+# the ledger's input records, handed over in batches by the consumer (agents.ledger)
+ledger_feed = BatchFeed(settings.input_topics, max_buffered=settings.feed_max_buffered)
+
+# the saga's inputs are applied in offset order and committed by this guard, not by Faust
 input_guard = InputGuard(
     app,
     confluent_offsets(confluent_config(settings), app.conf.id),  # Faust's group id
@@ -140,12 +152,12 @@ input_guard = InputGuard(
 install_input_guard(app, input_guard)
 
 if settings.failpoint_drop_delivery:
+    drops = parse_drops(settings.failpoint_drop_delivery)
     # before the consumer exists: it takes the conductor's callback when created
     app.topics.on_message = drop_deliveries(  # type: ignore[method-assign]
-        app.topics.on_message,
-        parse_drops(settings.failpoint_drop_delivery),
-        settings.topic_prefix,
+        app.topics.on_message, drops, settings.topic_prefix
     )
+    ledger_feed.drop_once(drops, settings.topic_prefix)
 
 orders_topic = _raw_topic(settings.orders_topic, acks=False)
 returns_topic = _raw_topic(settings.returns_topic, acks=False)
@@ -156,17 +168,6 @@ INPUT_TOPICS = {
     settings.returns_topic: returns_topic,
     settings.restocks_topic: restocks_topic,
 }
-
-stock_table = app.Table(
-    "stock",
-    key_type=bytes,
-    value_type=bytes,
-    partitions=settings.partitions,
-    options=table_options(settings),
-    extra_topic_configs={
-        "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
-    },
-)
 
 # open reservations of this worker's partitions, for the expiry sweeper (pipeline.expiry)
 open_reservations = OpenReservations()

@@ -21,9 +21,10 @@ import logging
 import time
 import uuid
 
+from agents.stock import engine
 from config.settings import settings
 from pipeline import metrics
-from pipeline.app import app, open_reservations, orders_topic, stock_table
+from pipeline.app import app, open_reservations, orders_topic
 from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from schemas.codec import codec_from_settings
@@ -39,10 +40,11 @@ _sent: dict[bytes, int] = {}
 index = IndexRefresher(
     "reservation",
     app,
-    stock_table,
+    engine.items,
     open_reservations,
     OpenReservations.entry_of,
     settings.expiry_full_scan_s,
+    token=lambda: engine.ready_token,
 )
 
 
@@ -56,7 +58,7 @@ def overdue(now: int) -> list[tuple[str, str]]:
 
 @app.timer(interval=settings.expiry_scan_interval_s)
 async def sweep_expired() -> None:
-    if not settled(app) or not await index.refresh():
+    if not settled(app) or not engine.ready() or not await index.refresh():
         return
     now = int(time.time() * 1000)
     for sku, order_id in overdue(now):

@@ -33,8 +33,36 @@ REJECTIONS = Counter(
 )
 DECISION_SECONDS = Histogram(
     "inventory_decision_seconds",
-    "Time to decide and store one command in the agent.",
+    "From a command's arrival at the worker to the commit of the batch that decided it.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+    registry=REGISTRY,
+)
+BATCH_SIZE = Histogram(
+    "inventory_batch_commands",
+    "Commands per ledger batch.",
+    buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+    registry=REGISTRY,
+)
+BATCH_COMMIT_SECONDS = Histogram(
+    "inventory_batch_commit_seconds",
+    "Time to write and commit one ledger batch's Kafka transaction.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+    registry=REGISTRY,
+)
+BATCH_FOLD_SECONDS = Histogram(
+    "inventory_batch_fold_seconds",
+    "CPU time to decide one ledger batch (the fold, before its transaction).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+    registry=REGISTRY,
+)
+BATCH_ABORTS = Counter(
+    "inventory_batch_aborts_total",
+    "Ledger batch transactions aborted by the broker (the batch is retried).",
+    registry=REGISTRY,
+)
+LEDGER_RESTARTS = Counter(
+    "inventory_ledger_partition_restarts_total",
+    "Times a ledger partition took ownership again after its producer was fenced or failed.",
     registry=REGISTRY,
 )
 COMMAND_AGE_SECONDS = Histogram(

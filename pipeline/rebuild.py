@@ -14,14 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import uuid
 from collections.abc import Sequence
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from tqdm import tqdm
 
 from config.settings import Settings, settings
-from pipeline.clients import confluent_config
+from pipeline.kafka.reading import read_to_end
 from pipeline.sinks.base import Projection
 from pipeline.sinks.runner import build_projections
 from pipeline.topics import changelog_topic
@@ -31,37 +29,11 @@ from tables.stock import StoredStock, is_stock_key
 def latest_states(cfg: Settings, progress: bool = True) -> dict[str, StoredStock]:
     """Each SKU's newest stored state from the changelog, read up to its current end."""
     topic = changelog_topic(cfg)
-    consumer = Consumer(
-        confluent_config(
-            cfg,
-            **{
-                "group.id": f"rebuild-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-            },
-        )
-    )
+    latest: dict[str, StoredStock] = {}
+    bar = tqdm(desc="changelog", unit="rec", disable=not progress, file=sys.stderr)
     try:
-        meta = consumer.list_topics(topic, timeout=10)
-        if topic not in meta.topics or meta.topics[topic].error is not None:
-            raise SystemExit(f"changelog topic {topic} not found: has a worker run yet?")
-        ends: dict[int, int] = {}
-        for p in meta.topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
-        total = sum(ends.values())
-        latest: dict[str, StoredStock] = {}
-        bar = tqdm(total=total, desc="changelog", unit="rec", disable=not progress, file=sys.stderr)
-        done: set[int] = set()
-        while len(done) < len(ends):
-            msg = consumer.poll(1.0)
-            if msg is None or msg.error() is not None:
-                continue
+        for msg in read_to_end(cfg, topic, timeout=600):
             bar.update(1)
-            if msg.offset() + 1 >= ends[msg.partition()]:
-                done.add(msg.partition())
             key, value = msg.key(), msg.value()
             if key is None or value is None or not is_stock_key(key):
                 continue
@@ -69,10 +41,11 @@ def latest_states(cfg: Settings, progress: bool = True) -> dict[str, StoredStock
             sku = stored.record.sku
             if sku not in latest or stored.record.version >= latest[sku].record.version:
                 latest[sku] = stored
-        bar.close()
-        return latest
+    except LookupError:
+        raise SystemExit(f"changelog topic {topic} not found: has a worker run yet?") from None
     finally:
-        consumer.close()
+        bar.close()
+    return latest
 
 
 async def rebuild(

@@ -55,7 +55,13 @@ class ChangelogRelay:
         for name, items in stored.effects.items():
             for item in items:
                 if name == "ReservationResult":
-                    topic, okey = self.cfg.results_topic, item["order_id"].encode()
+                    okey = item["order_id"].encode()
+                    # the saga's own commands are answered where only the saga reads
+                    topic = (
+                        self.cfg.line_results_topic
+                        if item.pop("reply_to", "") == "saga"
+                        else self.cfg.results_topic
+                    )
                 else:
                     topic, okey = self.cfg.stock_changes_topic, key
                 out.append((topic, okey, self.codec.encode(name, item), name))
@@ -68,6 +74,8 @@ class ChangelogRelay:
             group_id=f"{self.cfg.app_id}-relay",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # the ledger writes its changelog in transactions: never relay an aborted batch
+            isolation_level="read_committed",
             fetch_max_wait_ms=20,
             max_poll_records=2000,
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),

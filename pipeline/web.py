@@ -7,15 +7,16 @@ from typing import Any
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agents.stock import engine
 from pipeline import metrics
-from pipeline.app import app, stock_table
+from pipeline.app import app, orders_topic
 from pipeline.sinks.worker import sink_states
-from tables.stock import StoredStock, stock_key
 
 
 def ready() -> bool:
-    """True once table recovery has finished and no rebalance is under way."""
-    done = app.tables.recovery.completed.is_set() and not app.rebalancing
+    """True once table recovery has finished, every ledger partition of this worker has
+    taken ownership and caught up, and no rebalance is under way."""
+    done = app.tables.recovery.completed.is_set() and not app.rebalancing and engine.ready()
     metrics.RECOVERY_COMPLETE.set(1 if done else 0)
     return done
 
@@ -33,14 +34,17 @@ class Health(View):
 
 @app.page("/stock/{sku}")
 class StockView(View):
-    @app.table_route(table=stock_table, match_info="sku")
+    @app.topic_route(topic=orders_topic, match_info="sku")
     async def get(self, request: Request, sku: str) -> Response:
-        if not ready():
+        # answered by the owner of the SKU's partition; never from state another worker
+        # may have changed since (a worker that was paused past its session, say)
+        ledger = engine.ledger_for(sku) if ready() else None
+        if ledger is None or not await ledger.fresh():
             return self.json({"error": "recovering"}, status=503)
-        raw: Any = stock_table.get(stock_key(sku))
-        if raw is None:
+        stored: Any = ledger.lookup(sku)
+        if stored is None:
             return self.json({"error": "unknown sku", "sku": sku}, status=404)
-        return self.json(StoredStock.from_bytes(raw).view())
+        return self.json(stored.view())
 
 
 @app.page("/metrics")

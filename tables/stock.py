@@ -220,22 +220,30 @@ class StoredReservation:
         return cls(current=d["c"], previous=d.get("p"))
 
 
+def effect_of(e: core.Event) -> tuple[str, dict[str, Any]] | None:
+    """The Avro record name and Avro-ready dict of an event the relay publishes, else None."""
+    if isinstance(e, core.StockChanged):
+        d = e.__dict__.copy()
+        d["channels"] = [c.__dict__.copy() for c in e.channels]
+        return "StockChanged", d
+    if isinstance(e, core.ReservationResult):
+        d = e.__dict__.copy()
+        d["outcome"] = e.outcome.value
+        return "ReservationResult", d
+    if isinstance(e, core.StockShortfall):
+        return "StockShortfall", e.__dict__.copy()
+    if isinstance(e, core.LowStockCrossed):
+        return "LowStockCrossed", e.__dict__.copy()
+    return None
+
+
 def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]]:
     """The events the relay publishes, as Avro-ready dicts keyed by record name."""
     out: dict[str, list[dict[str, Any]]] = {}
     for e in events:
-        if isinstance(e, core.StockChanged):
-            d = e.__dict__.copy()
-            d["channels"] = [c.__dict__.copy() for c in e.channels]
-            out.setdefault("StockChanged", []).append(d)
-        elif isinstance(e, core.ReservationResult):
-            d = e.__dict__.copy()
-            d["outcome"] = e.outcome.value
-            out.setdefault("ReservationResult", []).append(d)
-        elif isinstance(e, core.StockShortfall):
-            out.setdefault("StockShortfall", []).append(e.__dict__.copy())
-        elif isinstance(e, core.LowStockCrossed):
-            out.setdefault("LowStockCrossed", []).append(e.__dict__.copy())
+        named = effect_of(e)
+        if named is not None:
+            out.setdefault(named[0], []).append(named[1])
     return out
 
 

@@ -7,6 +7,7 @@ connections but forwards nothing (a hung server: clients hit their timeouts).
 
 from __future__ import annotations
 
+import queue
 import shutil
 import socket
 import subprocess
@@ -71,12 +72,18 @@ class PrivateRedis:
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``mode`` switches between up/refuse/blackhole."""
+    """Forwards 127.0.0.1:<port> to a target; ``mode`` switches between up/refuse/blackhole.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    ``delay_s`` > 0 holds every byte the target sends back for that long before
+    passing it on (order kept, throughput not capped): a slow server, e.g. a broker
+    whose produce responses take a few hundred ms.
+    """
+
+    def __init__(self, target_host: str, target_port: int, delay_s: float = 0.0) -> None:
         self.port = free_port()
         self.target = (target_host, target_port)
         self.mode = "up"
+        self.delay_s = delay_s
         self._listener: socket.socket | None = None
         self._reserved: socket.socket | None = None  # bound, not listening: refuses
         self._conns: list[socket.socket] = []
@@ -126,8 +133,13 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns.append(upstream)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+            if self.delay_s > 0:
+                threading.Thread(
+                    target=self._slow_pipe, args=(upstream, client), daemon=True
+                ).start()
+            else:
+                threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -144,6 +156,41 @@ class TcpProxy:
                     s.close()
                 except OSError:
                     pass
+
+    def _slow_pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        """Like _pipe, each chunk passed on ``delay_s`` after it arrived."""
+        chunks: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def deliver() -> None:
+            try:
+                while True:
+                    at, data = chunks.get()
+                    if not data:
+                        break
+                    wait = at + self.delay_s - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.close()
+                    except OSError:
+                        pass
+
+        threading.Thread(target=deliver, daemon=True).start()
+        try:
+            while self.mode == "up":
+                data = src.recv(65536)
+                if not data:
+                    break
+                chunks.put((time.monotonic(), data))
+        except OSError:
+            pass
+        finally:
+            chunks.put((time.monotonic(), b""))
 
     def _drop_connections(self) -> None:
         with self._lock:

@@ -64,14 +64,15 @@ from typing import Any
 
 import orjson
 import redis
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from faults import PrivateRedis, TcpProxy
 
 from config.settings import Settings
 from config.settings import settings as base
+from faults import PrivateRedis, TcpProxy
 from harness import OUT, REPO, Namespace, Worker
 from pipeline.clients import confluent_config
+from pipeline.kafka.reading import read_to_end
 from pipeline.partitioning import partition_for
 from pipeline.produce import CommandProducer, DeliveryError, now_ms, producer_config
 from pipeline.topics import changelog_topic, ensure_topics
@@ -280,6 +281,9 @@ class TopicTail(threading.Thread):
                     "group.id": f"chaos-tail-{uuid.uuid4().hex}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "earliest",
+                    # the end of a partition written in transactions is a marker, never
+                    # delivered: the end-of-partition event tells how far reading got
+                    "enable.partition.eof": True,
                     "log_level": 2,
                 },
             )
@@ -293,8 +297,14 @@ class TopicTail(threading.Thread):
         try:
             while not self.stop_event.is_set():
                 for msg in consumer.consume(500, 0.2):
-                    if msg.error() is not None:
-                        self.errors += 1
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            key = (msg.topic(), msg.partition())
+                            with self.lock:
+                                self.next_offset[key] = max(self.next_offset[key], msg.offset())
+                        else:
+                            self.errors += 1
                         continue
                     self._add(msg)
         finally:
@@ -379,34 +389,11 @@ def high_watermarks(s: Settings, topics: Iterable[str]) -> dict[tuple[str, int],
 def read_all(
     s: Settings, topic: str, decode: Callable[[bytes], Any], timeout: float = 120.0
 ) -> list[tuple[int, int, bytes | None, Any]]:
-    """(partition, offset, key, decoded value) of every record now in ``topic``."""
-    high = high_watermarks(s, [topic])
-    c = Consumer(
-        confluent_config(
-            s,
-            **{
-                "group.id": f"chaos-read-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "log_level": 2,
-            },
-        )
-    )
-    out = []
-    try:
-        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for (_, p) in high])
-        done = {p for (_, p), hw in high.items() if hw == 0}
-        deadline = time.monotonic() + timeout
-        while len(done) < len(high) and time.monotonic() < deadline:
-            for msg in c.consume(1000, 0.5):
-                if msg.error() is not None:
-                    continue
-                value = msg.value()
-                out.append((msg.partition(), msg.offset(), msg.key(), decode(value)))
-                if msg.offset() + 1 >= high[(topic, msg.partition())]:
-                    done.add(msg.partition())
-        return out
-    finally:
-        c.close()
+    """(partition, offset, key, decoded value) of every committed record now in ``topic``."""
+    return [
+        (msg.partition(), msg.offset(), msg.key(), decode(msg.value()))
+        for msg in read_to_end(s, topic, timeout=timeout)
+    ]
 
 
 # --------------------------------------------------------------------------

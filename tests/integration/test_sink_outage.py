@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import redis
-from faults import PrivateRedis, TcpProxy
 
 from config.settings import settings as base
+from faults import PrivateRedis, TcpProxy
 from harness import OUT, REPO, Namespace, Worker, wait_for
 from pipeline.produce import CommandProducer
 

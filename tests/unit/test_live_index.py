@@ -77,7 +77,7 @@ def entry_of(key: bytes, value: bytes) -> bytes | None:
 
 
 def refresher(app: Any, table: Any, index: LiveIndex[bytes]) -> IndexRefresher[bytes]:
-    return IndexRefresher("test", app, table, index, entry_of, full_scan_s=300)
+    return IndexRefresher("test", app, table.data.items, index, entry_of, full_scan_s=300)
 
 
 def test_rebuild_in_slices_lets_notes_made_during_the_scan_win(monkeypatch):
@@ -122,7 +122,7 @@ def test_a_rebalance_during_the_scan_aborts_it_and_keeps_the_old_index(monkeypat
     assert asyncio.run(ref.refresh()) is False
     assert [k for k, _ in index.items()] == [b"old"]
     app.rebalancing = False  # the next tick scans again
-    ref.table = FakeTable(items)
+    ref.items = FakeTable(items).data.items
     assert asyncio.run(ref.refresh()) and len(index) == 6
 
 

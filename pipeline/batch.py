@@ -1,0 +1,163 @@
+"""The batch fold: many commands of one partition applied in one step.
+
+:func:`fold` applies a list of :class:`Input` (commands of one ledger partition,
+in input order) to the stored state, exactly as applying them one at a time with
+:func:`pipeline.core.decide` would, and returns what to write:
+
+* one :class:`tables.stock.StoredStock` per touched SKU: its final record, its
+  watermarks (the highest input offset applied per topic, for every input of
+  the batch) and *the batch's effects* for that SKU (every StockChanged, in
+  version order, every ReservationResult, shortfall and low-stock crossing);
+* one :class:`tables.stock.StoredReservation` per (SKU, order) the batch
+  changed, in its final state.
+
+The engine writes all of them in one Kafka transaction, so a crash leaves
+either the whole batch in the changelog or none of it; the watermark rule
+(an input at or below its SKU's watermark was applied already) still holds
+for every record, so a batch re-read after a crash changes nothing twice.
+
+Pure: no Kafka, Faust, RocksDB or clock. State comes from two loader
+functions; time from the commands (and ``now`` for ``processed_at``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import core
+from tables.stock import StoredReservation, StoredStock, effect_of, reservation_key, stock_key
+
+# a SKU record carries every effect of the batch for that SKU; this bounds its size
+DEFAULT_MAX_COMMANDS_PER_SKU = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """One validated command of the partition, with where it came from."""
+
+    topic: str
+    offset: int
+    command: core.Command
+    reply_to: str = ""  # "" = the public results topic; else an internal reply topic's tag
+
+
+@dataclass(slots=True)
+class _Sku:
+    record: core.StockRecord | None
+    watermarks: dict[str, int]
+    version_at: int
+    effects: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    commands: int = 0
+    stored: StoredStock | None = None  # as loaded (for reservation validity)
+
+    def applied(self, topic: str, offset: int) -> bool:
+        return self.watermarks.get(topic, -1) >= offset
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a batch writes, and each input's decision (None: a redelivery, skipped)."""
+
+    stocks: dict[str, StoredStock]
+    reservations: dict[bytes, StoredReservation]
+    decisions: list[core.Decision | None]
+    applied: int  # inputs consumed, a prefix of the batch (the rest waits for the next one)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.stocks or self.reservations)
+
+
+StockLoader = Callable[[str], StoredStock | None]
+ReservationLoader = Callable[[bytes], StoredReservation | None]
+
+
+def fold(
+    inputs: Sequence[Input],
+    load_stock: StockLoader,
+    load_reservation: ReservationLoader,
+    now: int,
+    *,
+    dedupe_window: int = core.DEFAULT_DEDUPE_WINDOW,
+    low_stock_threshold: int = -1,
+    max_commands_per_sku: int = DEFAULT_MAX_COMMANDS_PER_SKU,
+) -> BatchResult:
+    """Apply ``inputs`` in order; see the module docstring.
+
+    Stops before the input that would make one SKU's record carry more than
+    ``max_commands_per_sku`` commands' effects (``applied`` says how many were
+    taken; the first input is always taken).
+    """
+    skus: dict[str, _Sku] = {}
+    holds: dict[bytes, tuple[core.Reservation, str, int]] = {}  # key -> (res, topic, offset)
+    decisions: list[core.Decision | None] = []
+    applied = 0
+    for inp in inputs:
+        cmd = inp.command
+        sku = skus.get(cmd.sku)
+        if sku is None:
+            stored = load_stock(cmd.sku)
+            sku = skus[cmd.sku] = (
+                _Sku(stored.record, dict(stored.watermarks), stored.version_at, stored=stored)
+                if stored is not None
+                else _Sku(None, {}, 0)
+            )
+        if sku.commands >= max_commands_per_sku and applied:
+            break
+        applied += 1
+        if sku.applied(inp.topic, inp.offset):
+            decisions.append(None)
+            continue
+        reservation = None
+        rkey = b""
+        if isinstance(cmd, core.ORDER_COMMANDS):
+            rkey = reservation_key(cmd.sku, cmd.order_id)
+            held = holds.get(rkey)
+            if held is not None:
+                reservation = held[0]
+            else:
+                stored_res = load_reservation(rkey)
+                if stored_res is not None:
+                    reservation = stored_res.valid(sku.stored)
+        decision = core.decide(
+            sku.record,
+            cmd,
+            now,
+            reservation,
+            dedupe_window=dedupe_window,
+            low_stock_threshold=low_stock_threshold,
+        )
+        decisions.append(decision)
+        before = sku.record
+        sku.record = decision.record
+        sku.watermarks[inp.topic] = inp.offset
+        if before is None or decision.record.version != before.version:
+            sku.version_at = cmd.occurred_at
+        sku.commands += 1
+        if decision.reservation is not None:
+            holds[rkey] = (decision.reservation, inp.topic, inp.offset)
+        for event in decision.events:
+            named = effect_of(event)
+            if named is None:
+                continue
+            name, effect = named
+            if inp.reply_to and name == "ReservationResult":
+                effect["reply_to"] = inp.reply_to
+            sku.effects.setdefault(name, []).append(effect)
+    stocks = {
+        name: StoredStock(s.record, s.watermarks, s.effects, s.version_at)
+        for name, s in skus.items()
+        if s.record is not None and s.commands
+    }
+    reservations = {
+        key: StoredReservation.new(res, topic, offset)
+        for key, (res, topic, offset) in holds.items()
+    }
+    return BatchResult(stocks, reservations, decisions, applied)
+
+
+def stock_writes(result: BatchResult) -> list[tuple[bytes, StoredStock]]:
+    """(key, value) of the SKU records, in a stable order."""
+    return [(stock_key(name), result.stocks[name]) for name in sorted(result.stocks)]

@@ -1,0 +1,1 @@
+"""The seam to Faust's and aiokafka's internals: nothing outside this package patches them."""
