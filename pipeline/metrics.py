@@ -154,7 +154,8 @@ RECOVERY_COMPLETE = Gauge(
 
 SINK_APPLIED = Counter(
     "inventory_sink_changes_total",
-    "StockChanged records handled by a projection sink, by target and result (applied|stale).",
+    "StockChanged records handled by a projection sink, by target and result "
+    "(applied|stale|coalesced: an older version of a batch that held a newer one).",
     ["target", "result"],
     registry=REGISTRY,
 )

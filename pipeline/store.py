@@ -1,13 +1,13 @@
 """Local RocksDB (rocksdict) state of the ledger partitions: a cache of the changelog, never ahead.
 
 One database per ledger partition, ``{datadir}/ledger/stock-{partition}.db``,
-holding the same keys as the changelog (``<sku>`` -> StoredStock,
+holding the keys of the ledger's changelogs (``<sku>`` -> StoredStock,
 ``<sku>\\0r\\0<order>`` -> StoredReservation) plus one meta key with the next
-changelog offset to read. The engine writes a batch here only after its Kafka
-transaction committed, in one ``WriteBatch`` together with that offset, so the
-files never hold a change the changelog lacks: a worker killed with SIGKILL
-restarts warm, reading only the changelog records after that offset (the records
-of the last batches, or of another worker that owned the partition meanwhile).
+offset to read of each changelog. The engine writes a batch here only after its
+Kafka transaction committed, in one ``WriteBatch`` together with those offsets, so
+the files never hold a change the changelogs lack: a worker killed with SIGKILL
+restarts warm, reading only the records after those offsets (the records of the
+last batches, or of another worker that owned the partition meanwhile).
 
 A write is atomic (RocksDB's WriteBatch with its write-ahead log), so the data
 and the offset always agree, also after a crash.
@@ -29,31 +29,42 @@ META_KEY = b"\x00meta"  # never a SKU (no control bytes) nor a reservation key
 class PartitionStore:
     """One partition's RocksDB: get, one atomic batch write, a scan."""
 
-    def __init__(self, path: Path, options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: Path, options: dict[str, Any] | None = None, default_topic: str = ""
+    ) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = rocksdict.Rdict(str(path), options=_options(options or {}))
         raw = self._db.get(META_KEY)
         meta = orjson.loads(raw) if raw is not None else {}
-        self.changelog_next: int = int(meta.get("next", 0))
+        nxt = meta.get("next", {})
+        # one offset: written before the reservations had a changelog of their own
+        self.positions: dict[str, int] = (
+            {default_topic: int(nxt)}
+            if isinstance(nxt, int)
+            else {t: int(o) for t, o in nxt.items()}
+        )
+
+    def position(self, topic: str) -> int:
+        """The next offset of changelog ``topic`` not yet in this store."""
+        return self.positions.get(topic, 0)
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
         return value
 
-    def write(self, puts: Iterable[tuple[bytes, bytes]], changelog_next: int) -> None:
-        """Store ``puts`` and the next changelog offset to read, atomically."""
+    def write(self, puts: Iterable[tuple[bytes, bytes]], positions: dict[str, int]) -> None:
+        """Store ``puts`` and the changelogs' next offsets to read, atomically."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         for key, value in puts:
             wb.put(key, value)
-        wb.put(META_KEY, orjson.dumps({"next": changelog_next}))
+        merged = self._put_meta(wb, positions)
         self._db.write(wb)
-        self.changelog_next = changelog_next
+        self.positions = merged
 
-    def write_raw(
-        self, records: list[tuple[bytes, bytes | None, int]], changelog_next: int
-    ) -> None:
-        """Store changelog records as read (``None`` value: a tombstone), atomically."""
+    def write_raw(self, topic: str, records: list[tuple[bytes, bytes | None, int]]) -> None:
+        """Store records of changelog ``topic`` as read (``None`` value: a tombstone) and
+        the offset after the last, atomically."""
         wb = rocksdict.WriteBatch(raw_mode=True)
         for key, value, _offset in records:
             if key is None or key == META_KEY:
@@ -62,9 +73,15 @@ class PartitionStore:
                 wb.delete(key)
             else:
                 wb.put(key, value)
-        wb.put(META_KEY, orjson.dumps({"next": changelog_next}))
+        merged = self._put_meta(wb, {topic: records[-1][2] + 1})
         self._db.write(wb)
-        self.changelog_next = changelog_next
+        self.positions = merged
+
+    def _put_meta(self, wb: Any, positions: dict[str, int]) -> dict[str, int]:
+        merged = dict(self.positions)
+        merged.update(positions)
+        wb.put(META_KEY, orjson.dumps({"next": merged}))
+        return merged
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) but the meta key."""
@@ -79,7 +96,7 @@ class PartitionStore:
         """Close and delete the files (a cold restore follows)."""
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        self.changelog_next = 0
+        self.positions = {}
 
 
 def _options(cfg: dict[str, Any]) -> rocksdict.Options:

@@ -34,8 +34,19 @@ class TopicSpec:
 
 
 def changelog_topic(settings: Settings, table: str = "stock") -> str:
-    """Faust's name for a table's changelog topic."""
+    """A table's changelog topic, named the way Faust names them.
+
+    ``stock``: the ledger's SKU records (state, watermarks and each batch's effects:
+    what the relay publishes); ``reservations``: the ledger's reservation records
+    (written in the same transactions, read only on restore); ``orders``: the saga's
+    Faust table.
+    """
     return f"{settings.app_id}-{table}-changelog"
+
+
+def ledger_changelogs(settings: Settings) -> tuple[str, str]:
+    """The ledger's two changelog topics: SKU records, then reservation records."""
+    return changelog_topic(settings), changelog_topic(settings, "reservations")
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -53,18 +64,19 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     specs.append(TopicSpec(settings.results_topic, n, {}, True))
     specs.append(TopicSpec(settings.checkouts_topic, n, {}, True))
     specs.append(TopicSpec(settings.line_results_topic, n, {}, True))
-    # the ledger's changelog (agents.ledger writes it in transactions; not a Faust table)
-    specs.append(
-        TopicSpec(
-            changelog_topic(settings),
-            n,
-            {
-                "cleanup.policy": "compact",
-                "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
-            },
-            True,
+    # the ledger's changelogs (agents.ledger writes them in transactions; not Faust tables)
+    for name in ledger_changelogs(settings):
+        specs.append(
+            TopicSpec(
+                name,
+                n,
+                {
+                    "cleanup.policy": "compact",
+                    "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
+                },
+                True,
+            )
         )
-    )
     specs.append(TopicSpec(settings.order_results_topic, n, {}, False))
     specs.append(TopicSpec(settings.dead_letters_topic, n, {}, False))
     return specs

@@ -7,6 +7,8 @@ with a stable machine-readable ``reason`` (the dead-letter metric label).
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,6 +33,7 @@ class Invalid(ValueError):
         self.detail = detail
 
 
+@functools.cache
 def records_for_topic(settings: Settings) -> dict[str, tuple[str, ...]]:
     return {
         settings.orders_topic: ORDER_RECORDS,
@@ -39,12 +42,15 @@ def records_for_topic(settings: Settings) -> dict[str, tuple[str, ...]]:
     }
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def check_sku(sku: str, settings: Settings) -> None:
     if not sku or not sku.strip():
         raise Invalid("empty_sku", "sku is empty")
     if len(sku.encode("utf-8")) > settings.max_sku_len:
         raise Invalid("sku_too_long", f"sku longer than {settings.max_sku_len} bytes")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in sku):
+    if _CONTROL.search(sku):
         # control bytes are never SKUs, and NUL separates the table's key spaces
         raise Invalid("invalid_sku", "sku contains control characters")
 

@@ -191,6 +191,19 @@ class AvroCodec:
         schemaless_writer(buf, entry.parsed, record)
         return buf.getvalue()
 
+    def encode_trusted(self, name: str, record: Mapping[str, Any]) -> bytes:
+        """Like :meth:`encode` for records this pipeline built itself (the core's events):
+        no validation pass. A record that does not fit its schema still raises from the
+        writer (a missing field, a string where a number belongs), but an int32 overflow
+        or a float in an int field is written as it comes: never pass input through here.
+        """
+        entry = self._by_name[name]
+        prefix = self._prefix.get(name) or self._register(entry)
+        buf = BytesIO()
+        buf.write(prefix)
+        schemaless_writer(buf, entry.parsed, record)
+        return buf.getvalue()
+
     def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
         """``(short record name, record)`` from framed bytes of either framing.
 
