@@ -78,7 +78,7 @@ log = logging.getLogger("inventory.agents")  # the name operators filter decisio
 
 REPLY_HEADER = "inventory-reply-to"
 REPLY_TAGS = frozenset({"saga"})  # the internal reply topics a command may ask for
-CACHE_MAX = 50_000  # decoded SKU records kept per partition
+CACHE_MAX = 10_000  # decoded SKU records kept per partition (the hot ones stay in)
 REWIND_GRACE_S = 3.0
 
 
@@ -446,6 +446,9 @@ class PartitionLedger:
         its next offset (a record lost with nothing after it to reveal the gap)."""
         if time.monotonic() - self._last_progress < self.cfg.ledger_stall_after_s:
             return
+        app = self.engine.app
+        if app.rebalancing or not app.tables.recovery.completed.is_set():
+            return  # Faust keeps the inputs paused until its own tables are restored
         self._last_progress = time.monotonic()
         loop = asyncio.get_running_loop()
         tps = [(t, self.partition) for t in self.expected]
