@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from config.settings import Settings
 from pipeline import batch, core, metrics
 from pipeline.kafka.feed import BatchFeed, Chunk
@@ -77,6 +79,9 @@ from tables.stock import (
 log = logging.getLogger("inventory.agents")  # the name operators filter decisions by
 
 REPLY_HEADER = "inventory-reply-to"
+# the stock changelog's record of each input's next offset, written in every batch's
+# transaction (never a SKU: SKUs hold no control bytes)
+POSITIONS_KEY = b"\x00positions"
 REPLY_TAGS = frozenset({"saga"})  # the internal reply topics a command may ask for
 CACHE_MAX = 10_000  # decoded SKU records kept per partition (the hot ones stay in)
 REWIND_GRACE_S = 3.0
@@ -103,6 +108,7 @@ class Prepared:
     moved: dict[tuple[str, int], int]  # next offset per input topic-partition
     arrivals: list[tuple[float, int]]
     now: int
+    positions: dict[str, int]  # every input's next offset after this batch
 
 
 class PartitionLedger:
@@ -210,26 +216,7 @@ class PartitionLedger:
             read += result.records
             if topic == self.changelog:
                 self.known_end = result.end
-        inputs = [(t, self.partition) for t in self.cfg.input_topics]
-        queries = self.engine.group
-        committed = await loop.run_in_executor(self.engine.executor, queries.committed, inputs)
-        bounds = await loop.run_in_executor(self.engine.executor, queries.bounds, inputs)
-        self.expected = {}
-        for (topic, part), offset in committed.items():
-            low = bounds[(topic, part)][0]
-            start = low if offset is None else offset
-            if offset is not None and offset < low:
-                log.error(
-                    "input %s/%d: committed @%d is below the log start @%d: "
-                    "records were deleted before they were applied",
-                    topic,
-                    part,
-                    offset,
-                    low,
-                )
-                metrics.INPUT_GAPS.labels(topic).inc(low - offset)
-                start = low
-            self.expected[topic] = start
+        self.expected = await self._input_positions()
         self.rewinding = {}
         await self.engine.seek(self.partition, self.expected)
         self.engine.feed.reset([self.partition])
@@ -243,6 +230,50 @@ class PartitionLedger:
             time.monotonic() - started,
             self.expected,
         )
+
+    async def _input_positions(self) -> dict[str, int]:
+        """Where each input of the partition resumes: after the last batch the changelog
+        holds (its positions record, written in the batch's transaction), or the
+        group's committed offset (a partition no batch of this design has written),
+        or the log start."""
+        loop = asyncio.get_running_loop()
+        inputs = [(t, self.partition) for t in self.cfg.input_topics]
+        raw = self.store.get(POSITIONS_KEY)
+        logged: dict[str, int] = orjson.loads(raw) if raw is not None else {}
+        queries = self.engine.group
+        committed: dict[tuple[str, int], int | None] = {}
+        try:
+            committed = await loop.run_in_executor(
+                self.engine.executor, queries.committed, inputs, 5.0
+            )
+        except Exception as exc:  # noqa: BLE001 - the group coordinator may be loading
+            if len(logged) < len(inputs):
+                raise  # nothing else says where to resume: ask again
+            log.warning(
+                "ledger partition %d: group offsets unreadable (%s); resuming at the "
+                "changelog's positions",
+                self.partition,
+                exc,
+            )
+        bounds = await loop.run_in_executor(self.engine.executor, queries.bounds, inputs)
+        out: dict[str, int] = {}
+        for topic, part in inputs:
+            low = bounds[(topic, part)][0]
+            known = [o for o in (logged.get(topic), committed.get((topic, part))) if o is not None]
+            start = max(known) if known else low
+            if start < low:
+                log.error(
+                    "input %s/%d: resuming @%d below the log start @%d: "
+                    "records were deleted before they were applied",
+                    topic,
+                    part,
+                    start,
+                    low,
+                )
+                metrics.INPUT_GAPS.labels(topic).inc(low - start)
+                start = low
+            out[topic] = start
+        return out
 
     # --- deciding ---------------------------------------------------------
 
@@ -339,6 +370,7 @@ class PartitionLedger:
                     extra.append(out)
         if not moved:
             return None
+        positions = dict(expected)  # every input's next offset once this batch is in
         started = time.perf_counter()
         now = now_ms()
         result = batch.fold(
@@ -352,6 +384,7 @@ class PartitionLedger:
         )
         assert result.applied == len(inputs), "batches are cut to the per-SKU cap"
         outs, held = self._changelog_records(result)
+        outs.append(Out(self.changelog, part, POSITIONS_KEY, orjson.dumps(positions)))
         for decision, inp, rec in zip(result.decisions, inputs, sources, strict=True):
             if (
                 decision is not None
@@ -368,7 +401,7 @@ class PartitionLedger:
                 )
         outs.extend(extra)
         metrics.BATCH_FOLD_SECONDS.observe(time.perf_counter() - started)
-        return Prepared(result, inputs, outs, held, moved, arrivals, now)
+        return Prepared(result, inputs, outs, held, moved, arrivals, now, positions)
 
     def _hold(self, prepared: Prepared, seq: int) -> None:
         """The batch's results, decided but not committed: the next batch builds on them."""
@@ -380,9 +413,9 @@ class PartitionLedger:
     async def _finish(self, prepared: Prepared, seq: int) -> None:
         """Commit the batch's transaction, then write local state and count."""
         started = time.perf_counter()
-        delivered = await self._commit(prepared.outs, prepared.moved)
+        delivered = await self._commit(prepared.outs)
         committed = time.perf_counter()
-        self._store(prepared.result, prepared.held, delivered)
+        self._store(prepared, delivered)
         for sku in [k for k, (s, _) in self.pending.items() if s == seq]:
             del self.pending[sku]
         for key in [k for k, (s, _) in self.pending_res.items() if s == seq]:
@@ -570,32 +603,29 @@ class PartitionLedger:
         )
         return outs, held
 
-    async def _commit(self, outs: list[Out], moved: dict[tuple[str, int], int]) -> list[Any]:
-        for attempt in range(5):
-            if not self.engine.owns(self):
-                raise WriterLost("the partition was revoked before its batch committed")
-            try:
-                return await self.writer.commit(outs, moved)
-            except BatchAborted as exc:
-                log.warning(
-                    "batch of ledger partition %d aborted (%s); retry %d",
-                    self.partition,
-                    exc,
-                    attempt + 1,
-                )
-                metrics.BATCH_ABORTS.inc()
-                await asyncio.sleep(0.1 * (attempt + 1))
-        raise WriterLost("five aborted transactions in a row")
+    async def _commit(self, outs: list[Out]) -> list[Any]:
+        """The batch's transaction. An aborted one is not retried on the same producer
+        (after failed deliveries librdkafka's next transaction can stall on sequence
+        errors for the transaction timeout): the partition takes ownership again, with
+        a new producer, from what the changelog holds; the batch's records are fetched
+        again."""
+        if not self.engine.owns(self):
+            raise WriterLost("the partition was revoked before its batch committed")
+        try:
+            return await self.writer.commit(outs)
+        except BatchAborted as exc:
+            metrics.BATCH_ABORTS.inc()
+            raise WriterLost(f"batch aborted: {exc}") from None
 
-    def _store(
-        self, result: batch.BatchResult, held: list[bytes], delivered: list[tuple[str, int, int]]
-    ) -> None:
+    def _store(self, prepared: Prepared, delivered: list[tuple[str, int, int]]) -> None:
+        result, held = prepared.result, prepared.held
         last: dict[str, int] = {}
         for topic, part, off in delivered:
             if part == self.partition and topic in (self.changelog, self.reservations):
                 if off > last.get(topic, -1):
                     last[topic] = off
         puts: list[tuple[bytes, bytes]] = list(zip(result.reservations, held, strict=True))
+        puts.append((POSITIONS_KEY, orjson.dumps(prepared.positions)))
         for key, stored in batch.stock_writes(result):
             slim = StoredStock(stored.record, stored.watermarks, {}, stored.version_at)
             self.cache[stored.record.sku] = slim
@@ -744,6 +774,7 @@ class LedgerEngine:
         self.generation: int | None = None
         self.ready_token = 0  # changes whenever a partition (re)takes ownership
         self._partition_cache: dict[bytes, int] = {}
+        self._group_due: dict[tuple[str, int], int] = {}
 
     @property
     def group(self) -> BrokerQueries:
@@ -797,9 +828,34 @@ class LedgerEngine:
                 yield from ledger.store.items()
 
     def on_committed(self, partition: int, moved: dict[tuple[str, int], int]) -> None:
-        """Faust's committed-offset gauge (the dashboard's consumer lag) for our commits."""
-        new_tp = self.app.consumer._new_topicpartition
-        self.app.monitor.on_tp_commit({new_tp(t, p): o for (t, p), o in moved.items()})
+        """A batch committed: its input positions are due for the group (best effort)."""
+        self._group_due.update(moved)
+
+    async def commit_group_offsets(self, *, revoking: bool = False) -> None:
+        """Copy the committed batches' input positions to the consumer group, from the
+        group member itself (Faust's consumer). Only monitoring (consumer lag) and
+        Faust's seek on assignment read them: the ledger resumes from the positions
+        its changelog holds, so a coordinator that is away never stops a batch."""
+        if not self._group_due or (self.app.rebalancing and not revoking):
+            return
+        due, self._group_due = self._group_due, {}
+        consumer = self.app.consumer
+        new_tp = consumer._new_topicpartition
+        assigned = consumer.assignment()
+        offsets = {new_tp(t, p): o for (t, p), o in due.items()}
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            ok = await consumer._commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - retried with the next positions
+            ok = False
+            log.debug("group offsets not committed: %s", exc)
+        if ok:
+            self.app.monitor.on_tp_commit(offsets)  # Faust's committed-offset gauge
+        else:
+            for (t, p), o in due.items():
+                self._group_due.setdefault((t, p), o)
 
     async def seek(self, partition: int, offsets: dict[str, int]) -> None:
         """Point the consumer's fetch position of ``partition``'s inputs at ``offsets``."""

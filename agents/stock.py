@@ -44,6 +44,11 @@ async def ledger(stream: Any) -> None:
         )
 
 
+@app.timer(interval=settings.commit_interval_s)
+async def _ledger_group_offsets() -> None:
+    await engine.commit_group_offsets()
+
+
 @app.on_partitions_revoked.connect
 async def _stop_ledger_partitions(sender: Any, revoked: set[Any], **_: Any) -> None:
     await engine.on_revoked(revoked)

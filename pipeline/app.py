@@ -126,6 +126,9 @@ app = InventoryApp(
     broker_session_timeout=settings.session_timeout_s,
     broker_heartbeat_interval=settings.heartbeat_interval_s,
     producer_linger_ms=1,
+    # the saga's and the sweepers' sends: a hot SKU's partition fills one request, not a
+    # 16 KiB batch per round trip (Faust's default)
+    producer_max_batch_size=1_000_000,
     # a worker that joins while a just-started broker does not list its topics yet
     # gets an empty assignment; the consumer rejoins when a metadata refresh shows
     # them, so refresh every 10 s instead of aiokafka's 5 min

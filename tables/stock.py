@@ -220,21 +220,31 @@ class StoredReservation:
         return cls(current=d["c"], previous=d.get("p"))
 
 
+def _stock_changed(e: Any) -> tuple[str, dict[str, Any]]:
+    d = e.__dict__.copy()
+    d["channels"] = [c.__dict__.copy() for c in e.channels]
+    return "StockChanged", d
+
+
+def _result(e: Any) -> tuple[str, dict[str, Any]]:
+    d = e.__dict__.copy()
+    d["outcome"] = e.outcome.value
+    return "ReservationResult", d
+
+
+_EFFECTS: dict[type, Any] = {
+    core.StockChanged: _stock_changed,
+    core.ReservationResult: _result,
+    core.StockShortfall: lambda e: ("StockShortfall", e.__dict__.copy()),
+    core.LowStockCrossed: lambda e: ("LowStockCrossed", e.__dict__.copy()),
+}
+
+
 def effect_of(e: core.Event) -> tuple[str, dict[str, Any]] | None:
-    """The Avro record name and Avro-ready dict of an event the relay publishes, else None."""
-    if isinstance(e, core.StockChanged):
-        d = e.__dict__.copy()
-        d["channels"] = [c.__dict__.copy() for c in e.channels]
-        return "StockChanged", d
-    if isinstance(e, core.ReservationResult):
-        d = e.__dict__.copy()
-        d["outcome"] = e.outcome.value
-        return "ReservationResult", d
-    if isinstance(e, core.StockShortfall):
-        return "StockShortfall", e.__dict__.copy()
-    if isinstance(e, core.LowStockCrossed):
-        return "LowStockCrossed", e.__dict__.copy()
-    return None
+    """The Avro record name and Avro-ready dict of an event the relay publishes, else None
+    (CommandApplied: counted in metrics, never published)."""
+    make = _EFFECTS.get(type(e))
+    return make(e) if make is not None else None
 
 
 def effects_of(events: tuple[core.Event, ...]) -> dict[str, list[dict[str, Any]]]:

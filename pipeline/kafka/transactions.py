@@ -48,6 +48,10 @@ class BatchAborted(RuntimeError):
     """The transaction was aborted (nothing of it is visible); the batch may be retried."""
 
 
+class _InDoubt(Exception):
+    """A transaction that may or may not have committed (the producer must be replaced)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Out:
     """One record of a batch's transaction."""
@@ -167,10 +171,11 @@ class PartitionWriter:
             self._delivered.append((msg.topic(), msg.partition(), msg.offset()))
 
     async def commit(
-        self, records: Sequence[Out], offsets: dict[tuple[str, int], int]
+        self, records: Sequence[Out], offsets: dict[tuple[str, int], int] | None = None
     ) -> list[tuple[str, int, int]]:
-        """Write ``records`` and commit ``offsets`` (next offset per input topic-partition)
-        in one transaction; returns (topic, partition, offset) of every record written.
+        """Write ``records`` (and commit ``offsets``, next offset per input topic-partition,
+        to the app's group) in one transaction; returns (topic, partition, offset) of
+        every record written.
 
         Raises :class:`BatchAborted` when the transaction was aborted (retry the batch)
         and :class:`WriterLost` when this producer can no longer write (fenced or fatal).
@@ -178,7 +183,12 @@ class PartitionWriter:
         if self._producer is None:
             raise WriterLost("no producer")
         try:
-            return await self._run(self._commit_sync, self._producer, records, offsets)
+            return await self._run(self._commit_sync, self._producer, records, offsets or {})
+        except _InDoubt as exc:
+            # neither committed nor aborted for sure: a new producer's init_transactions
+            # settles it, and the catch-up that follows reads whatever committed
+            self._producer = None
+            raise WriterLost(f"transaction outcome unknown: {exc}") from None
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if err.fatal() or err.code() in _FENCED:
@@ -189,6 +199,9 @@ class PartitionWriter:
     def _commit_sync(
         self, producer: Producer, records: Sequence[Out], offsets: dict[tuple[str, int], int]
     ) -> list[tuple[str, int, int]]:
+        """One transaction, on a pool thread. Any error before the commit aborts it
+        (``KafkaException`` out: the batch may be retried); an error that leaves its
+        outcome open raises :class:`_InDoubt`."""
         self._delivered = []
         self._failed = []
         producer.begin_transaction()
@@ -201,21 +214,38 @@ class PartitionWriter:
                     self.group.metadata,
                     self.timeout_s,
                 )
-            self._commit_retrying(producer)
         except KafkaException as exc:
-            err: KafkaError = exc.args[0]
-            if err.txn_requires_abort():
-                try:
-                    producer.abort_transaction(self.timeout_s)
-                except KafkaException as again:
-                    raise again from None
+            if exc.args[0].fatal():
+                raise
+            self._abort(producer, exc)
             raise
-        except BufferError as exc:  # the local queue stayed full: treat as an aborted batch
-            producer.abort_transaction(self.timeout_s)
+        except BufferError as exc:  # the local queue stayed full: abort, retry the batch
+            self._abort(producer, exc)
             raise KafkaException(KafkaError(KafkaError._QUEUE_FULL, str(exc))) from None
+        for attempt in range(5):
+            try:
+                producer.commit_transaction(self.timeout_s)
+                break
+            except KafkaException as exc:
+                err: KafkaError = exc.args[0]
+                if err.fatal():
+                    raise
+                if err.txn_requires_abort():
+                    self._abort(producer, exc)
+                    raise
+                if err.retriable() and attempt < 4:
+                    log.warning("commit of ledger partition %d: %s; retrying", self.partition, err)
+                    continue
+                raise _InDoubt(str(err)) from None
         if self._failed:  # cannot happen after a successful commit; be loud if it does
-            raise KafkaException(KafkaError(KafkaError._FAIL, "; ".join(self._failed)))
+            raise _InDoubt("committed with failed deliveries: " + "; ".join(self._failed))
         return self._delivered
+
+    def _abort(self, producer: Producer, cause: BaseException) -> None:
+        try:
+            producer.abort_transaction(self.timeout_s)
+        except KafkaException as exc:
+            raise _InDoubt(f"{cause}; abort failed: {exc.args[0]}") from None
 
     def _produce(self, producer: Producer, out: Out) -> None:
         for _ in range(100):
@@ -232,18 +262,6 @@ class PartitionWriter:
             except BufferError:
                 producer.poll(0.05)
         raise BufferError("producer queue full for 5 s")
-
-    def _commit_retrying(self, producer: Producer) -> None:
-        for attempt in range(5):
-            try:
-                producer.commit_transaction(self.timeout_s)
-                return
-            except KafkaException as exc:
-                err: KafkaError = exc.args[0]
-                if err.retriable() and not err.txn_requires_abort() and attempt < 4:
-                    log.warning("commit of ledger partition %d: %s; retrying", self.partition, err)
-                    continue
-                raise
 
 
 _FENCED = {

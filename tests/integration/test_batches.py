@@ -21,7 +21,7 @@ from tables.stock import StoredStock, is_stock_key
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 2
-T0 = 1_700_000_000_000
+T0 = int(time.time() * 1000)  # recent: the expiry sweeper must not find the holds overdue
 
 
 def skus_on(partition: int, n: int, prefix: str) -> list[str]:
@@ -84,7 +84,9 @@ def test_a_batch_mixing_every_command_on_one_partition_decides_as_one_at_a_time(
         holds: dict[tuple[str, str], core.Reservation] = {}
         answers: dict[str, tuple[str, int, int]] = {}
         for sku in ordered:
-            records[sku] = core.decide(None, core.RestockReceived(f"init-{sku}", sku, 5, T0), 0).record
+            records[sku] = core.decide(
+                None, core.RestockReceived(f"init-{sku}", sku, 5, T0), 0
+            ).record
         builders = {
             "ReserveStock": lambda f: core.ReserveStock(
                 f["event_id"], f["order_id"], f["sku"], f["qty"], f["occurred_at"], ttl_ms=900_000
@@ -163,9 +165,7 @@ def test_rebalances_in_the_middle_of_batches_lose_repeat_and_fork_nothing(kafka)
         load.stop.set()
         load.join(300)
         assert load.error is None, load.error
-        wait_for(
-            lambda: all(w1.get_json(f"/stock/{s}")[0] == 200 for s in SKUS), 60, "SKUs known"
-        )
+        wait_for(lambda: all(w1.get_json(f"/stock/{s}")[0] == 200 for s in SKUS), 60, "SKUs known")
         stats = check_invariants(ns, w1, load)  # includes the changelog's version audit
         assert stats["orders"] > 500, stats
     finally:

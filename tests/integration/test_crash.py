@@ -8,7 +8,9 @@ is killed with SIGKILL at random moments and restarted. Afterwards:
 * no oversell: reserved <= on_hand, and reserved = units of orders still open;
 * exactly-once: every order's non-duplicate answers agree, nothing applied twice;
 * versions: each SKU's StockChanged versions are 1..V without a gap and the
-  table's version is V; a re-sent version carries identical numbers.
+  table's version is V; a re-sent version carries identical numbers; after every
+  kill the committed changelog's own version chain is audited (no gap, no version
+  written twice, each SKU record's state at its last effect's version).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 
 import pytest
 
-from crashload import SKUS, Workload, check_invariants
+from crashload import SKUS, Workload, audit_changelog, check_invariants
 from harness import Namespace, Worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -40,6 +42,9 @@ def run_kill_rounds(rounds: int, commands: int, seed: int) -> dict[str, int]:
             kills += 1
             mid_stream += load.is_alive()
             worker.start()
+            # what every round left in the changelog: a version chain without gap or fork
+            # (after the start: the new owner aborts the killed worker's open transaction)
+            audit_changelog(ns.settings)
         time.sleep(0.5)
         load.stop.set()
         load.join(600)
