@@ -74,6 +74,14 @@ class StoredStock:
             "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
         }
 
+    def latest_change(self) -> dict[str, Any]:
+        """The StockChanged dict of the current version: the record's own last change
+        (with its cause) when this record made it, else :meth:`as_change`."""
+        changes = self.effects.get("StockChanged")
+        if changes and changes[-1]["version"] == self.record.version:
+            return changes[-1]
+        return self.as_change()
+
     def applied(self, topic: str, offset: int) -> bool:
         """True when the input at ``topic``/``offset`` (of this SKU's partition) is applied."""
         return self.watermarks.get(topic, -1) >= offset

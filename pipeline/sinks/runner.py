@@ -1,4 +1,10 @@
-"""The sink runner: keeps one projection in step with ``inventory.stock-changes``.
+"""The sink runner: keeps one projection in step with the ledger's stock changelog.
+
+It reads the SKU records of ``{app_id}-stock-changelog`` (committed transactions
+only), not ``inventory.stock-changes``: each record carries the SKU's state after a
+whole batch, so a hot SKU costs one write per batch, and an order reaches Redis and
+the search index one Kafka hop sooner (without the relay in between). The
+projection still holds, per SKU, the highest version seen.
 
 One consumer group per target (``{app_id}-sink-{target}``), so a Redis outage
 never holds back the search index and vice versa. It runs inside every worker
@@ -37,7 +43,9 @@ from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
-from schemas.codec import AvroCodec, DecodeError
+from pipeline.topics import changelog_topic
+from schemas.codec import AvroCodec
+from tables.stock import StoredStock, is_stock_key
 
 log = logging.getLogger("inventory.sink")
 
@@ -74,26 +82,27 @@ class SinkRunner:
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
 
     def decode(self, records: Sequence[Any]) -> list[StockChange]:
-        """StockChanged dicts of a fetched batch; other records on the topic are skipped."""
+        """The current StockChanged of each SKU record of a fetched batch (reservation
+        records and the positions record are skipped)."""
         changes: list[StockChange] = []
         for rec in records:
-            try:
-                name, value = self.codec.decode(rec.value)
-            except DecodeError as exc:  # our own topic: a bug or a foreign producer
-                log.error("undecodable record on %s@%d: %s", rec.topic, rec.offset, exc)
-                metrics.SINK_ERRORS.labels(self.target).inc()
+            if rec.key is None or rec.value is None or not is_stock_key(rec.key):
                 continue
-            if name == "StockChanged":
-                changes.append(value)
+            try:
+                changes.append(StoredStock.from_bytes(rec.value).latest_change())
+            except (ValueError, KeyError, TypeError) as exc:  # a bug or a foreign producer
+                log.error("unreadable SKU record on %s@%d: %s", rec.topic, rec.offset, exc)
+                metrics.SINK_ERRORS.labels(self.target).inc()
         return changes
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
-            self.cfg.stock_changes_topic,
+            changelog_topic(self.cfg),
             **aiokafka_kwargs(self.cfg),
             group_id=f"{self.cfg.app_id}-sink-{self.target}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level="read_committed",  # the ledger writes it in transactions
             max_poll_records=self.cfg.sink_batch_size,
             fetch_max_wait_ms=20,
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
