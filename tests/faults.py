@@ -71,6 +71,14 @@ class PrivateRedis:
             self.proc.wait(10)
 
 
+def _close(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target; ``mode`` switches between up/refuse/blackhole.
 
@@ -151,11 +159,7 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            _close(src, dst)
 
     def _slow_pipe(self, src: socket.socket, dst: socket.socket) -> None:
         """Like _pipe, each chunk passed on ``delay_s`` after it arrived."""
@@ -174,11 +178,7 @@ class TcpProxy:
             except OSError:
                 pass
             finally:
-                for s in (src, dst):
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+                _close(src, dst)
 
         threading.Thread(target=deliver, daemon=True).start()
         try:

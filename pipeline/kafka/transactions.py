@@ -282,6 +282,23 @@ class ReadResult:
     records: int
 
 
+def _reader(cfg: Settings, **extra: Any) -> Consumer:
+    """A consumer that reads assigned partitions, committed records only, and reports
+    each partition's end (it never joins or commits to a group)."""
+    return Consumer(
+        confluent_config(
+            cfg,
+            **{
+                "group.id": f"{cfg.app_id}-ledger-reader",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "isolation.level": "read_committed",
+                **extra,
+            },
+        )
+    )
+
+
 def read_partition(
     cfg: Settings,
     topic: str,
@@ -298,19 +315,13 @@ def read_partition(
     The end is the end of the log when reading began: call it after fencing, when no
     transaction but this process's own can be open on the partition.
     """
-    consumer = Consumer(
-        confluent_config(
-            cfg,
-            **{
-                "group.id": f"{cfg.app_id}-ledger-reader",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 10,
-                "queued.max.messages.kbytes": 65536,
-            },
-        )
+    consumer = _reader(
+        cfg,
+        **{
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 10,
+            "queued.max.messages.kbytes": 65536,
+        },
     )
     try:
         low, high = consumer.get_watermark_offsets(
@@ -358,17 +369,7 @@ def first_committed_offset(
     Tells a gap a read_committed consumer may legitimately skip (transaction markers,
     aborted records) from a record that was lost on its way.
     """
-    consumer = Consumer(
-        confluent_config(
-            cfg,
-            **{
-                "group.id": f"{cfg.app_id}-ledger-reader",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
-            },
-        )
-    )
+    consumer = _reader(cfg)
     try:
         consumer.assign([TopicPartition(topic, partition, start)])
         waited = 0.0
