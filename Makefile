@@ -55,6 +55,7 @@ run: venv stack-up
 
 # pytest exit 5 (no test collected) is a failure here, not a pass
 test: venv stack-up
+	@scripts/stack.sh test-deps
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

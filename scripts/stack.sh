@@ -5,6 +5,8 @@
 #   opensearch  OpenSearch 2.19 (Maven Central's integ-test-zip: plain HTTP, no security plugin)
 #
 # Usage: scripts/stack.sh up|down|status|reset [kafka|redis|opensearch ...]
+#        scripts/stack.sh test-deps   (the system tools the tests use besides the services:
+#              Chromium for the product-page test, promtool and Prometheus, openssl)
 #        scripts/stack.sh kafka-cli TOOL [args...]   (TOOL: topics, console-producer,
 #              console-consumer, consumer-groups, get-offsets, configs, or a main class name)
 #
@@ -688,6 +690,15 @@ cmd_kafka_cli() { # TOOL args...: a Kafka command-line tool on the stack's jars
   exec "$JAVA_HOME_SEL/bin/java" -Xmx256m -Dlog4j2.level=WARN -cp "$KAFKA_LIBS/*" "$cls" "$@"
 }
 
+cmd_test_deps() { # what `make test` needs beyond the services; as root: installed
+  local -a missing=()
+  [ -x /usr/bin/chromium ] || missing+=(chromium)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  apt_install "${missing[@]}"
+}
+
 usage() {
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
   exit "${1:-2}"
@@ -699,6 +710,7 @@ main() {
   case $cmd in
     up | down | status | reset) ;;
     kafka-cli) cmd_kafka_cli "$@" ;;
+    test-deps) cmd_test_deps; exit 0 ;;
     -h | --help | help) usage 0 ;;
     *) usage 2 ;;
   esac
