@@ -703,19 +703,23 @@ class Counters:
     def __init__(self) -> None:
         self._commands: dict[tuple[str, str, str], Any] = {}
         self._rejections: dict[str, Any] = {}
+        self._channel_units: dict[tuple[str, str], Any] = {}
+
+    def _units(self, channel: str, source: str) -> Any:
+        child = self._channel_units.get((channel, source))
+        if child is None:
+            child = metrics.CHANNEL_UNITS_RESERVED.labels(channel, source)
+            self._channel_units[(channel, source)] = child
+        return child
 
     def decided(self, decision: core.Decision, command: core.Command, now: int) -> None:
         metrics.COMMAND_AGE_SECONDS.observe(max(0, now - command.occurred_at) / 1000)
         res = decision.reservation
         if res is not None and decision.outcome is core.Outcome.RESERVED:
             if res.from_allocation:
-                metrics.CHANNEL_UNITS_RESERVED.labels(res.channel, "allocation").inc(
-                    res.from_allocation
-                )
+                self._units(res.channel, "allocation").inc(res.from_allocation)
             if res.qty > res.from_allocation:
-                metrics.CHANNEL_UNITS_RESERVED.labels(res.channel, "shared").inc(
-                    res.qty - res.from_allocation
-                )
+                self._units(res.channel, "shared").inc(res.qty - res.from_allocation)
         for e in decision.events:
             if isinstance(e, core.CommandApplied):
                 label = (e.command_type, e.outcome.value, e.channel)
