@@ -40,6 +40,7 @@ only if the state that caused them does.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import logging
 import time
@@ -205,15 +206,21 @@ class PartitionLedger:
             def apply(records: list[tuple[bytes, bytes | None, int]], topic: str = topic) -> None:
                 store.write_raw(topic, records)
 
-            result = await loop.run_in_executor(
-                self.engine.executor,
-                lambda t=topic, a=apply: read_partition(
-                    self.cfg, t, self.partition, store.position(t), a
-                ),
-            )
+            async with self.engine.restoring:  # a few at a time: memory, and 2 cores
+                result = await loop.run_in_executor(
+                    self.engine.executor,
+                    lambda t=topic, a=apply: read_partition(
+                        self.cfg, t, self.partition, store.position(t), a
+                    ),
+                )
             if result.end != store.position(topic):
                 store.write([], {topic: result.end})
             read += result.records
+            if result.records > 10_000:
+                # a restore filled the memtables: hand them to SST files now rather than
+                # hold their memory until the next writes fill them again
+                await loop.run_in_executor(self.engine.executor, store.flush)
+                self.engine.after_restore()
             if topic == self.changelog:
                 self.known_end = result.end
         self.expected = await self._input_positions()
@@ -779,6 +786,8 @@ class LedgerEngine:
         self.ready_token = 0  # changes whenever a partition (re)takes ownership
         self._partition_cache: dict[bytes, int] = {}
         self._group_due: dict[tuple[str, int], int] = {}
+        self._libc: Any = None
+        self.restoring = asyncio.Semaphore(2)  # partitions reading their changelog at once
 
     @property
     def group(self) -> BrokerQueries:
@@ -806,6 +815,16 @@ class LedgerEngine:
             and not self.app.rebalancing
             and self.app.consumer_generation_id == ledger.generation
         )
+
+    def after_restore(self) -> None:
+        """Give the memory a restore's chunks left in glibc's free lists back to the OS."""
+        if self._libc is None:
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                self._libc = False
+        if self._libc:
+            self._libc.malloc_trim(0)
 
     def on_partition_ready(self, ledger: PartitionLedger) -> None:
         self.ready_token += 1

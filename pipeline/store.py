@@ -83,6 +83,10 @@ class PartitionStore:
         wb.put(META_KEY, orjson.dumps({"next": merged}))
         return merged
 
+    def flush(self) -> None:
+        """Write the memtables out to SST files (their memory is released)."""
+        self._db.flush(True)
+
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) but the meta key."""
         for key, value in self._db.items():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -320,7 +321,10 @@ def read_partition(
         **{
             "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 10,
-            "queued.max.messages.kbytes": 65536,
+            # librdkafka's prefetch queue: 64 MiB each (its default) times the partitions
+            # restoring at once held ~800 MB after a cold restore of 1M SKUs
+            "queued.max.messages.kbytes": 8192,
+            "fetch.queue.backoff.ms": 5,  # librdkafka waits 1 s when that queue is full
         },
     )
     try:
@@ -333,15 +337,16 @@ def read_partition(
         consumer.assign([TopicPartition(topic, partition, begin)])
         position = begin
         count = 0
-        deadline_idle = 0
+        idle_since = time.monotonic()
         while position < high:
-            msgs = consumer.consume(chunk, 1.0)
+            # consume() waits until it has ``chunk`` messages or the timeout: keep the
+            # timeout short, the prefetch queue may hold fewer than a chunk
+            msgs = consumer.consume(chunk, 0.05)
             if not msgs:
-                deadline_idle += 1
-                if deadline_idle > timeout_s:
+                if time.monotonic() - idle_since > timeout_s:
                     raise TimeoutError(f"{topic}/{partition}: no progress at @{position}")
                 continue
-            deadline_idle = 0
+            idle_since = time.monotonic()
             batch = []
             for m in msgs:
                 err = m.error()
