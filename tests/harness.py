@@ -312,6 +312,30 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_stock(worker: Worker, sku: str, timeout: float = 60, **expected: int) -> dict[str, Any]:
+    """``GET /stock/{sku}`` once it answers 200 with every ``expected`` field."""
+    body: dict[str, Any] = {}
+
+    def matches() -> bool:
+        nonlocal body
+        status, body = worker.get_json(f"/stock/{sku}")
+        return status == 200 and all(body.get(k) == v for k, v in expected.items())
+
+    try:
+        wait_for(matches, timeout, f"{sku} to reach {expected}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; it is {body}") from None
+    return body
+
+
+def restock_and_wait(worker: Worker, producer: Any, sku: str, qty: int) -> None:
+    """Restocks travel on another topic than orders: Kafka orders nothing across topics,
+    so a test that reserves right after a restock waits until the restock is applied."""
+    producer.send("RestockReceived", {"sku": sku, "qty": qty})
+    producer.flush()
+    wait_stock(worker, sku, on_hand=qty)
+
+
 def latest_by_key(records: Iterable[Record], field: str = "version") -> dict[Any, Record]:
     latest: dict[Any, Record] = {}
     for r in records:

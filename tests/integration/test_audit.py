@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Producer
 
-from harness import REPO, Namespace, Worker, wait_for
+from harness import REPO, Namespace, Worker, wait_for, wait_stock
 from pipeline.clients import confluent_config
 from pipeline.partitioning import partition_for
 from pipeline.produce import CommandProducer
@@ -57,18 +57,6 @@ def audit_json(ns: Namespace, worker: Worker, sku: str, *args: str) -> tuple[int
     proc = run_audit(ns, worker, sku, "--json", *args)
     assert proc.returncode in (0, 1), proc.stderr
     return proc.returncode, json.loads(proc.stdout)
-
-
-def wait_stock(worker: Worker, sku: str, **expected: int) -> dict[str, Any]:
-    body: dict[str, Any] = {}
-
-    def matches() -> bool:
-        nonlocal body
-        status, body = worker.get_json(f"/stock/{sku}")
-        return status == 200 and all(body[k] == v for k, v in expected.items())
-
-    wait_for(matches, 60, f"{sku} to reach {expected}")
-    return body
 
 
 def wait_published(ns: Namespace, worker: Worker, sku: str, version: int) -> dict[str, Any]:

@@ -10,7 +10,15 @@ from collections import Counter
 import pytest
 import redis
 
-from harness import Namespace, Record, Worker, read_topic, wait_for
+from harness import (
+    Namespace,
+    Record,
+    Worker,
+    read_topic,
+    restock_and_wait,
+    wait_for,
+    wait_stock,
+)
 from pipeline.partitioning import partition_for
 from pipeline.produce import CommandProducer, now_ms
 from schemas.codec import AvroCodec
@@ -72,23 +80,6 @@ def stock(worker: Worker, sku: str) -> dict:
     status, body = worker.get_json(f"/stock/{sku}")
     assert status == 200, body
     return body
-
-
-def wait_stock(worker: Worker, sku: str, **expected: int) -> dict:
-    def matches() -> bool:
-        status, body = worker.get_json(f"/stock/{sku}")
-        return status == 200 and all(body[k] == v for k, v in expected.items())
-
-    wait_for(matches, 60, f"{sku} to reach {expected}")
-    return stock(worker, sku)
-
-
-def restock_and_wait(worker: Worker, producer: CommandProducer, sku: str, qty: int) -> None:
-    """Restocks travel on another topic than orders: Kafka orders nothing across topics,
-    so a test that reserves after a restock waits until the restock is applied."""
-    producer.send("RestockReceived", {"sku": sku, "qty": qty})
-    producer.flush()
-    wait_stock(worker, sku, on_hand=qty)
 
 
 def assert_gapless(changes: list[Record]) -> None:

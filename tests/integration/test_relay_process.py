@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from harness import Namespace, Sidecar, Worker, read_topic, wait_for
+from harness import Namespace, Sidecar, Worker, read_topic, restock_and_wait, wait_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def test_relay_process_killed_mid_stream_loses_no_answer_or_version(kafka):
     relay: Sidecar | None = None
     try:
         with CommandProducer(ns.settings) as producer:
-            producer.send("RestockReceived", {"sku": "RP-1", "qty": UNITS})
+            restock_and_wait(worker, producer, "RP-1", UNITS)
             for i in range(ORDERS):
                 producer.send("ReserveStock", {"sku": "RP-1", "order_id": f"o-{i}", "qty": 1})
         wait_for(lambda: not doomed.alive(), 120, "the relay's kill failpoint")
