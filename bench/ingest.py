@@ -37,6 +37,7 @@ SRC = os.environ.get("BENCH_INGEST_SRC", "")
 ENV_TOPIC = os.environ.get("BENCH_INGEST_ENVELOPES", "")
 COUNT = int(os.environ.get("BENCH_INGEST_COUNT", "0") or 0)
 ENVELOPE_MAX = 500
+_CREATED: list[str] = []  # topics _measure created (run_all deletes them afterwards)
 _HEAD = struct.Struct(">qqHI")  # offset, timestamp, key length, value length
 
 
@@ -216,6 +217,7 @@ def _measure(mode: str, count: int) -> dict[str, Any]:
 
     src = f"ingest-src-{uuid.uuid4().hex[:8]}"
     env_topic = f"{src}-env"
+    _CREATED.extend([src, env_topic])
     _fill(src, count)
     if mode == "envelope":
         admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
@@ -279,6 +281,49 @@ def _startup_cpu() -> float:
     return _measure("stream", 1)["worker_cpu_s"]
 
 
+def run_all(records: int, echo: bool = True) -> dict[str, Any]:
+    """Measure every mode over ``records`` records; ``{"startup_cpu_s", "rows"}`` as
+    ``--report`` writes it (what ``bench.run`` calls). Deletes the topics it created."""
+    try:
+        base = _startup_cpu()
+        rows = []
+        for mode in ("stream", "feed", "envelope"):
+            row = _measure(mode, records)
+            n = row["records"]
+            row["worker_us_per_record"] = max(0.0, row["worker_cpu_s"] - base) / n * 1e6
+            row["packer_us_per_record"] = row["packer_cpu_s"] / n * 1e6
+            row["broker_us_per_record"] = row["broker_cpu_s"] / n * 1e6
+            rows.append(row)
+            if echo:
+                print(
+                    f"{mode:9s} {row['records_per_s']:>10,.0f} records/s  worker "
+                    f"{row['worker_us_per_record']:6.1f} us/rec  packer "
+                    f"{row['packer_us_per_record']:5.1f}"
+                    f"  broker {row['broker_us_per_record']:5.1f}",
+                    flush=True,
+                )
+        return {"startup_cpu_s": base, "rows": rows}
+    finally:
+        _delete_created()
+
+
+def _delete_created() -> None:
+    from confluent_kafka.admin import AdminClient
+
+    names, _CREATED[:] = list(_CREATED), []
+    if not names:
+        return
+    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    existing = set(admin.list_topics(timeout=10).topics)
+    names = [t for t in names if t in existing]
+    if names:
+        for fut in admin.delete_topics(names, operation_timeout=30).values():
+            try:
+                fut.result(30)
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=200_000)
@@ -288,23 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pack:
         run_packer(args.pack[0], args.pack[1], int(args.pack[2]))
         return 0
-    base = _startup_cpu()
-    rows = []
-    for mode in ("stream", "feed", "envelope"):
-        row = _measure(mode, args.records)
-        n = row["records"]
-        row["worker_us_per_record"] = max(0.0, row["worker_cpu_s"] - base) / n * 1e6
-        row["packer_us_per_record"] = row["packer_cpu_s"] / n * 1e6
-        row["broker_us_per_record"] = row["broker_cpu_s"] / n * 1e6
-        rows.append(row)
-        print(
-            f"{mode:9s} {row['records_per_s']:>10,.0f} records/s  worker "
-            f"{row['worker_us_per_record']:6.1f} us/rec  packer {row['packer_us_per_record']:5.1f}"
-            f"  broker {row['broker_us_per_record']:5.1f}",
-            flush=True,
-        )
+    result = run_all(args.records)
     if args.report:
-        args.report.write_text(json.dumps({"startup_cpu_s": base, "rows": rows}, indent=2))
+        args.report.write_text(json.dumps(result, indent=2))
     return 0
 
 

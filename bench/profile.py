@@ -83,6 +83,13 @@ class Profile:
         """Fraction of samples whose stack contains a frame matching ``pattern`` (regex)."""
         return self.matching.get((pattern, which), 0.0)
 
+    def self_share(self, regex: str) -> float:
+        """Fraction of samples whose leaf (short name, ``func (pkg/file.py)``) matches."""
+        if not self.samples:
+            return 0.0
+        rx = re.compile(regex)
+        return sum(n for name, n in self.self_.items() if rx.search(name)) / self.samples
+
     matching: dict[tuple[str, str], float]
 
 

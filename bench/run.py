@@ -1,13 +1,15 @@
 """``make bench``: every benchmark in one go, then ``bench/REPORT.md`` with plots.
 
-    python -m bench.run            # full run (~15-20 min on a 2-core machine)
-    python -m bench.run --quick    # tiny sizes (< 3 min): checks that everything works
+    python -m bench.run            # full run (~30 min on a 2-core machine; run it idle)
+    python -m bench.run --quick    # tiny sizes (a few minutes): checks that everything works
+    python -m bench.run --only memory,micro   # some parts only
 
 The machine is shared and noisy, so every headline figure is a ratio to a baseline
-measured in the same run (PostgreSQL, Redis, a bare Kafka loop, a bare consumer, ...),
-taken as the median over repeats where affordable; the absolute numbers are kept for
-context only. Raw results go to ``bench/out/results*.json``; the full run's plots go to
-``bench/report/`` (committed with the report), the quick run's to ``bench/out/quick/``.
+measured in the same run (PostgreSQL, Redis, a bare Kafka loop, a bare consumer, the
+load generator alone, ...), taken as the median over repeats where affordable; the
+absolute numbers are kept for context only. Raw results go to
+``bench/out/results*.json``; the full run's plots go to ``bench/report/`` (committed
+with the report), the quick run's to ``bench/out/quick/``.
 
 Needs the local stack (``make stack-up``) and, for the PostgreSQL baseline, Debian's
 ``postgresql`` package; a missing baseline is reported as "not run", never faked.
@@ -19,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
 import sys
@@ -30,11 +31,11 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import baselines, machine, micro, profile
+from bench import baselines, ingest, machine, micro, profile
 from bench.common import (
     OUT,
     REPO,
@@ -53,67 +54,72 @@ from bench.common import (
     wait_decided,
     wait_stock,
 )
-from bench.loadgen import LoadGenerator, LoadResult, LoadSpec, TopicReader, end_offsets
-from bench.tablefill import changelog_size, fill_changelog
-from pipeline.topics import changelog_topic
+from bench.loadgen import (
+    LoadGenerator,
+    LoadResult,
+    LoadSpec,
+    TopicReader,
+    end_offsets,
+    measure_alone,
+)
+from bench.tablefill import fill_changelog
+from pipeline.topics import ledger_changelogs
 from schemas.codec import AvroCodec
 
 
 @dataclass
 class Sizes:
     repeats: int = 3
-    flash_attempts: int = 6000
-    flash_units: int = 1500
+    # P1: the hot-SKU flash sale, pipeline and baselines alike
+    flash_attempts: int = 100_000
+    flash_units: int = 25_000
+    # P2/P3: every reserve granted, on one SKU and on many
+    single_attempts: int = 40_000
     many_skus: int = 1000
-    pass_messages: int = 50000
+    pass_messages: int = 100_000
+    # the load generator measured alone (send and read), as many commands as P1
+    loadgen_commands: int = 100_000
     p6_seconds: float = 30.0
     p6_skus: int = 2000
-    p6_calibration: int = 4000
-    rss_points: list[int] = field(default_factory=lambda: [100_000, 300_000])
-    warm_restarts: int = 2
+    p6_calibration: int = 30_000
+    rss_points: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    warm_restarts: int = 2  # restarts of each kind at the largest table
     idle_seconds: float = 5.0  # window for the idle-CPU figure
     profile_seconds: float = 15.0
-    levers: list[str] = field(
-        default_factory=lambda: [
-            "split",
-            "relay_out",
-            "sink_off",
-            "uvloop",
-            "linger_10ms",
-            "threaded_producer",
-        ]
-    )
+    profile_attempts: int = 200_000
+    ingest_records: int = 200_000
+    levers: list[str] = field(default_factory=lambda: ["uvloop"])
     lever_pairs: int = 2
-    mix_attempts: int = 3000
+    mix_attempts: int = 20_000
 
 
 FULL = Sizes()
 QUICK = Sizes(
     repeats=1,
-    flash_attempts=800,
-    flash_units=200,
+    flash_attempts=4000,
+    flash_units=1000,
+    single_attempts=3000,
     many_skus=100,
-    pass_messages=5000,
+    pass_messages=10_000,
+    loadgen_commands=4000,
     p6_seconds=5.0,
     p6_skus=100,
-    p6_calibration=400,
+    p6_calibration=3000,
     rss_points=[5_000, 10_000],
     warm_restarts=1,
     idle_seconds=2.0,
     profile_seconds=4.0,
-    levers=["split"],
+    profile_attempts=20_000,
+    ingest_records=10_000,
+    levers=["uvloop"],
     lever_pairs=1,
-    mix_attempts=300,
+    mix_attempts=1000,
 )
 
 LEVER_ENV = {
     # the sinks leave the worker process (they also run alone: python -m pipeline.sinks)
     "sink_off": {"INVENTORY_SINK_ENABLED": "0"},
-    # Faust sends table (changelog) writes from a producer in its own thread and loop
-    "threaded_producer": {"PRODUCER_THREADED": "true"},
-    # Faust reads PRODUCER_LINGER (seconds) from the environment over the app's 1 ms
-    "linger_10ms": {"PRODUCER_LINGER": "0.01"},
-    # the expiry sweeper scans every stored reservation each interval
+    # the expiry sweeper checks its index of open reservations less often
     "expiry_30s": {"INVENTORY_EXPIRY_SCAN_INTERVAL_S": "30"},
     # uvloop instead of asyncio's default event loop (Faust reads FAUST_LOOP)
     "uvloop": {"FAUST_LOOP": "uvloop"},
@@ -127,9 +133,9 @@ LEVER_SIDECARS: dict[str, tuple[str, ...]] = {
     "relay_out": ("pipeline.relay",),
     "split": ("pipeline.relay", "pipeline.sinks"),
 }
-# The topology the headline pipeline figures use (the tuning outcome): a worker that
-# only decides, the relay and the sinks each in their own process. "One process" runs
-# (the default deployment, everything inside the worker) are measured beside it.
+# The topology the headline pipeline figures use: a worker that only decides, the relay
+# and the sinks each in their own process. "One process" runs (the default deployment,
+# everything inside the worker) are measured beside it.
 TUNED = "split"
 
 
@@ -168,7 +174,15 @@ def pipeline_run(
     attempts_left: int = 2,
 ) -> dict[str, Any]:
     """One load against a fresh worker (plus ``sidecars``, modules run as their own
-    processes) in a fresh namespace; summary dict."""
+    processes) in a fresh namespace; summary dict.
+
+    CPU per decision of every process (the pipeline's, the broker, Redis, OpenSearch)
+    is counted from the first send until the relay and the sinks have caught up (their
+    lag metrics at 0), so work still queued when the last answer arrived is in it; the
+    load generator's own CPU (this process) up to its last answer, apart.
+    With ``profile_to``, py-spy records the worker there and each sidecar beside it
+    (``<stem>-<module>.txt``) from the restock's end.
+    """
     ns = BenchNamespace.fresh(label, sink=sink, **(env or {}))
     worker = ns.worker()
     sides = [ns.sidecar(m) for m in sidecars]
@@ -189,22 +203,43 @@ def pipeline_run(
                 procs[service] = int(pid)
         cpu0: dict[str, float] = {}
 
+        def at_first_send() -> None:
+            cpu0.update({name: cpu_seconds(pid) for name, pid in procs.items()})
+            cpu0["loadgen"] = time.process_time()
+            cpu0["at"] = time.monotonic()
+
         def after_restock(skus: list[str], units: int) -> None:
             wait(skus, units)
-            cpu0.update({name: cpu_seconds(pid) for name, pid in procs.items()})
-            if profile_to is not None and worker.proc is not None:
-                spy.append(profile.record(worker.proc.pid, profile_to, profile_seconds))
+            if profile_to is not None:
+                for name, pid in procs.items():
+                    if name == "worker" or name.startswith("pipeline."):
+                        path = (
+                            profile_to
+                            if name == "worker"
+                            else profile_to.with_name(f"{profile_to.stem}-{name}.txt")
+                        )
+                        spy.append(profile.record(pid, path, profile_seconds))
 
-        result = gen.run(spec, wait_restocked=after_restock)
+        result = gen.run(spec, wait_restocked=after_restock, on_start=at_first_send)
+        loadgen_cpu = time.process_time() - cpu0.get("loadgen", time.process_time())
+        loadgen_window = time.monotonic() - cpu0.get("at", time.monotonic())
         out = result.summary()
+        t_quiet = time.monotonic()
+        out["caught_up"] = wait_quiet([worker, *sides], timeout=60)
+        out["catch_up_s"] = time.monotonic() - t_quiet
         # CPU per decision of each pipeline process: far less sensitive than rates to
         # other processes on a shared machine (it is what a decision costs, not how long
         # it waited for a core)
+        cpu = {name: cpu_seconds(pid) - cpu0.get(name, 0.0) for name, pid in procs.items()}
+        window = time.monotonic() - cpu0.get("at", time.monotonic())
         decided = max(1, out["decisions"])
-        out["cpu_ms_per_decision"] = {
-            name: (cpu_seconds(pid) - cpu0.get(name, 0.0)) * 1000 / decided
-            for name, pid in procs.items()
-        }
+        out["cpu_ms_per_decision"] = {name: s * 1000 / decided for name, s in cpu.items()}
+        out["loadgen_cpu_ms_per_decision"] = loadgen_cpu * 1000 / decided
+        # average cores busy over each window (first send -> caught up; -> last answer)
+        out["cpu_window_s"] = window
+        out["cores_busy"] = {name: s / window for name, s in cpu.items()} if window > 0 else {}
+        out["loadgen_cores"] = loadgen_cpu / loadgen_window if loadgen_window > 0 else 0.0
+        out["engine"] = engine_stats(worker)
         out["rss_mb"] = rss_mb(worker.proc.pid)[0]
         out["table_oversold"] = _table_oversold(worker, result)
         out["latencies_ms"] = result.latencies_ms(result.reserve_ids)
@@ -214,7 +249,6 @@ def pipeline_run(
                 with contextlib.suppress(Exception):
                     p.wait(profile_seconds + 30)
         worker.stop()
-        out["producer_buffer_full_warnings"] = log_count(worker, "producer buffer full")
         if not result.complete:
             raise RuntimeError(f"{label}: incomplete ({out['decisions']}/{out['sent']})")
         if stack_pids() != pids:
@@ -240,6 +274,63 @@ def pipeline_run(
         for side in sides:
             side.kill()
         ns.cleanup()
+
+
+_SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$")
+
+
+def _metrics_text(worker: Any) -> str:
+    with urllib.request.urlopen(worker.url + "/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def histogram(text: str, name: str) -> dict[str, float]:
+    """count, sum, mean and bucket-bound p50/p99 of a Prometheus histogram (summed over
+    its labels) from ``/metrics`` text; a quantile is the upper bound of its bucket."""
+    buckets: dict[float, float] = {}
+    count = total = 0.0
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        metric, labels, value = m.group("name"), m.group("labels") or "", float(m.group("value"))
+        if metric == f"{name}_count":
+            count += value
+        elif metric == f"{name}_sum":
+            total += value
+        elif metric == f"{name}_bucket":
+            le = re.search(r'le="([^"]+)"', labels)
+            if le:
+                bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))
+                buckets[bound] = buckets.get(bound, 0.0) + value
+
+    def quantile(q: float) -> float:
+        for bound in sorted(buckets):
+            if count and buckets[bound] >= q * count:
+                return bound
+        return float("nan")
+
+    return {
+        "count": count,
+        "sum": total,
+        "mean": total / count if count else float("nan"),
+        "p50_le": quantile(0.5),
+        "p99_le": quantile(0.99),
+    }
+
+
+def engine_stats(worker: Any) -> dict[str, Any]:
+    """The batch engine's own histograms on ``worker``: commands per batch, fold and
+    commit seconds per batch, arrival-to-commit seconds per command."""
+    with contextlib.suppress(Exception):
+        text = _metrics_text(worker)
+        return {
+            "batch_commands": histogram(text, "inventory_batch_commands"),
+            "batch_fold_seconds": histogram(text, "inventory_batch_fold_seconds"),
+            "batch_commit_seconds": histogram(text, "inventory_batch_commit_seconds"),
+            "decision_seconds": histogram(text, "inventory_decision_seconds"),
+        }
+    return {}
 
 
 def _table_oversold(worker: Any, result: LoadResult) -> int:
@@ -269,9 +360,11 @@ def _timeline(result: LoadResult, bins: int = 60) -> list[tuple[float, int]]:
 
 
 def throughput_repeats(sizes: Sizes, pg: baselines.PostgresCluster | None) -> dict[str, Any]:
-    """Repeats of: PostgreSQL, Redis, pipeline hot flash, single-SKU, many-SKU, passthroughs."""
+    """Repeats of: PostgreSQL, Redis, the load generator alone, pipeline hot flash (both
+    topologies), single-SKU (both), many-SKU, bare passthroughs; all back to back."""
     reps: list[dict[str, Any]] = []
     m, n = sizes.flash_attempts, sizes.flash_units
+    s = sizes.single_attempts
     from config.settings import settings as base
 
     for r in range(sizes.repeats):
@@ -284,23 +377,27 @@ def throughput_repeats(sizes: Sizes, pg: baselines.PostgresCluster | None) -> di
         )
         rep["redis_pipelined"] = undisturbed(
             "Redis pipelined flash",
-            lambda: baselines.redis_flash(base.redis_url, n, m * 10, pipeline_depth=100).summary(),
+            lambda: baselines.redis_flash(base.redis_url, n, m, pipeline_depth=100).summary(),
             log=log,
         )
+        log(f"repeat {r + 1}: the load generator alone, {sizes.loadgen_commands} commands")
+        rep["loadgen_alone"] = undisturbed(
+            "load generator alone", lambda: _loadgen_alone(sizes.loadgen_commands), log=log
+        )
         flash = LoadSpec(mode="flash", attempts=m, units=n, producers=4)
-        single = LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4)
+        single = LoadSpec(mode="flash", attempts=s, units=s * 2, producers=4)
         log(f"repeat {r + 1}: pipeline flash sale (hot SKU, {m} reserves for {n} units)")
         rep["pipeline_flash"] = pipeline_run("flash", flash, **tuned())
         log(f"repeat {r + 1}: the same flash sale, everything in one worker process")
         rep["pipeline_flash_1proc"] = pipeline_run("flash-1proc", flash)
-        log(f"repeat {r + 1}: pipeline single SKU, every reserve granted")
+        log(f"repeat {r + 1}: pipeline single SKU, {s} reserves, every one granted")
         rep["pipeline_single"] = pipeline_run("single", single, **tuned())
         log(f"repeat {r + 1}: the same single-SKU load, everything in one worker process")
         rep["pipeline_single_1proc"] = pipeline_run("single-1proc", single)
         log(f"repeat {r + 1}: pipeline {sizes.many_skus} SKUs (Zipf 1.1), every reserve granted")
         rep["pipeline_many"] = pipeline_run(
             "many",
-            LoadSpec(mode="steady", attempts=m, units=m * 2, skus=sizes.many_skus, producers=4),
+            LoadSpec(mode="steady", attempts=s, units=s * 2, skus=sizes.many_skus, producers=4),
             **tuned(),
         )
         log(f"repeat {r + 1}: bare passthroughs, {sizes.pass_messages} ReserveStock messages")
@@ -326,8 +423,23 @@ def throughput_repeats(sizes: Sizes, pg: baselines.PostgresCluster | None) -> di
     return {"repeats": reps}
 
 
+def _loadgen_alone(commands: int) -> dict[str, Any]:
+    ns = BenchNamespace.fresh("loadgen", sink=False)
+    try:
+        got = measure_alone(ns.settings, commands, producers=4)
+        if not got["complete"]:
+            raise RuntimeError(f"load generator alone incomplete: {got}")
+        return got
+    finally:
+        ns.cleanup()
+
+
 def _tp(rep: dict[str, Any], key: str) -> float:
     return float(rep.get(key, {}).get("throughput_per_s", float("nan")))
+
+
+def _alone(rep: dict[str, Any], key: str) -> float:
+    return float(rep.get("loadgen_alone", {}).get(key, float("nan")))
 
 
 def _repeat_ratios(rep: dict[str, Any]) -> None:
@@ -344,6 +456,9 @@ def _repeat_ratios(rep: dict[str, Any]) -> None:
         "tuned_vs_1proc_single": ratio(
             _tp(rep, "pipeline_single"), _tp(rep, "pipeline_single_1proc")
         ),
+        # headroom of the load generator: its rates alone over the pipeline's (P1 flash)
+        "loadgen_send_vs_p1": ratio(_alone(rep, "send_rate_per_s"), _tp(rep, "pipeline_flash")),
+        "loadgen_read_vs_p1": ratio(_alone(rep, "read_rate_per_s"), _tp(rep, "pipeline_flash")),
     }
 
 
@@ -360,20 +475,24 @@ def _metric_sum(worker: Any, name: str) -> float:
     )
 
 
-def wait_quiet(procs: list[Any], timeout: float = 60.0) -> None:
+def wait_quiet(procs: list[Any], timeout: float = 60.0) -> bool:
     """Until the relay and both sinks report no lag on any of ``procs``' /metrics (or
-    ``timeout``): the worker and the standalone relay and sinks processes."""
+    ``timeout``: False): the worker and the standalone relay and sinks processes."""
     deadline = time.monotonic() + timeout
+    zeros = 0
     while time.monotonic() < deadline:
+        lag = -1.0
         with contextlib.suppress(Exception):
             lag = sum(
                 _metric_sum(p, "inventory_relay_lag_records")
                 + _metric_sum(p, "inventory_sink_lag_records")
                 for p in procs
             )
-            if lag == 0:
-                return
-        time.sleep(0.5)
+        zeros = zeros + 1 if lag == 0 else 0
+        if zeros >= 2:  # twice in a row: a gauge set before the last records came is stale
+            return True
+        time.sleep(0.25)
+    return False
 
 
 def latency_run(sizes: Sizes) -> dict[str, Any]:
@@ -420,6 +539,7 @@ def latency_run(sizes: Sizes) -> dict[str, Any]:
                 break
         assert worker.proc is not None
         rss = rss_mb(worker.proc.pid)[0]
+        engine = engine_stats(worker)
     finally:
         worker.stop()
         for side in sides:
@@ -437,6 +557,7 @@ def latency_run(sizes: Sizes) -> dict[str, Any]:
     final["max_rate_per_s"] = max_rate
     final["seconds"] = sizes.p6_seconds
     final["rss_mb"] = rss
+    final["engine"] = engine  # over the whole worker: calibration and every window
     final["attempts"] = [{k: v for k, v in a.items() if k != "samples"} for a in attempts_out]
     return final
 
@@ -576,81 +697,177 @@ def _search_docs(
         time.sleep(0.5)
 
 
-# ---------------------------------------------------------------- P5 + memory
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]")
+# ---------------------------------------------------------------- recovery + memory
 
 
 def _line_time(line: str) -> datetime | None:
-    """The timestamp of a worker log line: JSON (``"ts"``) or Faust's ``[date time,ms]``."""
+    """The timestamp of a JSON worker log line (``"ts"``, UTC), naive UTC."""
     if line.startswith("{"):
         with contextlib.suppress(ValueError, KeyError, TypeError):
             ts = json.loads(line)["ts"]
             return datetime.fromisoformat(ts.replace("Z", "+00:00")).replace(tzinfo=None)
-        return None
-    m = _STAMP.match(line)
-    return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f") if m else None
+    return None
 
 
-def restore_seconds(log_path: Path) -> float:
-    """Seconds from Faust's "Restoring state" to "Done reading" in the last start's log."""
-    text = log_path.read_text(errors="replace").rsplit("===== start #", 1)[-1]
-    begin = end = None
-    for line in text.splitlines():
-        if "Restoring state from changelog topics" in line and begin is None:
-            begin = _line_time(line)
-        elif "Done reading from changelog topics" in line:
-            end = _line_time(line)
-    if begin is None or end is None:
-        return float("nan")
-    return (end - begin).total_seconds()
+def _epoch(t: datetime) -> float:
+
+    return t.replace(tzinfo=UTC).timestamp()
 
 
-async def _bare_read(bootstrap: str, topic: str, partitions: int) -> tuple[int, float]:
+_READY = re.compile(
+    r"ledger partition (?P<p>\d+) ready: changelog @(?P<a>\d+) -> @(?P<b>\d+) "
+    r"\((?P<k>\d+) records\) in (?P<x>[0-9.]+) s"
+)
+
+
+def _last_start(log_path: Path) -> str:
+    try:
+        text = log_path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return text.rsplit("===== start #", 1)[-1]
+
+
+def ledger_start(log_path: Path, started_at: float, group: str = "") -> dict[str, Any]:
+    """What the last start of a worker did, from its log: each ledger partition's
+    ``ready`` line (records re-read from the two changelogs, seconds of fencing and
+    catch-up) and when the consumer group let the worker in.
+
+    ``restore_s`` is the wall time over which the partitions that re-read records were
+    taking ownership (they do it concurrently): the latest ``ready`` line minus the
+    earliest start (its time minus its seconds). ``*_after_start_s`` are seconds since
+    ``started_at`` (epoch, taken just before the process was started); ``group`` is the
+    app's consumer group (the relay's and sinks' groups join too).
+    """
+    ready: list[dict[str, Any]] = []
+    joined: datetime | None = None
+    needle = f"Joined group '{group}'" if group else "Joined group"
+    for line in _last_start(log_path).splitlines():
+        if joined is None and needle in line:
+            joined = _line_time(line)
+            continue
+        m = _READY.search(line)
+        t = _line_time(line) if m else None
+        if m and t is not None:
+            ready.append(
+                {
+                    "partition": int(m["p"]),
+                    "from": int(m["a"]),
+                    "to": int(m["b"]),
+                    "records": int(m["k"]),
+                    "seconds": float(m["x"]),
+                    "at": _epoch(t),
+                }
+            )
+    out: dict[str, Any] = {
+        "partitions_ready": len({r["partition"] for r in ready}),
+        "ready_lines": len(ready),
+        "records": sum(r["records"] for r in ready),
+        "joined_after_start_s": _epoch(joined) - started_at if joined else float("nan"),
+    }
+    if not ready:
+        return out | {"restore_s": float("nan"), "max_partition_s": float("nan")}
+    busy = [r for r in ready if r["records"]] or ready
+    begin = min(r["at"] - r["seconds"] for r in busy)
+    out.update(
+        restore_s=max(r["at"] for r in busy) - begin,
+        max_partition_s=max(r["seconds"] for r in ready),
+        sum_partition_s=sum(r["seconds"] for r in ready),
+        first_ready_after_start_s=min(r["at"] for r in ready) - started_at,
+        last_ready_after_start_s=max(r["at"] for r in ready) - started_at,
+    )
+    return out
+
+
+def timed_start(worker: Any, timeout: float = 1800.0) -> dict[str, Any]:
+    """Start ``worker``: seconds to ``/healthz`` 200, plus :func:`ledger_start`."""
+    started_at = time.time()
+    healthy_s = time_to_healthy(worker, timeout=timeout)
+    group = worker.ns.settings.app_id
+    return {"healthy_s": healthy_s, **ledger_start(worker.log_path, started_at, group)}
+
+
+async def _bare_read(bootstrap: str, topics: list[str], partitions: int) -> tuple[int, float]:
+    """aiokafka, ``read_committed``: every partition from its start to the end it had
+    when reading began (the last offset of a transactional partition is a commit
+    marker that is never delivered: done once the position reaches the end)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    c = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await c.start()
     try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        tps = [TopicPartition(t, p) for t in topics for p in range(partitions)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
         end = await c.end_offsets(tps)
-        done = {tp: False for tp in tps}
+        left = {tp for tp in tps if end[tp] > 0}
         n = 0
         t0 = time.perf_counter()
-        while not all(done.values()):
-            batches = await c.getmany(timeout_ms=500, max_records=10000)
-            for tp, recs in batches.items():
+        deadline = time.monotonic() + 600
+        while left:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bare read: {len(left)} partitions short of their end")
+            batches = await c.getmany(*left, timeout_ms=500, max_records=10000)
+            for recs in batches.values():
                 n += len(recs)
-                if recs and recs[-1].offset + 1 >= end[tp]:
-                    done[tp] = True
-            for tp in tps:
-                if not done[tp] and await c.position(tp) >= end[tp]:
-                    done[tp] = True
+            for tp in list(left):
+                if await c.position(tp) >= end[tp]:
+                    left.discard(tp)
         return n, time.perf_counter() - t0
     finally:
         await c.stop()
 
 
 def bare_changelog_read(cfg: Any) -> tuple[int, float]:
-    """(records, seconds) for a bare aiokafka consumer reading the whole changelog."""
-    return asyncio.run(_bare_read(cfg.kafka_bootstrap, changelog_topic(cfg), cfg.partitions))
+    """(records, seconds) for a bare aiokafka consumer reading both ledger changelogs."""
+    topics = [t for t in ledger_changelogs(cfg) if _topic_size(cfg, t) >= 0]
+    return asyncio.run(_bare_read(cfg.kafka_bootstrap, topics, cfg.partitions))
+
+
+def bare_changelog_read_confluent(cfg: Any) -> tuple[int, float]:
+    """(records, seconds) for ``pipeline.kafka.reading.read_to_end`` (confluent-kafka,
+    the client the ledger restores with, ``read_committed``) over both changelogs."""
+    from pipeline.kafka.reading import read_to_end
+
+    n = 0
+    t0 = time.perf_counter()
+    for topic in ledger_changelogs(cfg):
+        with contextlib.suppress(LookupError):
+            for _msg in read_to_end(cfg, topic, timeout=600, chunk=10_000):
+                n += 1
+    return n, time.perf_counter() - t0
+
+
+def _topic_size(cfg: Any, topic: str) -> int:
+    """Offsets in ``topic`` (high minus low watermarks, markers included); -1: no topic."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": cfg.kafka_bootstrap, "group.id": "bench-size"})
+    try:
+        meta = c.list_topics(topic, timeout=10)
+        if topic not in meta.topics or meta.topics[topic].error is not None:
+            return -1
+        total = 0
+        for p in meta.topics[topic].partitions:
+            low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            total += high - low
+        return total
+    finally:
+        c.close()
 
 
 def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
-    """Table of N SKUs: cold restore, RSS, idle CPU, warm restart, bare changelog read."""
+    """Table of N SKUs: cold start (data dir wiped), ``kill -9`` mid-idle and restart,
+    clean stop and warm restart; RSS and idle CPU after each; bare changelog reads."""
+    from bench.tablefill import sku_name
+
     ns = BenchNamespace.fresh("mem", sink=False)
     cfg = ns.settings
     worker = ns.worker()
     points: list[dict[str, Any]] = []
-    warm: list[dict[str, Any]] = []
+    extra: list[dict[str, Any]] = []
     filled = 0
 
     rebuilt_line = "reservation index rebuilt"
@@ -674,9 +891,9 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
         if found:
             rebuild_s[label] = float(found[-1])
         time.sleep(1.0)
-        c0 = _cpu_seconds(pid)
+        c0 = cpu_seconds(pid)
         time.sleep(sizes.idle_seconds)
-        return rss, hwm, (_cpu_seconds(pid) - c0) / sizes.idle_seconds
+        return rss, hwm, (cpu_seconds(pid) - c0) / sizes.idle_seconds
 
     def _log_text() -> str:
         try:
@@ -689,38 +906,56 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
             log(f"memory: writing the changelog up to {n:,} SKUs")
             fill_changelog(cfg, filled, n - filled)
             filled = n
-            records = changelog_size(cfg)
+            records = sum(max(0, _topic_size(cfg, t)) for t in ledger_changelogs(cfg))
             shutil.rmtree(worker.data_dir, ignore_errors=True)
-            log(f"memory: cold start restoring {records:,} changelog records")
-            cold = time_to_healthy(worker, timeout=1800)
-            restore = restore_seconds(worker.log_path)
+            log(f"memory: cold start (data dir wiped) restoring {records:,} changelog records")
+            cold = timed_start(worker)
             rss, hwm, idle_cpu = settle("cold")
-            last = "FILL" + str(n - 1).zfill(12)
-            status, body = worker.get_json(f"/stock/{last}")
+            status, body = worker.get_json(f"/stock/{sku_name('FILL', n - 1)}")
             if profile_to is not None and n == sizes.rss_points[-1] and worker.proc is not None:
                 spy = profile.record(worker.proc.pid, profile_to, 5)
                 if spy is not None:
                     spy.wait(60)
+            log(f"memory: kill -9 of the idle worker with {n:,} SKUs, then a restart")
+            worker.kill()
+            killed = timed_start(worker)
+            kill_rss, _, kill_cpu = settle("kill")
             worker.stop()
-            log(f"memory: warm restart with {n:,} SKUs")
-            warm_s = time_to_healthy(worker, timeout=1800)
+            log(f"memory: clean stop and warm restart with {n:,} SKUs")
+            warm = timed_start(worker)
             warm_rss, _, warm_cpu = settle("warm")
             worker.stop()
             bare_n, bare_s = bare_changelog_read(cfg)
+            bare_c_n, bare_c_s = bare_changelog_read_confluent(cfg)
+            restore_s = cold.get("restore_s", float("nan"))
             points.append(
                 {
                     "skus": n,
                     "changelog_records": records,
-                    "cold_start_s": cold,
-                    "restore_s": restore,
-                    "restore_per_s": records / restore if restore == restore else float("nan"),
+                    "cold": cold,
+                    "cold_start_s": cold["healthy_s"],
+                    "restore_records": cold["records"],
+                    "restore_s": restore_s,
+                    "restore_per_s": (
+                        cold["records"] / restore_s
+                        if restore_s == restore_s and restore_s > 0
+                        else float("nan")
+                    ),
                     "bare_read_records": bare_n,
                     "bare_read_s": bare_s,
                     "bare_per_s": bare_n / bare_s if bare_s > 0 else float("nan"),
+                    "bare_confluent_records": bare_c_n,
+                    "bare_confluent_s": bare_c_s,
+                    "bare_confluent_per_s": bare_c_n / bare_c_s if bare_c_s > 0 else float("nan"),
                     "rss_mb": rss,
                     "hwm_mb": hwm,
                     "idle_cpu_cores": idle_cpu,
-                    "warm_start_s": warm_s,
+                    "kill": killed,
+                    "kill_restart_s": killed["healthy_s"],
+                    "kill_rss_mb": kill_rss,
+                    "kill_idle_cpu_cores": kill_cpu,
+                    "warm": warm,
+                    "warm_start_s": warm["healthy_s"],
                     "warm_rss_mb": warm_rss,
                     "warm_idle_cpu_cores": warm_cpu,
                     "index_rebuild_cold_s": rebuild_s.get("cold"),
@@ -728,23 +963,42 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
                     "last_sku_found": status == 200 and body.get("on_hand") == 100,
                 }
             )
-            log(f"memory: {points[-1]}")
+            log(
+                f"memory: {n:,} SKUs: cold {cold['healthy_s']:.1f} s (restore "
+                f"{cold['records']:,} in {restore_s:.1f} s), kill -9 restart "
+                f"{killed['healthy_s']:.1f} s, warm {warm['healthy_s']:.1f} s, RSS {rss:.0f} MB"
+            )
         for i in range(sizes.warm_restarts - 1):
-            log(f"memory: extra warm restart {i + 1} with {filled:,} SKUs")
-            t = time_to_healthy(worker, timeout=1800)
+            log(f"memory: extra restarts {i + 1} with {filled:,} SKUs (warm, then kill -9)")
+            warm = timed_start(worker)
             rss, _, _ = settle("extra")
-            warm.append({"warm_start_s": t, "rss_mb": rss})
+            worker.kill()
+            killed = timed_start(worker)
+            settle("extra-kill")
             worker.stop()
+            extra.append(
+                {
+                    "warm_start_s": warm["healthy_s"],
+                    "rss_mb": rss,
+                    "kill_restart_s": killed["healthy_s"],
+                    "kill": killed,
+                }
+            )
     finally:
         worker.kill()
         ns.cleanup()
-    return {"points": points, "warm": warm}
+    return {
+        "points": points,
+        "warm": extra,
+        "session_timeout_s": float(ns.ns.env(0, Path("."))["INVENTORY_SESSION_TIMEOUT_S"]),
+    }
 
 
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("throughput", "latency", "memory", "profile", "levers", "mix", "micro")
+PARTS = ("throughput", "latency", "memory", "profile", "levers", "mix", "micro", "ingest")
+TOPOLOGY_LEVERS = {"split", "relay_out", "sink_off"}  # measured against one process
 
 
 def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
@@ -800,34 +1054,43 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
 
     def prof() -> dict[str, Any]:
         out = prof_dir / "hot-profile.txt"
-        m = sizes.flash_attempts
+        m = sizes.profile_attempts
+        # the P1 load (one hot SKU, a quarter of the attempts granted), long enough for
+        # py-spy's window; worker, relay and sinks are each profiled
         res = pipeline_run(
             "profile",
-            LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4),
+            LoadSpec(mode="flash", attempts=m, units=max(1, m // 4), producers=4),
             profile_to=out,
             profile_seconds=sizes.profile_seconds,
             **tuned(),
         )
         res.pop("latencies_ms", None)
-        return {"run": res, "raw": str(out)}
+        res.pop("timeline", None)
+        sides = {mod: str(out.with_name(f"{out.stem}-{mod}.txt")) for mod in LEVER_SIDECARS[TUNED]}
+        return {"run": res, "raw": str(out), "sidecars": sides}
 
     step("profile", prof)
 
     def levers() -> dict[str, Any]:
-        m = max(200, sizes.flash_attempts // 3)
+        m = sizes.single_attempts
         spec = LoadSpec(mode="flash", attempts=m, units=m * 2, producers=4)
         out = {}
         for name in sizes.levers:
+            if name in TOPOLOGY_LEVERS:
+                base_env: dict[str, str] = {}
+                base_sides: tuple[str, ...] = ()
+                env = dict(LEVER_ENV[name])
+                sides = LEVER_SIDECARS.get(name, ())
+            else:  # on top of the headline topology
+                base_env = dict(LEVER_ENV[TUNED])
+                base_sides = LEVER_SIDECARS[TUNED]
+                env = {**LEVER_ENV[TUNED], **LEVER_ENV[name]}
+                sides = tuple(dict.fromkeys(base_sides + LEVER_SIDECARS.get(name, ())))
             pairs = []
             for i in range(sizes.lever_pairs):
                 log(f"lever {name} ({i + 1}/{sizes.lever_pairs}): {LEVER_ENV[name]}")
-                base = pipeline_run("lever-base", spec)
-                res = pipeline_run(
-                    f"lever-{name}",
-                    spec,
-                    env=LEVER_ENV[name],
-                    sidecars=LEVER_SIDECARS.get(name, ()),
-                )
+                base = pipeline_run("lever-base", spec, env=base_env, sidecars=base_sides)
+                res = pipeline_run(f"lever-{name}", spec, env=env, sidecars=sides)
                 pairs.append(
                     {
                         "base_per_s": base["throughput_per_s"],
@@ -835,13 +1098,12 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
                         "ratio": ratio(res["throughput_per_s"], base["throughput_per_s"]),
                         "base_cpu_ms": base["cpu_ms_per_decision"],
                         "lever_cpu_ms": res["cpu_ms_per_decision"],
-                        "base_buffer_full": base["producer_buffer_full_warnings"],
-                        "lever_buffer_full": res["producer_buffer_full_warnings"],
                     }
                 )
             out[name] = {
                 "env": LEVER_ENV[name],
                 "sidecars": list(LEVER_SIDECARS.get(name, ())),
+                "base": "one process" if name in TOPOLOGY_LEVERS else TUNED,
                 "attempts": m,
                 "pairs": pairs,
             }
@@ -871,6 +1133,14 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
 
     step("mix", mix)
     step("micro", lambda: micro.measure(BenchNamespace.fresh("micro").settings, quick))
+
+    def ingestion() -> dict[str, Any]:
+        log(f"ingest: Faust stream vs feed vs envelope, {sizes.ingest_records:,} records")
+        got = ingest.run_all(sizes.ingest_records, echo=False)
+        got["records"] = sizes.ingest_records
+        return got
+
+    step("ingest", lambda: undisturbed("ingest", ingestion, log=log))
     results["machine_after"] = machine.describe()
     results["total_seconds"] = time.time() - started
     return results
@@ -899,7 +1169,7 @@ def merge(saved: dict[str, Any], extra: dict[str, Any], skip: set[str]) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, < 3 min")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, a few minutes")
     p.add_argument("--report", type=Path, default=None, help="where to write the Markdown report")
     p.add_argument(
         "--skip", default="", help=f"comma list of parts to leave out: {','.join(PARTS)}"
@@ -938,8 +1208,11 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick else "full"
     raw = OUT / f"results-{name}.json"
     skip = {s for s in args.skip.split(",") if s}
-    if args.only:
-        skip |= set(PARTS) - {s for s in args.only.split(",") if s}
+    only = {s for s in args.only.split(",") if s}
+    if (skip | only) - set(PARTS):
+        p.error(f"unknown parts: {sorted((skip | only) - set(PARTS))}; parts: {', '.join(PARTS)}")
+    if only:
+        skip |= set(PARTS) - only
     if args.from_json:
         results = json.loads(args.from_json.read_text())
     else:
