@@ -7,35 +7,118 @@ else in the project reads ``os.environ``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:  # a typo in deployment config must be loud
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+class SettingsError(ValueError):
+    """A setting the pipeline cannot run with; the message names the variable and what it accepts."""
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _raw(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name)
-    if raw is None or raw == "":
+    return None if raw is None or raw.strip() == "" else raw.strip()
+
+
+def _range_text(kind: str, minimum: float | None, maximum: float | None, above: bool) -> str:
+    low = "" if minimum is None else (f"> {minimum}" if above else f">= {minimum}")
+    if maximum is not None:
+        return f"{kind} from {minimum} to {maximum}" if low else f"{kind} <= {maximum}"
+    return f"{kind} {low}".rstrip()
+
+
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int,
+    minimum: int | None = None,
+    maximum: int | None = None,
+) -> int:
+    """``name`` as an integer in ``minimum..maximum`` (inclusive), ``default`` when unset."""
+    raw = _raw(env, name)
+    if raw is None:
         return default
+    accepted = _range_text("an integer", minimum, maximum, above=False)
     try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+        value = int(raw)
+    except ValueError:  # a typo in deployment config must be loud
+        raise SettingsError(f"{name}={raw!r}: must be {accepted}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise SettingsError(f"{name}={raw!r}: must be {accepted}")
+    return value
+
+
+def _float(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    above: float | None = None,
+    minimum: float | None = None,
+) -> float:
+    """``name`` as a finite number ``> above`` (or ``>= minimum``), ``default`` when unset."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    low = above if above is not None else minimum
+    accepted = _range_text("a number", low, None, above=above is not None)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: must be {accepted}") from None
+    if (
+        not math.isfinite(value)
+        or (above is not None and value <= above)
+        or (minimum is not None and value < minimum)
+    ):
+        raise SettingsError(f"{name}={raw!r}: must be {accepted}")
+    return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """``name`` as a boolean: 1/true/yes/on or 0/false/no/off in any case; nothing else."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise SettingsError(
+        f"{name}={raw!r}: must be one of {', '.join(_TRUE)} (on) or {', '.join(_FALSE)} (off),"
+        " in any case"
+    )
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    """``name`` as one of ``choices`` (compared in upper case), ``default`` when unset."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    if raw.upper() not in choices:
+        raise SettingsError(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+    return raw.upper()
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name)
     return default if raw is None or raw == "" else raw
+
+
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+# the mechanisms a username and password are enough for (every client gets those two)
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+PORT_MAX = 65535
+# librdkafka's smallest message.max.bytes
+MIN_RECORD_BYTES = 1000
 
 
 class Secret(str):
@@ -65,7 +148,7 @@ def _secret(env: Mapping[str, str], name: str) -> Secret:
         try:
             value = Path(path).read_text().strip()
         except OSError as exc:
-            raise ValueError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
+            raise SettingsError(f"{name}_FILE={path} cannot be read: {exc.strerror}") from None
     return Secret(value)
 
 
@@ -164,52 +247,70 @@ class Settings:
             opensearch_url=_str(e, "INVENTORY_OPENSEARCH_URL", d.opensearch_url),
             schema_registry_url=_str(e, "INVENTORY_SCHEMA_REGISTRY_URL", ""),
             web_host=_str(e, "INVENTORY_WEB_HOST", d.web_host),
-            web_port=_int(e, "INVENTORY_WEB_PORT", d.web_port),
+            web_port=_int(e, "INVENTORY_WEB_PORT", d.web_port, 1, PORT_MAX),
             data_dir=Path(_str(e, "INVENTORY_DATA_DIR", str(d.data_dir))),
-            partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions),
+            partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions, 1),
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
-            log_level=_str(e, "INVENTORY_LOG_LEVEL", d.log_level).upper(),
-            max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty),
-            max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len),
-            dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window),
-            default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms),
-            low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold),
-            order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms),
-            saga_resend_after_ms=_int(e, "INVENTORY_SAGA_RESEND_AFTER_MS", d.saga_resend_after_ms),
-            max_order_lines=_int(e, "INVENTORY_MAX_ORDER_LINES", d.max_order_lines),
-            session_timeout_s=_float(e, "INVENTORY_SESSION_TIMEOUT_S", d.session_timeout_s),
+            log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),
+            max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1),
+            max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len, 1),
+            dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window, 0),
+            default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
+            low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold, -1),
+            order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms, 0),
+            saga_resend_after_ms=_int(
+                e, "INVENTORY_SAGA_RESEND_AFTER_MS", d.saga_resend_after_ms, 1
+            ),
+            max_order_lines=_int(e, "INVENTORY_MAX_ORDER_LINES", d.max_order_lines, 1),
+            session_timeout_s=_float(
+                e, "INVENTORY_SESSION_TIMEOUT_S", d.session_timeout_s, above=0
+            ),
             expiry_scan_interval_s=_float(
-                e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s
+                e, "INVENTORY_EXPIRY_SCAN_INTERVAL_S", d.expiry_scan_interval_s, above=0
             ),
-            expiry_full_scan_s=_float(e, "INVENTORY_EXPIRY_FULL_SCAN_S", d.expiry_full_scan_s),
-            commit_interval_s=_float(e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s),
-            ledger_batch_max=_int(e, "INVENTORY_LEDGER_BATCH_MAX", d.ledger_batch_max),
+            expiry_full_scan_s=_float(
+                e, "INVENTORY_EXPIRY_FULL_SCAN_S", d.expiry_full_scan_s, above=0
+            ),
+            commit_interval_s=_float(
+                e, "INVENTORY_COMMIT_INTERVAL_S", d.commit_interval_s, above=0
+            ),
+            ledger_batch_max=_int(e, "INVENTORY_LEDGER_BATCH_MAX", d.ledger_batch_max, 1),
             transaction_timeout_s=_float(
-                e, "INVENTORY_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s
+                e, "INVENTORY_TRANSACTION_TIMEOUT_S", d.transaction_timeout_s, above=0
             ),
-            max_record_bytes=_int(e, "INVENTORY_MAX_RECORD_BYTES", d.max_record_bytes),
+            max_record_bytes=_int(
+                e, "INVENTORY_MAX_RECORD_BYTES", d.max_record_bytes, MIN_RECORD_BYTES
+            ),
             ledger_stall_after_s=_float(
-                e, "INVENTORY_LEDGER_STALL_AFTER_S", d.ledger_stall_after_s
+                e, "INVENTORY_LEDGER_STALL_AFTER_S", d.ledger_stall_after_s, above=0
             ),
-            feed_max_buffered=_int(e, "INVENTORY_FEED_MAX_BUFFERED", d.feed_max_buffered),
+            feed_max_buffered=_int(e, "INVENTORY_FEED_MAX_BUFFERED", d.feed_max_buffered, 1),
             rocksdb_write_buffer_mb=_int(
-                e, "INVENTORY_ROCKSDB_WRITE_BUFFER_MB", d.rocksdb_write_buffer_mb
+                e, "INVENTORY_ROCKSDB_WRITE_BUFFER_MB", d.rocksdb_write_buffer_mb, 1
             ),
             rocksdb_max_write_buffers=_int(
-                e, "INVENTORY_ROCKSDB_MAX_WRITE_BUFFERS", d.rocksdb_max_write_buffers
+                e, "INVENTORY_ROCKSDB_MAX_WRITE_BUFFERS", d.rocksdb_max_write_buffers, 1
             ),
             rocksdb_block_cache_mb=_int(
-                e, "INVENTORY_ROCKSDB_BLOCK_CACHE_MB", d.rocksdb_block_cache_mb
+                e, "INVENTORY_ROCKSDB_BLOCK_CACHE_MB", d.rocksdb_block_cache_mb, 1
             ),
             failpoint_drop_delivery=e.get("INVENTORY_FAILPOINT_DROP_DELIVERY", ""),
-            failpoint_relay_kill_after=_int(e, "INVENTORY_FAILPOINT_RELAY_KILL_AFTER", 0),
+            failpoint_relay_kill_after=_int(e, "INVENTORY_FAILPOINT_RELAY_KILL_AFTER", 0, 0),
             changelog_min_compaction_lag_ms=_int(
-                e, "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS", d.changelog_min_compaction_lag_ms
+                e,
+                "INVENTORY_CHANGELOG_MIN_COMPACTION_LAG_MS",
+                d.changelog_min_compaction_lag_ms,
+                0,
             ),
-            kafka_security_protocol=_str(
-                e, "INVENTORY_KAFKA_SECURITY_PROTOCOL", d.kafka_security_protocol
-            ).upper(),
-            kafka_sasl_mechanism=_str(e, "INVENTORY_KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism),
+            kafka_security_protocol=_choice(
+                e,
+                "INVENTORY_KAFKA_SECURITY_PROTOCOL",
+                d.kafka_security_protocol,
+                KAFKA_SECURITY_PROTOCOLS,
+            ),
+            kafka_sasl_mechanism=_choice(
+                e, "INVENTORY_KAFKA_SASL_MECHANISM", d.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS
+            ),
             kafka_sasl_username=_str(e, "INVENTORY_KAFKA_SASL_USERNAME", ""),
             kafka_sasl_password=_secret(e, "INVENTORY_KAFKA_SASL_PASSWORD"),
             kafka_ssl_cafile=_str(e, "INVENTORY_KAFKA_SSL_CAFILE", ""),
@@ -220,13 +321,15 @@ class Settings:
             opensearch_ca_file=_str(e, "INVENTORY_OPENSEARCH_CA_FILE", ""),
             redis_key_prefix=_str(e, "INVENTORY_REDIS_KEY_PREFIX", d.redis_key_prefix),
             search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
-            sink_enabled=_str(e, "INVENTORY_SINK_ENABLED", "1") not in ("0", "false", "no"),
-            relay_enabled=_str(e, "INVENTORY_RELAY_ENABLED", "1") not in ("0", "false", "no"),
-            metrics_port=_int(e, "INVENTORY_METRICS_PORT", d.metrics_port),
-            sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size),
-            sink_max_backoff_s=_float(e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s),
+            sink_enabled=_bool(e, "INVENTORY_SINK_ENABLED", d.sink_enabled),
+            relay_enabled=_bool(e, "INVENTORY_RELAY_ENABLED", d.relay_enabled),
+            metrics_port=_int(e, "INVENTORY_METRICS_PORT", d.metrics_port, 0, PORT_MAX),
+            sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size, 1),
+            sink_max_backoff_s=_float(
+                e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s, above=0
+            ),
             stock_changes_retention_ms=_int(
-                e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms
+                e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms, -1
             ),
         )
 
@@ -306,4 +409,7 @@ def redact_url(text: str) -> str:
     return re.sub(r"(://[^/:@\s]*:)[^@/\s]+@", r"\1***@", text)
 
 
-settings = Settings.from_env()
+try:
+    settings = Settings.from_env()
+except SettingsError as _exc:  # every process imports this first: refuse to start, say why
+    raise SystemExit(f"refusing to start: {_exc}") from None
