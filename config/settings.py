@@ -112,6 +112,20 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw == "" else raw
 
 
+def _data_dir(env: Mapping[str, str], default: Path) -> Path:
+    """Faust's ``--datadir`` first, then ``INVENTORY_DATA_DIR``, then ``default``.
+
+    ``faust --datadir D ...`` puts D in ``FAUST_DATADIR`` (and ``F_DATADIR``) before
+    it imports the app, which is Faust's only way to hand the option to an app; an
+    app that passes its own ``datadir`` would override it. Faust expands
+    ``{conf.id}``/``{conf.name}`` in the path later (``app.conf.datadir``).
+    """
+    for name in ("FAUST_DATADIR", "F_DATADIR"):
+        if env.get(name):
+            return Path(env[name])
+    return Path(_str(env, "INVENTORY_DATA_DIR", str(default)))
+
+
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # the mechanisms a username and password are enough for (every client gets those two)
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -163,6 +177,8 @@ class Settings:
     schema_registry_url: str = ""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # RocksDB files of this worker: faust --datadir D (FAUST_DATADIR), else INVENTORY_DATA_DIR;
+    # read app.conf.datadir in a worker (Faust expands {conf.id} in it)
     data_dir: Path = field(default_factory=lambda: Path(".data/worker"))
     partitions: int = 8
     topic_prefix: str = "inventory."
@@ -248,7 +264,7 @@ class Settings:
             schema_registry_url=_str(e, "INVENTORY_SCHEMA_REGISTRY_URL", ""),
             web_host=_str(e, "INVENTORY_WEB_HOST", d.web_host),
             web_port=_int(e, "INVENTORY_WEB_PORT", d.web_port, 1, PORT_MAX),
-            data_dir=Path(_str(e, "INVENTORY_DATA_DIR", str(d.data_dir))),
+            data_dir=_data_dir(e, d.data_dir),
             partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions, 1),
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
             log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),

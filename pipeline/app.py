@@ -2,7 +2,10 @@
 
 Start a worker with the standard CLI::
 
-    faust -A pipeline.app worker --web-port 6066 --datadir .data/worker1
+    faust -A pipeline.app --datadir .data/worker1 worker --web-port 6066
+
+``--datadir`` (a global option, before ``worker``) wins over ``INVENTORY_DATA_DIR``;
+the directory is created if missing.
 
 The stock ledger is not a Faust table: :mod:`agents.ledger` keeps it in its own
 RocksDB files and a transactional changelog (``{app_id}-stock-changelog``), fed in
@@ -53,6 +56,8 @@ class InventoryApp(faust.App):
         return Path(self.conf.datadir) / CLEAN_MARKER
 
     async def on_first_start(self) -> None:
+        # Faust creates only the last level of the data dir (FileNotFoundError on a fresh clone)
+        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         try:
             ensure_topics(settings)
         except PartitionMismatch as exc:
@@ -115,7 +120,7 @@ app = InventoryApp(
     settings.app_id,
     **faust_broker_kwargs(settings),
     store="rocksdb://",
-    datadir=str(settings.data_dir),
+    datadir=str(settings.data_dir),  # faust --datadir, else INVENTORY_DATA_DIR
     web_host=settings.web_host,
     web_bind=settings.web_host,  # Faust binds 0.0.0.0 unless told
     web_port=settings.web_port,
