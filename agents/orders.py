@@ -101,6 +101,7 @@ saga_inputs = _raw_topic(CHECKOUTS_TOPIC, settings.line_results_topic, acks=Fals
 
 orders_table = app.Table(
     "orders",
+    help="Checkout sagas by order id: state, input watermarks and the OrderResult to publish.",
     key_type=bytes,
     value_type=bytes,
     partitions=settings.partitions,
@@ -324,6 +325,7 @@ saga_index = IndexRefresher(
 
 @app.agent(saga_inputs, concurrency=1)
 async def order_saga(stream: Any) -> None:
+    """Checkout orders: reserves all lines or none, settles and expires them."""
     async for event in stream.events():
         if await input_guard.admit(event):
             await handler.handle(event)

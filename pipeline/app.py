@@ -180,10 +180,12 @@ INPUT_TOPICS = {
 # open reservations of this worker's partitions, for the expiry sweeper (pipeline.expiry)
 open_reservations = OpenReservations()
 
-# Register agents, views and timers (they import the objects above).
+# Register agents, views and timers (they import the objects above), and the fixed
+# `faust agents` command.
 import agents.orders  # noqa: E402,F401
 import agents.stock  # noqa: E402,F401
 import pipeline.expiry  # noqa: E402,F401
+import pipeline.faust_commands  # noqa: E402,F401
 import pipeline.live  # noqa: E402,F401
 import pipeline.sinks.worker  # noqa: E402,F401
 import pipeline.web  # noqa: E402,F401
