@@ -6,7 +6,9 @@ Command line (``python -m pipeline.produce ...``)::
     send-file FILE                   JSON lines: {"type": "ReserveStock", ...fields}
     import-csv FILE --mode restock   sku,qty rows -> RestockReceived (or StockCounted: --mode count)
 
-Missing ``event_id`` defaults to a fresh uuid4 and ``occurred_at`` to now. The
+Every record is checked against its schema before anything connects to Kafka, so a
+bad one fails at once, naming the field (``send --help`` lists every record's
+fields and defaults). Missing ``event_id`` defaults to a fresh uuid4 and ``occurred_at`` to now. The
 key is the SKU's UTF-8 bytes and the partitioner is murmur2, like the Java
 client and aiokafka, so every command of a SKU reaches the partition that owns
 it. Exit codes: 0 all sent, 2 bad input (bad rows are reported and skipped,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -36,7 +39,7 @@ from config.settings import Settings, settings
 from pipeline.clients import confluent_config
 from pipeline.topics import ensure_topics
 from pipeline.validation import Invalid, check_sku
-from schemas.codec import AvroCodec, EncodeError, codec_from_settings
+from schemas.codec import SCHEMA_DIR, AvroCodec, EncodeError, codec_from_settings
 
 _TOPIC_OF_TYPE = {
     "ReserveStock": "orders_topic",
@@ -336,23 +339,47 @@ def parse_command_line(text: str) -> tuple[str, dict[str, Any]]:
     return type_name, obj
 
 
-def run_send_file(path: Path, producer: Sender, *, out: TextIO, err: TextIO) -> int:
-    """Send every good JSON line of ``path``; report bad ones on ``err``. Exit code."""
-    sent = 0
+def checked_command(
+    type_name: str, fields: Mapping[str, Any], codec: AvroCodec | None = None
+) -> dict[str, Any]:
+    """``fields`` with their defaults filled, checked against the schema of ``type_name``
+    without any network (a local codec); :class:`EncodeError` names what is wrong."""
+    topic_for_type(settings, type_name)  # ValueError for a type producers may not send
+    record = fill_defaults(fields)
+    (codec or _local_codec()).encode(type_name, record)
+    return record
+
+
+def read_command_file(
+    path: Path, codec: AvroCodec | None = None
+) -> tuple[list[tuple[str, dict[str, Any]]], list[BadRow]]:
+    """The good commands of a JSON-lines file (defaults filled, schema-checked) and the bad lines."""
+    commands: list[tuple[str, dict[str, Any]]] = []
     bad: list[BadRow] = []
     with path.open(encoding="utf-8") as lines:
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
             try:
-                producer.send(*parse_command_line(text))
+                type_name, fields = parse_command_line(text)
+                commands.append((type_name, checked_command(type_name, fields, codec)))
             except (EncodeError, ValueError) as exc:
                 bad.append(BadRow(number, str(exc)))
-                print(bad[-1], file=err)
-            else:
-                sent += 1
+    return commands, bad
+
+
+def run_send_file(path: Path, producer: Sender, *, out: TextIO, err: TextIO) -> int:
+    """Send every good JSON line of ``path``; report bad ones on ``err``. Exit code.
+
+    Every line is checked first: the bad ones are reported before anything is sent.
+    """
+    commands, bad = read_command_file(path)
+    for b in bad:
+        print(b, file=err)
+    for type_name, record in commands:
+        producer.send(type_name, record)
     producer.flush()
-    print(f"{path}: {sent} commands sent, {len(bad)} bad lines skipped", file=out)
+    print(f"{path}: {len(commands)} commands sent, {len(bad)} bad lines skipped", file=out)
     return 2 if bad else 0
 
 
@@ -377,6 +404,80 @@ def run_import_csv(
     return 2 if bad else 0
 
 
+@functools.cache
+def _local_codec() -> AvroCodec:
+    return AvroCodec()  # single-object framing: checks records without a registry
+
+
+class LazyProducer:
+    """A :class:`Sender` that connects (a :class:`CommandProducer`) on the first send, so a
+    command line whose input is all bad never waits for Kafka."""
+
+    def __init__(self, cfg: Settings, *, on_delivery: DeliveryReport | None = None) -> None:
+        self._cfg = cfg
+        self._on_delivery = on_delivery
+        self._producer: CommandProducer | None = None
+
+    def send(
+        self,
+        type_name: str,
+        fields: Mapping[str, Any],
+        *,
+        partition: int | None = None,
+        key: bytes | None = None,
+    ) -> str:
+        if self._producer is None:
+            self._producer = CommandProducer(self._cfg, on_delivery=self._on_delivery)
+        return self._producer.send(type_name, fields, partition=partition, key=key)
+
+    def flush(self, timeout: float = 30) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout)
+
+    def close(self) -> None:
+        """Best effort after a failure: the exception in flight is the one to report."""
+        if self._producer is not None:
+            self._producer.__exit__(RuntimeError, None, None)
+
+
+def _type_text(t: Any) -> str:
+    if isinstance(t, list):
+        return " or ".join(_type_text(x) for x in t)
+    if isinstance(t, dict):
+        if t.get("type") == "array":
+            return f"array of {_type_text(t['items'])}"
+        if t.get("type") == "map":
+            return f"map of {_type_text(t['values'])}"
+        if t.get("type") == "enum":
+            return "one of " + ", ".join(t["symbols"])
+        if t.get("type") == "record":
+            inner = ", ".join(f"{f['name']}: {_type_text(f['type'])}" for f in t["fields"])
+            return "{" + inner + "}"
+        return _type_text(t.get("type"))
+    return str(t)
+
+
+_FILLED = {"event_id": "a new uuid4", "occurred_at": "now (epoch ms)"}
+
+
+def fields_help(names: Sequence[str] = INPUT_TYPES) -> str:
+    """Each input record's fields: type, and the default of the optional ones."""
+    out = ["record fields (required unless a default is shown; key = the record's SKU,"]
+    out.append("PlaceOrder/CommitOrder/CancelOrder are keyed by order_id):")
+    for name in names:
+        schema = json.loads((SCHEMA_DIR / f"{name}.avsc").read_text(encoding="utf-8"))
+        out.append(f"  {name}  (topic {TOPIC_FOR_TYPE[name]})")
+        for f in schema["fields"]:
+            if f["name"] in _FILLED:
+                default = f" = {_FILLED[f['name']]}"
+            elif "default" in f:
+                default = f" = {json.dumps(f['default'])}"
+            else:
+                default = ""
+            out.append(f"      {f['name']}: {_type_text(f['type'])}{default}")
+    return "\n".join(out)
+
+
 def _print_delivery(label: str, topic: str, partition: int, offset: int) -> None:
     print(f"topic={topic} partition={partition} offset={offset} event_id={label}", flush=True)
 
@@ -388,9 +489,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    send = sub.add_parser("send", help="send one command")
-    send.add_argument("type", choices=INPUT_TYPES)
-    send.add_argument("json", help="the record's fields as a JSON object")
+    send = sub.add_parser(
+        "send",
+        help="send one command",
+        description="Send one command; it is checked against its schema before Kafka is asked.",
+        epilog=fields_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    send.add_argument("type", choices=INPUT_TYPES, metavar="TYPE", help=", ".join(INPUT_TYPES))
+    send.add_argument("json", metavar="JSON", help="the record's fields as a JSON object")
     send_file = sub.add_parser("send-file", help='send JSON lines {"type": ..., ...fields}')
     send_file.add_argument("file", type=Path)
     import_csv = sub.add_parser("import-csv", help="restock or count SKUs from a sku,qty CSV")
@@ -414,21 +521,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not args.file.is_file():
         parser.error(f"{args.file}: no such file")
     report = None if args.command == "import-csv" else _print_delivery
+    record: dict[str, Any] = {}
+    if args.command == "send":
+        try:  # before anything connects: a bad record fails at once, naming the field
+            record = checked_command(args.type, fields)
+        except EncodeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    # connects on the first good record: the file commands check every line first
+    producer = LazyProducer(settings, on_delivery=report)
     try:
-        with CommandProducer(settings, on_delivery=report) as producer:
-            if args.command == "send":
-                try:
-                    producer.send(args.type, fields)
-                except EncodeError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 2
-                return 0
-            if args.command == "send-file":
-                return run_send_file(args.file, producer, out=sys.stdout, err=sys.stderr)
-            return run_import_csv(
-                args.file, args.mode, producer, settings, out=sys.stdout, err=sys.stderr
-            )
+        if args.command == "send":
+            producer.send(args.type, record)
+            producer.flush()
+            return 0
+        if args.command == "send-file":
+            return run_send_file(args.file, producer, out=sys.stdout, err=sys.stderr)
+        return run_import_csv(
+            args.file, args.mode, producer, settings, out=sys.stdout, err=sys.stderr
+        )
     except (KafkaException, RuntimeError) as exc:  # DeliveryError, PartitionMismatch, registry
+        producer.close()
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
