@@ -47,6 +47,7 @@ from typing import Any, TextIO
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from config.settings import Settings, settings
+from pipeline.cli import prog
 from pipeline.clients import confluent_config
 from pipeline.partitioning import partition_for
 from pipeline.validation import Invalid, check_sku
@@ -564,7 +565,7 @@ def _add(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.audit",
+        prog=prog("pipeline.audit"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -36,6 +36,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 from config.settings import Settings, settings
+from pipeline.cli import prog
 from pipeline.clients import confluent_config
 from pipeline.topics import ensure_topics
 from pipeline.validation import Invalid, check_sku
@@ -484,7 +485,7 @@ def _print_delivery(label: str, topic: str, partition: int, offset: int) -> None
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.produce",
+        prog=prog("pipeline.produce"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

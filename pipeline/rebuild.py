@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from config.settings import Settings, settings
+from pipeline.cli import prog
 from pipeline.kafka.reading import read_to_end
 from pipeline.sinks.base import Projection
 from pipeline.sinks.runner import build_projections
@@ -85,7 +86,7 @@ async def rebuild(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.rebuild", description=__doc__)
+    parser = argparse.ArgumentParser(prog=prog("pipeline.rebuild"), description=__doc__)
     parser.add_argument("--target", choices=("redis", "search", "all"), default="all")
     parser.add_argument("--wipe", action="store_true", help="empty each target first")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

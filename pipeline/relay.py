@@ -21,10 +21,13 @@ the relay may be down without missing versions.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import signal
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -32,6 +35,7 @@ from confluent_kafka import Producer
 
 from config.settings import Settings, settings
 from pipeline import metrics
+from pipeline.cli import prog
 from pipeline.clients import aiokafka_kwargs, confluent_config
 from pipeline.logs import configure_logging
 from pipeline.topics import changelog_topic
@@ -180,7 +184,21 @@ async def run_forever(relay: ChangelogRelay) -> None:
             await asyncio.sleep(1.0)
 
 
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m pipeline.relay`` / ``inventory-relay``: the relay alone, until stopped."""
+    parser = argparse.ArgumentParser(
+        prog=prog("pipeline.relay"),
+        description="Publish StockChanged and ReservationResult from the ledger's changelog "
+        "without a worker (set INVENTORY_RELAY_ENABLED=0 on the workers then). Any number "
+        "may run: they share one consumer group. Configured by the INVENTORY_* variables; "
+        "/metrics on INVENTORY_METRICS_PORT (0 = none).",
+    )
+    parser.parse_args(argv)
     configure_logging(settings.log_level)
     metrics.serve_standalone(settings.metrics_port, settings.web_host)
     asyncio.run(run_forever(ChangelogRelay(settings, codec_from_settings(settings))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
