@@ -129,7 +129,7 @@ def _data_dir(env: Mapping[str, str], default: Path) -> Path:
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 # the mechanisms a username and password are enough for (every client gets those two)
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")  # as logging takes them
 PORT_MAX = 65535
 # librdkafka's smallest message.max.bytes
 MIN_RECORD_BYTES = 1000

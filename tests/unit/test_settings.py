@@ -141,6 +141,7 @@ def test_sasl_mechanism_and_log_level_are_normalised_to_upper_case():
     s = Settings.from_env({"INVENTORY_KAFKA_SASL_MECHANISM": "scram-sha-256"})
     assert s.kafka_sasl_mechanism == "SCRAM-SHA-256"
     assert Settings.from_env({"INVENTORY_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert Settings.from_env({"INVENTORY_LOG_LEVEL": "warn"}).log_level == "WARN"  # logging's alias
 
 
 def test_a_process_with_a_bad_setting_refuses_to_start_with_a_message_not_a_traceback():
