@@ -1,4 +1,10 @@
-"""Faust web views: health, stock queries routed to the owning worker, metrics."""
+"""Faust web views: health, stock queries routed to the owning worker, metrics.
+
+Health has three endpoints (what each means: :mod:`pipeline.health`): ``/livez``
+(alive: the event loop serves, nothing crashed), ``/readyz`` (every assigned
+partition caught up, no rebalance) and ``/healthz`` (readiness plus the sinks' state,
+unchanged).
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agents.stock import engine
 from pipeline import metrics
 from pipeline.app import app, orders_topic
+from pipeline.health import liveness, readiness
 from pipeline.sinks.worker import sink_states
 
 
 def ready() -> bool:
     """True once table recovery has finished, every ledger partition of this worker has
     taken ownership and caught up, and no rebalance is under way."""
-    done = app.tables.recovery.completed.is_set() and not app.rebalancing and engine.ready()
+    done = readiness(app, engine).ready
     metrics.RECOVERY_COMPLETE.set(1 if done else 0)
     return done
 
@@ -30,6 +37,23 @@ class Health(View):
         # a failing projection target degrades the worker but the ledger still serves
         status = "degraded" if "degraded" in sinks.values() else "ok"
         return self.json({"status": status, "sinks": sinks})
+
+
+@app.page("/livez")
+class Live(View):
+    async def get(self, request: Request) -> Response:
+        reasons = liveness(app)
+        if reasons:
+            return self.json({"status": "dead", "reasons": reasons}, status=503)
+        return self.json({"status": "alive"})
+
+
+@app.page("/readyz")
+class Ready(View):
+    async def get(self, request: Request) -> Response:
+        state = readiness(app, engine)
+        metrics.RECOVERY_COMPLETE.set(1 if state.ready else 0)
+        return self.json(state.body(), status=200 if state.ready else 503)
 
 
 @app.page("/stock/{sku}")

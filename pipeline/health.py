@@ -1,0 +1,67 @@
+"""What a worker's health endpoints mean (served by :mod:`pipeline.web`).
+
+* ``GET /livez``: the process is alive. Answering at all shows the event loop
+  serves; it is 503 only when the Faust app or its consumer has crashed (a crashed
+  mode service stays crashed, so only a restart helps). A worker that rebalances,
+  restores its tables or waits for Kafka is alive.
+* ``GET /readyz``: the worker can answer for its partitions now. 200 only when
+  Faust's table recovery has completed, no rebalance is under way and every ledger
+  partition assigned to this worker has taken ownership and caught up with its
+  changelog; else 503 with the reasons. Its body also lists the worker's ledger
+  partitions and their state.
+* ``GET /healthz`` (kept as it was, the public contract the tests, Docker and the
+  bench use): 503 ``{"status": "recovering"}`` when not ready (the same checks as
+  ``/readyz``), else 200 ``{"status": "ok"|"degraded", "sinks": {...}}``, degraded
+  while a projection target fails (the ledger still serves).
+
+The functions below take the app and the ledger engine as arguments so they can be
+checked without a running worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reasons: list[str] = field(default_factory=list)
+    # this worker's ledger partitions: partition -> "starting" | "ready" | "stopped"
+    partitions: dict[int, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "status": "ready" if self.ready else "not ready",
+            "reasons": self.reasons,
+            "partitions": {str(p): s for p, s in sorted(self.partitions.items())},
+        }
+
+
+def readiness(app: Any, engine: Any) -> Readiness:
+    """The checks of ``/healthz`` and ``/readyz``, with a reason for each that fails."""
+    partitions = {p: ledger.state.value for p, ledger in engine.partitions.items()}
+    reasons = []
+    if not app.tables.recovery.completed.is_set():
+        reasons.append("tables recovering")
+    if app.rebalancing:
+        reasons.append("rebalancing")
+    if not engine.ready():
+        waiting = sorted(p for p, s in partitions.items() if s != "ready")
+        reasons.append(
+            "ledger partitions not caught up: " + ", ".join(str(p) for p in waiting)
+            if waiting
+            else "ledger partitions not caught up"
+        )
+    return Readiness(not reasons, reasons, partitions)
+
+
+def liveness(app: Any) -> list[str]:
+    """Why the worker is dead (empty: alive)."""
+    reasons = []
+    for name, service in (("app", app), ("consumer", getattr(app, "_consumer", None))):
+        if service is not None and service.crashed:
+            reason = getattr(service, "crash_reason", None)
+            reasons.append(f"{name} crashed: {reason!r}" if reason else f"{name} crashed")
+    return reasons
