@@ -112,6 +112,44 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw == "" else raw
 
 
+def _advertised_url(env: Mapping[str, str], name: str) -> str:
+    """``name`` as ``http(s)://host:port`` other workers can reach; empty when unset.
+
+    Only the host and port are used (Faust re-sends a routed request there), so a
+    path, query, fragment or credentials are refused, and so is an address that
+    means "every interface" (0.0.0.0, ::), which no other worker can connect to.
+    """
+    from urllib.parse import urlsplit
+
+    raw = _raw(env, name)
+    if raw is None:
+        return ""
+    shown = redact_url(raw)
+    accepted = "an http:// or https:// URL with a host other workers can reach and a port"
+    try:
+        url = urlsplit(raw)
+        port = url.port
+    except ValueError:
+        raise SettingsError(f"{name}={shown!r}: must be {accepted}") from None
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or port is None
+        or port < 1
+        or url.path not in ("", "/")
+        or url.query
+        or url.fragment
+        or url.username is not None
+    ):
+        raise SettingsError(f"{name}={shown!r}: must be {accepted}")
+    if url.hostname in UNSPECIFIED_HOSTS:
+        raise SettingsError(
+            f"{name}={shown!r}: {url.hostname} is where a server listens, not an address "
+            f"other workers can reach; must be {accepted}"
+        )
+    return raw.rstrip("/")
+
+
 def _data_dir(env: Mapping[str, str], default: Path) -> Path:
     """Faust's ``--datadir`` first, then ``INVENTORY_DATA_DIR``, then ``default``.
 
@@ -131,6 +169,8 @@ KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")  # as logging takes them
 PORT_MAX = 65535
+# bind addresses meaning "every interface": a server listens there, nobody connects there
+UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]")
 # librdkafka's smallest message.max.bytes
 MIN_RECORD_BYTES = 1000
 
@@ -177,6 +217,10 @@ class Settings:
     schema_registry_url: str = ""
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # the URL this worker advertises to the others for routed /stock queries (Faust's
+    # canonical_url, in the group assignment); empty = http://{web_host}:{web_port} with the
+    # port it really serves on (see advertised_url_for)
+    advertised_url: str = ""
     # RocksDB files of this worker: faust --datadir D (FAUST_DATADIR), else INVENTORY_DATA_DIR;
     # read app.conf.datadir in a worker (Faust expands {conf.id} in it)
     data_dir: Path = field(default_factory=lambda: Path(".data/worker"))
@@ -264,6 +308,7 @@ class Settings:
             schema_registry_url=_str(e, "INVENTORY_SCHEMA_REGISTRY_URL", ""),
             web_host=_str(e, "INVENTORY_WEB_HOST", d.web_host),
             web_port=_int(e, "INVENTORY_WEB_PORT", d.web_port, 1, PORT_MAX),
+            advertised_url=_advertised_url(e, "INVENTORY_ADVERTISED_URL"),
             data_dir=_data_dir(e, d.data_dir),
             partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions, 1),
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
@@ -348,6 +393,20 @@ class Settings:
                 e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms, -1
             ),
         )
+
+    def advertised_url_for(self, web_host: str | None = None, web_port: int | None = None) -> str:
+        """The URL other workers send this worker's routed queries to.
+
+        ``INVENTORY_ADVERTISED_URL`` when set, else ``http://{web_host}:{web_port}`` of
+        the address the worker binds (Faust's default; ``faust worker --web-port`` and
+        ``--web-host`` win over the settings), which is unreachable from elsewhere when
+        it binds every interface.
+        """
+        if self.advertised_url:
+            return self.advertised_url
+        host = self.web_host if web_host is None else web_host
+        port = self.web_port if web_port is None else web_port
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     # topic names -------------------------------------------------------
     def redis_stock_key(self, sku: str) -> str:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from yarl import URL
 
-from config.settings import Settings, settings
+from config.settings import UNSPECIFIED_HOSTS, Settings, settings
 from pipeline.clients import confluent_config, faust_broker_kwargs
 from pipeline.failpoints import drop_deliveries, parse_drops
 from pipeline.kafka.feed import BatchFeed, feeding_transport
@@ -43,6 +44,25 @@ log = logging.getLogger("inventory.app")
 CLEAN_MARKER = "clean-shutdown"
 
 
+def advertise(conf: Any, cfg: Settings) -> None:
+    """Set Faust's ``canonical_url`` (what this worker puts in the group's assignment
+    metadata, where the others send its partitions' routed ``/stock`` queries) from
+    ``INVENTORY_ADVERTISED_URL``, else from the host and port it binds.
+
+    ``faust worker --web-port/--web-host`` reset ``canonical_url`` to
+    ``http://{web_host}:{web_port}`` after the app is built, so this runs again when
+    the app starts (before it joins the group).
+    """
+    url = cfg.advertised_url_for(conf.web_host, conf.web_port)
+    conf.canonical_url = url
+    if URL(url).host in UNSPECIFIED_HOSTS:
+        log.warning(
+            "advertising %s to the other workers, which they cannot reach: routed /stock "
+            "queries for this worker's partitions will fail; set INVENTORY_ADVERTISED_URL",
+            url,
+        )
+
+
 class InventoryApp(faust.App):
     """faust.App plus the start-up checks and the clean-shutdown marker."""
 
@@ -56,6 +76,7 @@ class InventoryApp(faust.App):
         return Path(self.conf.datadir) / CLEAN_MARKER
 
     async def on_first_start(self) -> None:
+        advertise(self.conf, settings)
         # Faust creates only the last level of the data dir (FileNotFoundError on a fresh clone)
         Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         try:
@@ -124,6 +145,8 @@ app = InventoryApp(
     web_host=settings.web_host,
     web_bind=settings.web_host,  # Faust binds 0.0.0.0 unless told
     web_port=settings.web_port,
+    # routed queries go here; set again at start (advertise): the CLI's --web-port resets it
+    canonical_url=settings.advertised_url_for(),
     topic_partitions=settings.partitions,
     topic_replication_factor=1,
     table_standby_replicas=0,
