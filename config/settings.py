@@ -225,6 +225,10 @@ class Settings:
     # read app.conf.datadir in a worker (Faust expands {conf.id} in it)
     data_dir: Path = field(default_factory=lambda: Path(".data/worker"))
     partitions: int = 8
+    # replicas of every topic the pipeline creates, and the fewest in sync for a write
+    # (acks=all) to succeed; 1/1 on the single local broker, e.g. 3/2 on a real cluster
+    replication_factor: int = 1
+    min_insync_replicas: int = 1
     topic_prefix: str = "inventory."
     log_level: str = "INFO"
     # input validation
@@ -300,6 +304,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         e = os.environ if env is None else env
         d = cls()
+        replication_factor = _int(e, "INVENTORY_REPLICATION_FACTOR", d.replication_factor, 1)
+        min_insync_replicas = _int(e, "INVENTORY_MIN_INSYNC_REPLICAS", d.min_insync_replicas, 1)
+        if min_insync_replicas > replication_factor:  # every acks=all write would fail
+            raise SettingsError(
+                f"INVENTORY_MIN_INSYNC_REPLICAS={min_insync_replicas}: must be at most "
+                f"INVENTORY_REPLICATION_FACTOR ({replication_factor}), or no write succeeds"
+            )
         return cls(
             app_id=_str(e, "INVENTORY_APP_ID", d.app_id),
             kafka_bootstrap=_str(e, "INVENTORY_KAFKA_BOOTSTRAP", d.kafka_bootstrap),
@@ -311,6 +322,8 @@ class Settings:
             advertised_url=_advertised_url(e, "INVENTORY_ADVERTISED_URL"),
             data_dir=_data_dir(e, d.data_dir),
             partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions, 1),
+            replication_factor=replication_factor,
+            min_insync_replicas=min_insync_replicas,
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
             log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),
             max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1),

@@ -148,7 +148,8 @@ app = InventoryApp(
     # routed queries go here; set again at start (advertise): the CLI's --web-port resets it
     canonical_url=settings.advertised_url_for(),
     topic_partitions=settings.partitions,
-    topic_replication_factor=1,
+    # the topics Faust creates itself (the saga table's changelog, the leader topic)
+    topic_replication_factor=settings.replication_factor,
     table_standby_replicas=0,
     producer_acks=-1,
     broker_session_timeout=settings.session_timeout_s,

@@ -8,13 +8,17 @@ rather than something to repair silently.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from config.settings import Settings
 from pipeline.clients import confluent_config, recent_kafka_errors
+
+log = logging.getLogger("inventory.topics")
 
 
 class KafkaUnreachable(RuntimeError):
@@ -50,6 +54,20 @@ def ledger_changelogs(settings: Settings) -> tuple[str, str]:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic the pipeline creates; each gets ``INVENTORY_MIN_INSYNC_REPLICAS``
+    (its writes use acks=all) besides its own configuration."""
+    return [
+        TopicSpec(
+            s.name,
+            s.partitions,
+            {"min.insync.replicas": str(settings.min_insync_replicas), **s.config},
+            s.must_match,
+        )
+        for s in _topic_specs(settings)
+    ]
+
+
+def _topic_specs(settings: Settings) -> list[TopicSpec]:
     n = settings.partitions
     specs = [TopicSpec(t, n, {}, True) for t in settings.input_topics]
     specs.append(
@@ -82,6 +100,12 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return specs
 
 
+def replica_count(topic: Any) -> int | None:
+    """The fewest replicas of any partition of a topic's metadata (None: no partitions)."""
+    counts = [len(p.replicas) for p in topic.partitions.values()]
+    return min(counts) if counts else None
+
+
 def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(confluent_config(settings))
 
@@ -103,6 +127,17 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         ) from None
     existing = {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
     specs = topic_specs(settings)
+    for s in specs:
+        replicas = replica_count(meta.topics[s.name]) if s.name in existing else None
+        if replicas is not None and replicas < settings.replication_factor:
+            # existing topics are never altered: a reassignment is the operator's call
+            log.warning(
+                "%s has %d replicas, INVENTORY_REPLICATION_FACTOR is %d (not changed: "
+                "reassign its partitions with kafka-reassign-partitions)",
+                s.name,
+                replicas,
+                settings.replication_factor,
+            )
     mismatches = [
         f"{s.name} has {existing[s.name]} partitions, configured {s.partitions}"
         for s in specs
@@ -124,7 +159,12 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
         return
     futures = admin.create_topics(
         [
-            NewTopic(s.name, num_partitions=s.partitions, replication_factor=1, config=s.config)
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=settings.replication_factor,
+                config=s.config,
+            )
             for s in missing
         ],
         operation_timeout=timeout,

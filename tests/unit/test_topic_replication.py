@@ -1,0 +1,121 @@
+"""INVENTORY_REPLICATION_FACTOR and INVENTORY_MIN_INSYNC_REPLICAS reach every topic the
+pipeline creates (checked on a fake admin client: no Kafka needed)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from config.settings import Settings, SettingsError
+from pipeline import topics
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_one_replica_by_default_as_on_the_local_broker():
+    s = Settings.from_env({})
+    assert (s.replication_factor, s.min_insync_replicas) == (1, 1)
+
+
+def test_a_real_clusters_replication_is_read_from_the_environment():
+    s = Settings.from_env(
+        {"INVENTORY_REPLICATION_FACTOR": "3", "INVENTORY_MIN_INSYNC_REPLICAS": "2"}
+    )
+    assert (s.replication_factor, s.min_insync_replicas) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"INVENTORY_REPLICATION_FACTOR": "0"}, "INVENTORY_REPLICATION_FACTOR='0': must be"),
+        ({"INVENTORY_REPLICATION_FACTOR": "three"}, "INVENTORY_REPLICATION_FACTOR='three'"),
+        ({"INVENTORY_MIN_INSYNC_REPLICAS": "0"}, "INVENTORY_MIN_INSYNC_REPLICAS='0': must be"),
+        # more in-sync replicas than replicas: no acks=all write could ever succeed
+        ({"INVENTORY_MIN_INSYNC_REPLICAS": "2"}, "must be at most INVENTORY_REPLICATION_FACTOR"),
+        (
+            {"INVENTORY_REPLICATION_FACTOR": "2", "INVENTORY_MIN_INSYNC_REPLICAS": "3"},
+            "INVENTORY_MIN_INSYNC_REPLICAS=3: must be at most INVENTORY_REPLICATION_FACTOR (2)",
+        ),
+    ],
+)
+def test_impossible_replication_is_refused(env, message):
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env(env)
+    assert message in str(err.value)
+
+
+class FakeFuture:
+    def result(self, timeout: float | None = None) -> None:
+        return None
+
+
+class FakeAdmin:
+    """list_topics and create_topics as confluent_kafka's AdminClient answers them."""
+
+    def __init__(self, existing: dict[str, tuple[int, int]] | None = None) -> None:
+        self.existing = existing or {}  # name -> (partitions, replicas)
+        self.created: list[Any] = []
+
+    def list_topics(self, timeout: float | None = None) -> Any:
+        return SimpleNamespace(
+            topics={
+                name: SimpleNamespace(
+                    error=None,
+                    partitions={
+                        p: SimpleNamespace(replicas=list(range(replicas)))
+                        for p in range(partitions)
+                    },
+                )
+                for name, (partitions, replicas) in self.existing.items()
+            }
+        )
+
+    def create_topics(self, new_topics: list[Any], operation_timeout: float = 0) -> Any:
+        self.created.extend(new_topics)
+        return {t.topic: FakeFuture() for t in new_topics}
+
+
+def test_every_created_topic_gets_the_replication_factor_and_min_insync_replicas(monkeypatch):
+    cfg = Settings(replication_factor=3, min_insync_replicas=2)
+    admin = FakeAdmin()
+    monkeypatch.setattr(topics, "admin_client", lambda _s: admin)
+    topics.ensure_topics(cfg)
+    names = {t.topic for t in admin.created}
+    assert names == {s.name for s in topics.topic_specs(cfg)}
+    assert cfg.orders_topic in names and topics.changelog_topic(cfg) in names
+    for t in admin.created:
+        assert t.replication_factor == 3, t.topic
+        assert t.config["min.insync.replicas"] == "2", t.topic
+    # their own settings are kept next to it
+    changelog = next(t for t in admin.created if t.topic == topics.changelog_topic(cfg))
+    assert changelog.config["cleanup.policy"] == "compact"
+
+
+def test_existing_topics_with_fewer_replicas_are_left_alone_and_named(monkeypatch, caplog):
+    cfg = Settings(replication_factor=3, min_insync_replicas=2)
+    specs = topics.topic_specs(cfg)
+    admin = FakeAdmin({s.name: (cfg.partitions, 3) for s in specs})
+    admin.existing[cfg.orders_topic] = (cfg.partitions, 1)
+    monkeypatch.setattr(topics, "admin_client", lambda _s: admin)
+    with caplog.at_level("WARNING", logger="inventory.topics"):
+        topics.ensure_topics(cfg)
+    assert admin.created == []
+    assert f"{cfg.orders_topic} has 1 replicas, INVENTORY_REPLICATION_FACTOR is 3" in caplog.text
+    assert cfg.restocks_topic not in caplog.text
+
+
+def test_the_topics_faust_creates_itself_get_the_replication_factor_too():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    env.update(INVENTORY_REPLICATION_FACTOR="3", INVENTORY_MIN_INSYNC_REPLICAS="2")
+    code = "from pipeline.app import app; print(app.conf.topic_replication_factor)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "3"
