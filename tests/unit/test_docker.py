@@ -12,12 +12,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import subprocess
-import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,43 +21,21 @@ import pytest
 import yaml
 
 from config.settings import Settings
+from unit.deploy_checks import (
+    dockerfile_instructions,
+    image_command,
+    parse_worker_command,
+    run_faust_help,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker" / "compose.yml"
-DOCKERFILE = REPO / "docker" / "Dockerfile"
 SPEC = Path(__file__).resolve().parent / "data" / "compose-spec.json"
-FAUST = Path(sys.executable).parent / "faust"
 
 
 def compose() -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
     return data
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
-def exec_form(args: str) -> list[str]:
-    value = json.loads(args)  # exec form: a JSON array (shell form would need /bin/sh -c)
-    assert isinstance(value, list) and all(isinstance(a, str) for a in value), args
-    return value
-
-
-def image_command() -> list[str]:
-    instructions = dockerfile_instructions()
-    assert not [a for i, a in instructions if i == "ENTRYPOINT"], "CMD is the whole command"
-    cmds = [a for i, a in instructions if i == "CMD"]
-    assert cmds, "the image has no CMD"
-    return exec_form(cmds[-1])  # the last CMD is the one in force
 
 
 def duration_s(text: str) -> float:
@@ -91,52 +64,22 @@ def test_compose_runs_the_image_command():
 
 
 def test_the_worker_command_parses_with_fausts_cli():
-    from faust.cli.faust import cli
-
-    argv = image_command()
-    assert argv[0] == "faust"  # the console script faust-streaming installs
-    root = cli.make_context("faust", argv[1:])  # parses, invokes nothing
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # click 8.2: protected_args
-        rest = [*root.protected_args, *root.args]
-    name, command, sub_args = cli.resolve_command(root, rest)
-    assert name == "worker"
-    worker = command.make_context(name, sub_args, parent=root)  # NoSuchOption if misplaced
-    assert root.params["app"] == "pipeline.app"
-    assert root.params["datadir"] == "/data"
-    assert worker.params["web_port"] == 6066
+    root, worker = parse_worker_command(image_command())
+    assert root["app"] == "pipeline.app"
+    assert root["datadir"] == "/data"
+    assert worker["web_port"] == 6066
 
 
 def test_the_old_order_is_what_fausts_parser_refuses():
     # guards the test above: --datadir after the subcommand is the reported failure
     from click.exceptions import NoSuchOption
-    from faust.cli.faust import cli
 
-    root = cli.make_context("faust", ["-A", "pipeline.app", "worker", "--datadir", "/data"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        rest = [*root.protected_args, *root.args]
-    name, command, sub_args = cli.resolve_command(root, rest)
     with pytest.raises(NoSuchOption, match="--datadir"):
-        command.make_context(name, sub_args, parent=root)
+        parse_worker_command(["faust", "-A", "pipeline.app", "worker", "--datadir", "/data"])
 
 
 def test_the_real_faust_program_accepts_the_worker_command(tmp_path):
-    argv = image_command()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
-    env.update(PYTHONPATH=str(REPO), INVENTORY_KAFKA_BOOTSTRAP="127.0.0.1:1")
-    # --help at the end: faust parses the whole line, prints the worker's help, starts nothing
-    proc = subprocess.run(
-        [str(FAUST), *argv[1:], "--help"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, shlex.join(argv) + "\n" + proc.stderr[-2000:]
-    assert "No such option" not in proc.stderr
-    assert "--web-port" in proc.stdout
+    run_faust_help(image_command(), tmp_path)
     assert not (tmp_path / "data").exists() and not (tmp_path / ".data").exists()
 
 
