@@ -51,6 +51,7 @@ from pipeline.app import (
     table_options,
 )
 from pipeline.clients import aiokafka_kwargs
+from pipeline.dead_letters import dead_letter
 from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic
@@ -297,16 +298,17 @@ class SagaHandler:
     ) -> None:
         metrics.DEAD_LETTERS.labels(reason).inc()
         log.warning("dead letter %s from %s/%d@%d: %s", reason, topic, partition, offset, detail)
-        record = {
-            "reason": reason,
-            "detail": detail[:1000],
-            "source_topic": topic,
-            "source_partition": partition,
-            "source_offset": offset,
-            "key": key,
-            "value": value,
-            "dead_at": now_ms(),
-        }
+        key, record = dead_letter(
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=key,
+            value=value,
+            dead_at=now_ms(),
+            max_bytes=settings.max_record_bytes,
+        )
         await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
