@@ -45,14 +45,13 @@ from typing import Any
 
 from config.settings import Settings
 from pipeline import core
-from pipeline.validation import Invalid, check_sku
+from pipeline.validation import MAX_TTL_MS, Invalid, check_sku, check_text
 
 DEFAULT_GRACE_MS = 60_000
 """Ledger holds last ttl + this, so the saga (not the ledger) decides an order's expiry."""
 DEFAULT_MAX_LINES = 100
 MAX_ORDER_ID_LEN = 100  # leaves room for the derived ledger event ids (128 max)
 MAX_EVENT_ID_LEN = 128
-MAX_TTL_MS = 7 * 24 * 3600 * 1000
 
 
 class Goal(str, Enum):
@@ -611,6 +610,7 @@ def to_order_command(
     """Validate one decoded checkouts record; :class:`Invalid` names the dead-letter reason."""
     if name not in ORDER_RECORDS:
         raise Invalid("wrong_topic", f"{name} is not accepted on the checkouts topic")
+    check_text(rec)
     try:
         cmd = _build(name, rec, limits)
     except KeyError as exc:

@@ -17,7 +17,11 @@ from pipeline import core
 
 MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
+"""The longest ttl an order or a reservation may ask for (a saga's holds add the grace)."""
 MAX_CHANNEL_LEN = 64
+MAX_TEXT_LEN = {"channel": MAX_CHANNEL_LEN, "reason": 256, "reference": 256, "location": 128}
+"""Characters a free-text field may hold: they travel into answers, StockChanged, the
+changelog and metric labels, so none may make a record larger than the broker takes."""
 
 ORDER_RECORDS = ("ReserveStock", "CommitReservation", "ReleaseReservation", "ExpireReservation")
 RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet", "ChannelAllocationSet")
@@ -55,6 +59,14 @@ def check_sku(sku: str, settings: Settings) -> None:
         raise Invalid("invalid_sku", "sku contains control characters")
 
 
+def check_text(rec: Mapping[str, Any]) -> None:
+    """Every free-text field of ``rec`` within :data:`MAX_TEXT_LEN`."""
+    for field, limit in MAX_TEXT_LEN.items():
+        value = rec.get(field)
+        if isinstance(value, str) and len(value) > limit:
+            raise Invalid("text_too_long", f"{field} is {len(value)} characters, at most {limit}")
+
+
 def _id(rec: Mapping[str, Any], field: str) -> str:
     value = rec.get(field, "")
     if not value:
@@ -81,7 +93,9 @@ def _time(rec: Mapping[str, Any]) -> int:
 
 def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
     ttl = int(r.get("ttl_ms") or s.default_ttl_ms)  # 0 (the schema default) = configured
-    if ttl < 0 or ttl > MAX_TTL_MS:
+    # the saga holds an order's lines for its ttl plus the grace, so an order with the
+    # longest ttl sends holds longer than MAX_TTL_MS
+    if ttl < 0 or ttl > MAX_TTL_MS + s.order_grace_ms:
         raise Invalid("invalid_ttl", f"ttl_ms={ttl}")
     return core.ReserveStock(
         event_id=_id(r, "event_id"),
@@ -206,6 +220,7 @@ def to_command(
     allowed = records_for_topic(settings).get(topic, ())
     if name not in allowed:
         raise Invalid("wrong_topic", f"{name} is not accepted on {topic}")
+    check_text(rec)
     try:
         sku = rec["sku"]
         check_sku(sku, settings)
