@@ -30,6 +30,12 @@ from enum import Enum
 from typing import Any, TypeVar
 
 DEFAULT_DEDUPE_WINDOW = 256
+MAX_COUNT = 2**31 - 1
+"""The largest on_hand, damaged or allocation a SKU may hold: StockChanged's counts are
+Avro ints (32-bit). A command that would pass it is refused (``LIMIT_EXCEEDED``)."""
+MAX_CHANNELS_PER_SKU = 32
+"""Channel allocations one SKU may hold: every StockChanged carries them all, and a
+batch's changelog record carries every StockChanged, so their number bounds its size."""
 
 _T = TypeVar("_T")
 
@@ -63,6 +69,7 @@ class Outcome(str, Enum):
     RETURN_DAMAGED = "RETURN_DAMAGED"
     SAFETY_STOCK_SET = "SAFETY_STOCK_SET"
     ALLOCATION_SET = "ALLOCATION_SET"
+    LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # refused: a count or the channel list would overflow
 
 
 class ReservationStatus(str, Enum):
@@ -666,6 +673,16 @@ def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int)
         new, outcome = _set_allocation(base, cmd), Outcome.ALLOCATION_SET
     else:  # pragma: no cover - the Command union is closed
         raise TypeError(f"not a command: {cmd!r}")
+    limit = _over_limit(base, new)
+    if limit:
+        return Decision(
+            record=record,
+            events=(
+                CommandApplied(
+                    cmd.event_id, cmd.sku, ctype, Outcome.LIMIT_EXCEEDED, cmd.channel, limit
+                ),
+            ),
+        )
 
     events: list[Event] = []
     if _sellable(new) != _sellable(record):
@@ -687,6 +704,18 @@ def _refusal(record: StockRecord, channel: str, qty: int) -> str:
     if record.allocation(channel) is not None:
         return "channel_allocation_exhausted"
     return "reserved_for_other_channels"
+
+
+def _over_limit(before: StockRecord, new: StockRecord) -> str:
+    """Why ``new`` may not be stored ("" when it may): a count above :data:`MAX_COUNT`,
+    or more channel allocations than :data:`MAX_CHANNELS_PER_SKU`."""
+    if new.on_hand > MAX_COUNT:
+        return f"on_hand would be {new.on_hand}, above {MAX_COUNT}"
+    if new.damaged > MAX_COUNT:
+        return f"damaged would be {new.damaged}, above {MAX_COUNT}"
+    if len(new.channels) > MAX_CHANNELS_PER_SKU and len(new.channels) > len(before.channels):
+        return f"a SKU holds at most {MAX_CHANNELS_PER_SKU} channel allocations"
+    return ""
 
 
 def _set_allocation(record: StockRecord, cmd: ChannelAllocationSet) -> StockRecord:
