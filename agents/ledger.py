@@ -53,6 +53,7 @@ import orjson
 
 from config.settings import Settings
 from pipeline import batch, core, metrics
+from pipeline.dead_letters import dead_letter
 from pipeline.kafka.feed import BatchFeed, Chunk
 from pipeline.kafka.transactions import (
     BatchAborted,
@@ -131,6 +132,8 @@ class PartitionLedger:
         self._seq = 0
         self.expected: dict[str, int] = {}  # input topic -> next offset to apply
         self.rewinding: dict[str, float] = {}  # input topic -> when a re-read was asked
+        # records taken from the feed but left for the next batch (see _prepare's budget)
+        self._carry: list[Chunk] = []
         self.known_end = 0  # changelog end after our own last write
         self.starts = 0
         self._stopping = False
@@ -225,6 +228,7 @@ class PartitionLedger:
                 self.known_end = result.end
         self.expected = await self._input_positions()
         self.rewinding = {}
+        self._carry = []
         await self.engine.seek(self.partition, self.expected)
         self.engine.feed.reset([self.partition])
         self._last_progress = time.monotonic()
@@ -299,7 +303,7 @@ class PartitionLedger:
         self._in_flight = None
         try:
             while not self._stopping:
-                if not feed.pending(self.partition):
+                if not self._carry and not feed.pending(self.partition):
                     if in_flight is not None:
                         # nothing to decide meanwhile: finish the commit first
                         await in_flight
@@ -311,7 +315,10 @@ class PartitionLedger:
                         continue
                 if self._stopping or not self.engine.owns(self):
                     return
-                chunks = feed.take(self.partition, max_batch)
+                chunks, self._carry = self._carry, []
+                carried = sum(len(c.records) for c in chunks)
+                if carried < max_batch:
+                    chunks.extend(feed.take(self.partition, max_batch - carried))
                 if not chunks:
                     continue
                 self._idle.clear()
@@ -347,12 +354,22 @@ class PartitionLedger:
         arrivals: list[tuple[float, int]] = []  # (arrival time, records) per chunk
         expected = self.expected
         part = self.partition
-        for chunk in chunks:
+        budget = batch.RecordBudget(cfg.max_record_bytes, self._load_stock, cfg.restocks_topic)
+        for index, chunk in enumerate(chunks):
             if chunk.generation != self.generation:
                 continue  # fetched before the current generation: its seek re-reads it
             topic = chunk.tp.topic
             arrivals.append((chunk.arrived, len(chunk.records)))
-            for rec in chunk.records:
+            for position, rec in enumerate(chunk.records):
+                if not budget.admit(topic, rec.key, rec.value):
+                    # this SKU's changelog record is full: the rest waits for the next batch
+                    rest = Chunk(
+                        chunk.tp, chunk.records[position:], chunk.generation, chunk.arrived
+                    )
+                    self._carry = [rest, *chunks[index + 1 :]]
+                    arrivals[-1] = (chunk.arrived, position)
+                    metrics.BATCH_CUTS.inc()
+                    break
                 nxt = expected.get(topic)
                 offset = rec.offset
                 if nxt is None or offset < nxt:
@@ -375,6 +392,8 @@ class PartitionLedger:
                     sources.append(rec)
                 elif out is not None:
                     extra.append(out)
+            if self._carry:
+                break
         if not moved:
             return None
         positions = dict(expected)  # every input's next offset once this batch is in
@@ -393,7 +412,10 @@ class PartitionLedger:
         outs, held = self._changelog_records(result)
         outs.append(Out(self.changelog, part, POSITIONS_KEY, orjson.dumps(positions)))
         for decision, inp, rec in zip(result.decisions, inputs, sources, strict=True):
-            if (
+            if decision is not None and decision.outcome is core.Outcome.LIMIT_EXCEEDED:
+                why = next(e.reason for e in decision.events if isinstance(e, core.CommandApplied))
+                extra.append(self._dead_letter("limit_exceeded", why, inp.topic, rec))
+            elif (
                 decision is not None
                 and decision.outcome is core.Outcome.UNKNOWN_RESERVATION
                 and isinstance(inp.command, (core.CommitReservation, core.ReleaseReservation))
@@ -581,17 +603,17 @@ class PartitionLedger:
                 rec.offset,
                 detail,
             )
-        key: bytes | None = rec.key
-        record = {
-            "reason": reason,
-            "detail": detail[:1000],
-            "source_topic": topic,
-            "source_partition": self.partition,
-            "source_offset": rec.offset,
-            "key": key,
-            "value": rec.value if rec.value is not None else b"",
-            "dead_at": now_ms(),
-        }
+        key, record = dead_letter(
+            reason=reason,
+            detail=detail,
+            topic=topic,
+            partition=self.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value if rec.value is not None else b"",
+            dead_at=now_ms(),
+            max_bytes=self.cfg.max_record_bytes,
+        )
         part = partition_for(key, self.cfg.partitions) if key else self.partition
         return Out(
             self.cfg.dead_letters_topic, part, key, self.engine.codec.encode("DeadLetter", record)

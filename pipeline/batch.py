@@ -161,3 +161,63 @@ def fold(
 def stock_writes(result: BatchResult) -> list[tuple[bytes, StoredStock]]:
     """(key, value) of the SKU records, in a stable order."""
     return [(stock_key(name), result.stocks[name]) for name in sorted(result.stocks)]
+
+
+class RecordBudget:
+    """Keeps every SKU record of a batch under the broker's record size.
+
+    A SKU's changelog record carries every effect of the batch for that SKU, and the
+    broker refuses a record above ``max.message.bytes``: the transaction would abort and
+    the same batch come back for ever. The ledger asks :meth:`admit` for each input
+    record before it applies it, and ends the batch at the first record whose SKU would
+    pass the budget (that record starts the next batch). The estimate is conservative:
+    twice the input record's own bytes (its text fields reappear in the answer and in
+    StockChanged), a fixed cost for the effects' other fields, and the SKU's channel
+    allocations, which every StockChanged repeats. A SKU's first record is always
+    admitted; validation bounds every field, so one command's effects are small.
+    """
+
+    EFFECT_BYTES = 1200  # an answer, a StockChanged, a shortfall or low-stock crossing
+    CHANNEL_BYTES = 160  # one channel allocation inside one StockChanged
+    ID_BYTES = 132  # one remembered event id (128 characters, quoted)
+    BASE_BYTES = 1000  # the record's own counts, watermarks and keys
+
+    def __init__(
+        self,
+        max_bytes: int,
+        load: Callable[[str], StoredStock | None],
+        allocations_topic: str,
+        share: float = 0.75,
+    ) -> None:
+        self.limit = int(max_bytes * share)
+        self._load = load
+        self._allocations_topic = allocations_topic
+        self._used: dict[bytes, int] = {}
+        self._channels: dict[bytes, int] = {}
+
+    def _base(self, key: bytes) -> tuple[int, int]:
+        stored = self._load(key.decode("utf-8", "replace"))
+        if stored is None:
+            return self.BASE_BYTES, 0
+        r = stored.record
+        channels = len(r.channels)
+        size = self.BASE_BYTES + len(r.recent_event_ids) * self.ID_BYTES
+        return size + channels * self.CHANNEL_BYTES, channels
+
+    def admit(self, topic: str, key: bytes | None, value: bytes | None) -> bool:
+        """True when the record may join the batch (its cost is then counted)."""
+        k = key or b""
+        used = self._used.get(k)
+        first = used is None
+        if used is None:
+            used, channels = self._base(k)
+        else:
+            channels = self._channels[k]
+        if topic == self._allocations_topic:  # an allocation may add a channel
+            channels = min(channels + 1, core.MAX_CHANNELS_PER_SKU)
+        cost = 2 * len(value or b"") + self.EFFECT_BYTES + channels * self.CHANNEL_BYTES
+        if not first and used + cost > self.limit:
+            return False
+        self._used[k] = used + cost
+        self._channels[k] = channels
+        return True

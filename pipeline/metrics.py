@@ -241,3 +241,10 @@ def serve_standalone(port: int, host: str) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=host, registry=REGISTRY)
+
+
+BATCH_CUTS = Counter(
+    "inventory_batch_cuts_total",
+    "Ledger batches ended early so that a SKU's changelog record stays under the record size.",
+    registry=REGISTRY,
+)
