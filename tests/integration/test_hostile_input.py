@@ -1,0 +1,110 @@
+"""Hostile input on the real stack: no record, however large or odd, stops a partition
+(issue 14 items 2 and 5).
+
+A ReserveStock with a 170 kB channel killed the worker before, and every later order on
+its partition went unanswered. Here such a record, a record of garbage at the broker's
+size limit, restocks that push ``on_hand`` past Avro's 32-bit int and a channel too many
+all go to the dead letters with their reason, and orders sent after them on the same
+SKU (so the same partition) are answered and published.
+"""
+
+from __future__ import annotations
+
+import pytest
+from confluent_kafka import Producer
+
+from harness import Namespace, Worker, read_topic, restock_and_wait, wait_stock
+from pipeline import core
+from pipeline.clients import confluent_config
+from pipeline.produce import CommandProducer, now_ms
+from schemas.codec import AvroCodec
+
+pytestmark = pytest.mark.integration
+
+SKU = "HOSTILE-1"
+BIG = 2_000_000_000
+
+
+def test_oversized_and_overflowing_input_is_dead_lettered_and_the_partition_goes_on(kafka):
+    ns = Namespace.fresh("hostile", INVENTORY_MAX_QTY=str(BIG))
+    s = ns.settings
+    codec = AvroCodec()
+    worker = Worker(ns).start()
+    try:
+        with CommandProducer(s) as producer:
+            restock_and_wait(worker, producer, SKU, 10)
+            huge_channel = {
+                "event_id": "huge-channel",
+                "order_id": "o-huge",
+                "sku": SKU,
+                "qty": 1,
+                "occurred_at": now_ms(),
+                "channel": "c" * 170_000,
+                "ttl_ms": 0,
+                "allow_partial": False,
+            }
+            producer.send_raw(
+                s.orders_topic, SKU.encode(), codec.encode("ReserveStock", huge_channel)
+            )
+            producer.flush()
+        # garbage just under the broker's max.message.bytes (1 MiB + 12): its dead letter
+        # would not fit unless it is truncated
+        raw = Producer({**confluent_config(s), "message.max.bytes": 2_000_000})
+        raw.produce(s.orders_topic, b"\xc3\x01" + b"\xff" * 1_040_000, SKU.encode())
+        assert raw.flush(30) == 0
+        with CommandProducer(s) as producer:
+            producer.send("RestockReceived", {"sku": SKU, "qty": BIG, "event_id": "r-big-1"})
+            producer.send("RestockReceived", {"sku": SKU, "qty": BIG, "event_id": "r-big-2"})
+            for i in range(core.MAX_CHANNELS_PER_SKU + 1):
+                producer.send(
+                    "ChannelAllocationSet",
+                    {"sku": SKU, "channel": f"ch-{i:02d}", "qty": 1, "use_shared": True},
+                )
+            producer.flush()
+            wait_stock(worker, SKU, on_hand=BIG + 10)
+            for i in range(5):
+                producer.send("ReserveStock", {"sku": SKU, "order_id": f"after-{i}", "qty": 1})
+            producer.flush()
+        body = wait_stock(worker, SKU, reserved=5, timeout=90)
+        assert body["on_hand"] == BIG + 10  # the second big restock changed nothing
+
+        answers = read_topic(
+            s,
+            s.results_topic,
+            until=lambda rs: {f"after-{i}" for i in range(5)} <= {r.value["order_id"] for r in rs},
+            timeout=90,
+        )
+        outcomes = {r.value["order_id"]: r.value["outcome"] for r in answers}
+        assert all(outcomes[f"after-{i}"] == "RESERVED" for i in range(5))
+        assert "o-huge" not in outcomes  # a dead letter is never answered as if decided
+
+        # the relay publishes past the refused commands: the last version reaches the topic
+        changes = read_topic(
+            s,
+            s.stock_changes_topic,
+            until=lambda rs: any(r.value.get("version") == body["version"] for r in rs),
+            timeout=90,
+        )
+        assert max(r.value["version"] for r in changes if r.key == SKU.encode()) == body["version"]
+
+        dead = read_topic(
+            s, s.dead_letters_topic, until=lambda rs: len(rs) >= 4, idle=2.0, timeout=60
+        )
+        by_reason: dict[str, list[dict]] = {}
+        for r in dead:
+            by_reason.setdefault(r.value["reason"], []).append(r.value)
+        assert len(by_reason.get("text_too_long", [])) == 1
+        assert "channel is 170000 characters" in by_reason["text_too_long"][0]["detail"]
+        big = (
+            by_reason["unknown_schema"]
+            if "unknown_schema" in by_reason
+            else by_reason["undecodable"]
+        )
+        assert len(big) == 1 and "value truncated from 1040002" in big[0]["detail"]
+        assert big[0]["source_topic"] == s.orders_topic and len(big[0]["value"]) > 900_000
+        limits = sorted(d["detail"] for d in by_reason.get("limit_exceeded", []))
+        assert len(limits) == 2, by_reason.keys()
+        assert "channel allocations" in limits[0] and "on_hand would be" in limits[1]
+        assert worker.proc is not None and worker.proc.poll() is None  # still running
+    finally:
+        worker.stop()
