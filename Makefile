@@ -7,7 +7,7 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos bench clean
+.PHONY: help venv constraints run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos bench clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
@@ -19,10 +19,13 @@ help:
 	@echo "make bench        benchmarks vs PostgreSQL, Redis and bare Kafka; writes bench/REPORT.md"
 	@echo "make lint | format"
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+# every pip install takes constraints.txt: the exact versions the project is tested with
+CONSTRAINTS := -c constraints.txt
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --upgrade pip $(CONSTRAINTS)
+	$(PY) -m pip install -q -e '.[test]' $(CONSTRAINTS)
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -67,7 +70,7 @@ bench: venv stack-up
 	@command -v pg_ctlcluster >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && apt-get install -y -qq postgresql; } || \
 	  { echo "PostgreSQL is missing: sudo apt-get install -y postgresql" >&2; exit 1; }
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench]' $(CONSTRAINTS)
 	$(PY) -m bench.run
 
 CHAOS_ROUNDS ?= 10
@@ -86,6 +89,12 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# after changing setup.cfg's requirements: install without constraints into a fresh venv,
+# test, then pin what got installed (pip itself included)
+constraints:
+	@{ sed -n '1,3p' constraints.txt; echo "pip==$$($(PY) -m pip --version | cut -d' ' -f2)"; \
+	  $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf .data test-output .pytest_cache
