@@ -169,6 +169,7 @@ KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")  # as logging takes them
 PORT_MAX = 65535
+AVRO_INT_MAX = 2**31 - 1  # quantities travel as Avro ints (32-bit)
 # bind addresses meaning "every interface": a server listens there, nobody connects there
 UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]")
 # librdkafka's smallest message.max.bytes
@@ -326,7 +327,7 @@ class Settings:
             min_insync_replicas=min_insync_replicas,
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
             log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),
-            max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1),
+            max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1, AVRO_INT_MAX),
             max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len, 1),
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window, 0),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
