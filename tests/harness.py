@@ -64,12 +64,16 @@ class Namespace:
         )
 
     def env(self, web_port: int, data_dir: Path) -> dict[str, str]:
+        """The namespace's environment for a process; ``web_port`` 0: one that serves no
+        Faust web (a sidecar, a CLI tool), so INVENTORY_WEB_PORT stays unset."""
         env = dict(os.environ)
+        env.pop("INVENTORY_WEB_PORT", None)
+        if web_port:
+            env["INVENTORY_WEB_PORT"] = str(web_port)
         env.update(
             INVENTORY_APP_ID=self.settings.app_id,
             INVENTORY_TOPIC_PREFIX=self.settings.topic_prefix,
             INVENTORY_PARTITIONS=str(self.partitions),
-            INVENTORY_WEB_PORT=str(web_port),
             INVENTORY_DATA_DIR=str(data_dir),
             INVENTORY_KAFKA_BOOTSTRAP=base_settings.kafka_bootstrap,
             PYTHONUNBUFFERED="1",
