@@ -72,6 +72,7 @@ from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError
 from schemas.registry import RegistryError
 from tables.stock import (
+    EVENT_PREFIX,
     OpenReservations,
     StoredReservation,
     StoredStock,
@@ -84,6 +85,9 @@ REPLY_HEADER = "inventory-reply-to"
 # the stock changelog's record of each input's next offset, written in every batch's
 # transaction (never a SKU: SKUs hold no control bytes)
 POSITIONS_KEY = b"\x00positions"
+PRUNE_FIRST_S = 60.0  # the first scan for expired event ids, after taking a partition
+PRUNE_EVERY_S = 3600.0  # later scans (or a quarter of the retention, if shorter)
+PRUNE_STEP = 2000  # event ids looked at per batch while a scan runs
 REPLY_TAGS = frozenset({"saga"})  # the internal reply topics a command may ask for
 CACHE_MAX = 10_000  # decoded SKU records kept per partition (the hot ones stay in)
 REWIND_GRACE_S = 3.0
@@ -111,6 +115,8 @@ class Prepared:
     arrivals: list[tuple[float, int]]
     now: int
     positions: dict[str, int]  # every input's next offset after this batch
+    events: list[tuple[bytes, bytes]]  # applied event ids (key, value) to store
+    deletes: list[bytes]  # event ids past their retention (tombstones)
 
 
 class PartitionLedger:
@@ -129,6 +135,7 @@ class PartitionLedger:
         # decided, not yet committed: (batch number, value), newest wins
         self.pending: dict[str, tuple[int, StoredStock]] = {}
         self.pending_res: dict[bytes, tuple[int, StoredReservation]] = {}
+        self.pending_ev: dict[bytes, tuple[int, int]] = {}  # event key -> (batch, at)
         self._seq = 0
         self.expected: dict[str, int] = {}  # input topic -> next offset to apply
         self.rewinding: dict[str, float] = {}  # input topic -> when a re-read was asked
@@ -142,6 +149,11 @@ class PartitionLedger:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
+        # the scan for event ids past their retention: where it goes on, when it starts
+        self._prune_cursor: bytes | None = None
+        self._prune_due = time.monotonic() + min(
+            PRUNE_FIRST_S, self.cfg.event_id_retention_ms / 4000
+        )
 
     # --- lifecycle --------------------------------------------------------
 
@@ -342,6 +354,7 @@ class PartitionLedger:
                     in_flight.cancel()
             self.pending.clear()
             self.pending_res.clear()
+            self.pending_ev.clear()
             self._idle.set()
 
     async def _prepare(self, chunks: list[Chunk]) -> Prepared | None:
@@ -407,9 +420,15 @@ class PartitionLedger:
             dedupe_window=cfg.dedupe_window,
             low_stock_threshold=cfg.low_stock_threshold,
             max_commands_per_sku=cfg.ledger_batch_max,
+            load_event=self._load_event if cfg.event_id_retention_ms > 0 else None,
+            event_retention_ms=cfg.event_id_retention_ms,
         )
         assert result.applied == len(inputs), "batches are cut to the per-SKU cap"
         outs, held = self._changelog_records(result)
+        events = [(key, orjson.dumps({"at": at})) for key, at in result.events.items()]
+        outs.extend(Out(self.reservations, part, key, value) for key, value in events)
+        deletes = [key for key in self._prune_step(now) if key not in result.events]
+        outs.extend(Out(self.reservations, part, key, None) for key in deletes)
         outs.append(Out(self.changelog, part, POSITIONS_KEY, orjson.dumps(positions)))
         for decision, inp, rec in zip(result.decisions, inputs, sources, strict=True):
             if decision is not None and decision.outcome is core.Outcome.LIMIT_EXCEEDED:
@@ -430,7 +449,9 @@ class PartitionLedger:
                 )
         outs.extend(extra)
         metrics.BATCH_FOLD_SECONDS.observe(time.perf_counter() - started)
-        return Prepared(result, inputs, outs, held, moved, arrivals, now, positions)
+        return Prepared(
+            result, inputs, outs, held, moved, arrivals, now, positions, events, deletes
+        )
 
     def _hold(self, prepared: Prepared, seq: int) -> None:
         """The batch's results, decided but not committed: the next batch builds on them."""
@@ -438,6 +459,8 @@ class PartitionLedger:
             self.pending[sku] = (seq, stored)
         for key, res in prepared.result.reservations.items():
             self.pending_res[key] = (seq, res)
+        for key, at in prepared.result.events.items():
+            self.pending_ev[key] = (seq, at)
 
     async def _finish(self, prepared: Prepared, seq: int) -> None:
         """Commit the batch's transaction, then write local state and count."""
@@ -449,6 +472,8 @@ class PartitionLedger:
             del self.pending[sku]
         for key in [k for k, (s, _) in self.pending_res.items() if s == seq]:
             del self.pending_res[key]
+        for key in [k for k, (s, _) in self.pending_ev.items() if s == seq]:
+            del self.pending_ev[key]
         self._last_progress = time.monotonic()
         self._count(prepared.result, prepared.inputs, prepared.now)
         self.engine.on_committed(self.partition, prepared.moved)
@@ -654,12 +679,13 @@ class PartitionLedger:
                 if off > last.get(topic, -1):
                     last[topic] = off
         puts: list[tuple[bytes, bytes]] = list(zip(result.reservations, held, strict=True))
+        puts.extend(prepared.events)
         puts.append((POSITIONS_KEY, orjson.dumps(prepared.positions)))
         for key, stored in batch.stock_writes(result):
             slim = StoredStock(stored.record, stored.watermarks, {}, stored.version_at)
             self.cache[stored.record.sku] = slim
             puts.append((key, slim.to_bytes()))
-        self.store.write(puts, {t: off + 1 for t, off in last.items()})
+        self.store.write(puts, {t: off + 1 for t, off in last.items()}, prepared.deletes)
         if self.changelog in last:
             self.known_end = last[self.changelog] + 2  # our commit marker follows
         if len(self.cache) > CACHE_MAX:
@@ -680,6 +706,34 @@ class PartitionLedger:
             stored = StoredStock.from_bytes(raw)
             self.cache[sku] = stored
         return stored
+
+    def _load_event(self, key: bytes) -> int | None:
+        """When the stock command of event key ``key`` was applied, None if never (or
+        pruned)."""
+        held = self.pending_ev.get(key)
+        if held is not None:
+            return held[1]
+        raw = self.store.get(key)
+        return int(orjson.loads(raw)["at"]) if raw is not None else None
+
+    def _prune_step(self, now: int) -> list[bytes]:
+        """The next few event ids past their retention, to delete with this batch: one
+        bounded step of a scan that starts every PRUNE_EVERY_S."""
+        retention = self.cfg.event_id_retention_ms
+        if retention <= 0:
+            return []
+        if self._prune_cursor is None:
+            if time.monotonic() < self._prune_due:
+                return []
+            self._prune_cursor = EVENT_PREFIX
+        keys, self._prune_cursor = self.store.expired_events(
+            self._prune_cursor, now - retention, PRUNE_STEP
+        )
+        if self._prune_cursor is None:
+            self._prune_due = time.monotonic() + min(PRUNE_EVERY_S, retention / 4000)
+        if keys:
+            metrics.EVENT_IDS_PRUNED.inc(len(keys))
+        return keys
 
     def _load_reservation(self, key: bytes) -> StoredReservation | None:
         held = self.pending_res.get(key)

@@ -237,6 +237,9 @@ class Settings:
     max_sku_len: int = 64
     # how many event ids of non-order commands each SKU remembers for dedupe
     dedupe_window: int = 256
+    # how long a stock command's event id is remembered (re-sends within it are duplicates);
+    # 0: only the SKU record's window of the last dedupe_window ids
+    event_id_retention_ms: int = 7 * 24 * 3600 * 1000
     default_ttl_ms: int = 15 * 60 * 1000
     # available at or below this emits LowStockCrossed (-1 = off)
     low_stock_threshold: int = 5
@@ -330,6 +333,9 @@ class Settings:
             max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1, AVRO_INT_MAX),
             max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len, 1),
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window, 0),
+            event_id_retention_ms=_int(
+                e, "INVENTORY_EVENT_ID_RETENTION_MS", d.event_id_retention_ms, 0
+            ),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
             low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold, -1),
             order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms, 0),

@@ -27,10 +27,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import core
-from tables.stock import StoredReservation, StoredStock, effect_of, reservation_key, stock_key
+from tables.stock import (
+    StoredReservation,
+    StoredStock,
+    effect_of,
+    event_key,
+    reservation_key,
+    stock_key,
+)
 
 # a SKU record carries every effect of the batch for that SKU; this bounds its size
 DEFAULT_MAX_COMMANDS_PER_SKU = 500
+
+
+_NOT_APPLIED = (core.Outcome.DUPLICATE, core.Outcome.LIMIT_EXCEEDED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +74,8 @@ class BatchResult:
     reservations: dict[bytes, StoredReservation]
     decisions: list[core.Decision | None]
     applied: int  # inputs consumed, a prefix of the batch (the rest waits for the next one)
+    # event key -> when: the stock commands this batch applied (kept for the retention)
+    events: dict[bytes, int] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -72,6 +84,7 @@ class BatchResult:
 
 StockLoader = Callable[[str], StoredStock | None]
 ReservationLoader = Callable[[bytes], StoredReservation | None]
+EventLoader = Callable[[bytes], int | None]  # event key -> when it was applied, or None
 
 
 def fold(
@@ -83,8 +96,15 @@ def fold(
     dedupe_window: int = core.DEFAULT_DEDUPE_WINDOW,
     low_stock_threshold: int = -1,
     max_commands_per_sku: int = DEFAULT_MAX_COMMANDS_PER_SKU,
+    load_event: EventLoader | None = None,
+    event_retention_ms: int = 0,
 ) -> BatchResult:
     """Apply ``inputs`` in order; see the module docstring.
+
+    With ``load_event``, a stock command whose event id was applied less than
+    ``event_retention_ms`` before ``now`` (by an earlier batch, per ``load_event``, or
+    by this one) is a duplicate however long ago the SKU's window of recent ids
+    dropped it; ``events`` of the result holds the ids this batch applied.
 
     Stops before the input that would make one SKU's record carry more than
     ``max_commands_per_sku`` commands' effects (``applied`` says how many were
@@ -93,6 +113,7 @@ def fold(
     skus: dict[str, _Sku] = {}
     holds: dict[bytes, tuple[core.Reservation, str, int]] = {}  # key -> (res, topic, offset)
     decisions: list[core.Decision | None] = []
+    events: dict[bytes, int] = {}
     applied = 0
     for inp in inputs:
         cmd = inp.command
@@ -121,6 +142,13 @@ def fold(
                 stored_res = load_reservation(rkey)
                 if stored_res is not None:
                     reservation = stored_res.valid(sku.stored)
+        ekey = b""
+        before_at: int | None = None
+        if load_event is not None and not rkey:
+            ekey = event_key(cmd.sku, cmd.event_id)
+            before_at = events.get(ekey)
+            if before_at is None:
+                before_at = load_event(ekey)
         decision = core.decide(
             sku.record,
             cmd,
@@ -128,8 +156,11 @@ def fold(
             reservation,
             dedupe_window=dedupe_window,
             low_stock_threshold=low_stock_threshold,
+            applied_before=before_at is not None and now - before_at <= event_retention_ms,
         )
         decisions.append(decision)
+        if ekey and decision.outcome not in _NOT_APPLIED:
+            events[ekey] = now
         before = sku.record
         sku.record = decision.record
         sku.watermarks[inp.topic] = inp.offset
@@ -155,7 +186,7 @@ def fold(
         key: StoredReservation.new(res, topic, offset)
         for key, (res, topic, offset) in holds.items()
     }
-    return BatchResult(stocks, reservations, decisions, applied)
+    return BatchResult(stocks, reservations, decisions, applied, events)
 
 
 def stock_writes(result: BatchResult) -> list[tuple[bytes, StoredStock]]:

@@ -418,6 +418,7 @@ def decide(
     *,
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
     low_stock_threshold: int = -1,
+    applied_before: bool = False,
 ) -> Decision:
     """Apply one command to one SKU's state.
 
@@ -425,7 +426,9 @@ def decide(
     reservation of ``command.order_id`` on this SKU for order commands (None if
     there is none) and is ignored otherwise. Returns the new state and the
     events; the caller stores ``decision.record`` (and ``decision.reservation``
-    when not None) and publishes the events.
+    when not None) and publishes the events. ``applied_before`` says that the caller's
+    store of applied event ids (kept longer than the record's window of the last
+    ``dedupe_window`` ids) holds this stock command's event id: it is a duplicate.
     """
     if record is None:
         record = StockRecord(sku=command.sku)
@@ -436,7 +439,7 @@ def decide(
             raise ValueError("reservation of another order passed to decide()")
         decision = _decide_order(record, command, now, reservation)
     else:
-        decision = _decide_stock(record, command, now, dedupe_window)
+        decision = _decide_stock(record, command, now, dedupe_window, applied_before)
     return _with_low_stock(record, decision, command, low_stock_threshold)
 
 
@@ -625,9 +628,11 @@ def _decide_order(
     return _changed(record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason)
 
 
-def _decide_stock(record: StockRecord, cmd: StockCommand, now: int, window: int) -> Decision:
+def _decide_stock(
+    record: StockRecord, cmd: StockCommand, now: int, window: int, applied_before: bool = False
+) -> Decision:
     ctype = type(cmd).__name__
-    if cmd.event_id in record.recent_event_ids:
+    if applied_before or cmd.event_id in record.recent_event_ids:
         return Decision(
             record=record,
             events=(

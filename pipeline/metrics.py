@@ -248,3 +248,8 @@ BATCH_CUTS = Counter(
     "Ledger batches ended early so that a SKU's changelog record stays under the record size.",
     registry=REGISTRY,
 )
+EVENT_IDS_PRUNED = Counter(
+    "inventory_event_ids_pruned_total",
+    "Applied event ids dropped after INVENTORY_EVENT_ID_RETENTION_MS.",
+    registry=REGISTRY,
+)

@@ -24,6 +24,8 @@ import orjson
 import rocksdict
 
 META_KEY = b"\x00meta"  # never a SKU (no control bytes) nor a reservation key
+EVENT_PREFIX = b"\x00e\x00"  # applied event ids (tables.stock.event_key): they sort first
+AFTER_EVENTS = b"\x00e\x01"
 
 
 class PartitionStore:
@@ -53,9 +55,17 @@ class PartitionStore:
         value: bytes | None = self._db.get(key)
         return value
 
-    def write(self, puts: Iterable[tuple[bytes, bytes]], positions: dict[str, int]) -> None:
-        """Store ``puts`` and the changelogs' next offsets to read, atomically."""
+    def write(
+        self,
+        puts: Iterable[tuple[bytes, bytes]],
+        positions: dict[str, int],
+        deletes: Iterable[bytes] = (),
+    ) -> None:
+        """Store ``puts``, drop ``deletes`` and store the changelogs' next offsets to read,
+        atomically."""
         wb = rocksdict.WriteBatch(raw_mode=True)
+        for key in deletes:
+            wb.delete(key)
         for key, value in puts:
             wb.put(key, value)
         merged = self._put_meta(wb, positions)
@@ -88,10 +98,36 @@ class PartitionStore:
         self._db.flush(True)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, value) but the meta key."""
-        for key, value in self._db.items():
+        """Every (key, value) but the meta key and the applied event ids."""
+        for key, value in self._db.items(from_key=AFTER_EVENTS):
             if key != META_KEY:
                 yield key, value
+
+    def expired_events(
+        self, start: bytes, before: int, limit: int
+    ) -> tuple[list[bytes], bytes | None]:
+        """Event-id keys from ``start`` on applied before ``before`` (ms), scanning at most
+        ``limit`` keys; and the key to go on from (None: the scan reached the end)."""
+        expired: list[bytes] = []
+        seen = 0
+        for key, value in self._db.items(from_key=start):
+            if not key.startswith(EVENT_PREFIX):
+                return expired, None
+            if seen >= limit:
+                return expired, key
+            seen += 1
+            if orjson.loads(value)["at"] < before:
+                expired.append(key)
+        return expired, None
+
+    def event_count(self) -> int:
+        """Applied event ids held (a scan: for tests and the bench)."""
+        n = 0
+        for key in self._db.keys(from_key=EVENT_PREFIX):
+            if not key.startswith(EVENT_PREFIX):
+                break
+            n += 1
+        return n
 
     def close(self) -> None:
         self._db.close()

@@ -32,6 +32,11 @@ from pipeline import core
 from tables.index import LiveIndex
 
 RESERVATION_SEP = b"\x00r\x00"
+EVENT_PREFIX = b"\x00e\x00"
+"""``\\0e\\0<sku>\\0<event_id>`` -> ``{"at": ms}``: a stock command applied at ``at``.
+The ledger keeps these (in the reservations changelog) for the event-id retention, so
+a producer's re-send is recognised long after the SKU record's window of recent ids
+forgot it. They sort before every SKU and reservation key (SKUs hold no control bytes)."""
 
 Entry = tuple[int, str, str]  # an open reservation: expires_at, sku, order_id
 
@@ -42,6 +47,10 @@ def stock_key(sku: str) -> bytes:
 
 def reservation_key(sku: str, order_id: str) -> bytes:
     return stock_key(sku) + RESERVATION_SEP + order_id.encode("utf-8")
+
+
+def event_key(sku: str, event_id: str) -> bytes:
+    return EVENT_PREFIX + stock_key(sku) + b"\x00" + event_id.encode("utf-8")
 
 
 def is_stock_key(key: bytes) -> bool:
@@ -279,7 +288,7 @@ class OpenReservations(LiveIndex[Entry]):
     @classmethod
     def entry_of(cls, key: bytes, value: bytes) -> Entry | None:
         """The entry of a table item, None unless it is an open reservation."""
-        if RESERVATION_SEP not in key:
+        if RESERVATION_SEP not in key or key.startswith(EVENT_PREFIX):
             return None
         return cls.entry(StoredReservation.from_bytes(value).current)
 
