@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -88,15 +89,30 @@ def arrivals(drawn: list[tuple[str, str, int, int, int]]) -> list[Arrival]:
     return out
 
 
-def one_at_a_time(items: list[Arrival]) -> tuple[dict, dict, dict]:
-    """The reference: core.decide per command, state in plain dicts."""
+def one_at_a_time(
+    items: list[Arrival], window: int = core.DEFAULT_DEDUPE_WINDOW, ids: bool = False
+) -> tuple[dict, dict, dict]:
+    """The reference: core.decide per command, state in plain dicts (``ids``: with a
+    store of every applied stock command's event id, as the ledger keeps them)."""
     records: dict[str, core.StockRecord] = {}
     holds: dict[tuple[str, str], core.Reservation] = {}
     effects: dict[str, list[tuple[str, dict]]] = {}
+    applied: set[tuple[str, str]] = set()
     for a in items:
         cmd = a.command
-        res = holds.get((cmd.sku, cmd.order_id)) if isinstance(cmd, core.ORDER_COMMANDS) else None
-        d = core.decide(records.get(cmd.sku), cmd, NOW, res, low_stock_threshold=2)
+        order = isinstance(cmd, core.ORDER_COMMANDS)
+        res = holds.get((cmd.sku, cmd.order_id)) if order else None
+        d = core.decide(
+            records.get(cmd.sku),
+            cmd,
+            NOW,
+            res,
+            low_stock_threshold=2,
+            dedupe_window=window,
+            applied_before=ids and (cmd.sku, cmd.event_id) in applied,
+        )
+        if ids and not order and d.outcome is not core.Outcome.DUPLICATE:
+            applied.add((cmd.sku, cmd.event_id))
         records[cmd.sku] = d.record
         if d.reservation is not None:
             holds[(cmd.sku, d.reservation.order_id)] = d.reservation
@@ -110,9 +126,15 @@ def one_at_a_time(items: list[Arrival]) -> tuple[dict, dict, dict]:
 class Store:
     """What the changelog holds after each committed batch (values round-trip as bytes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window: int = core.DEFAULT_DEDUPE_WINDOW, ids: bool = False) -> None:
         self.data: dict[bytes, bytes] = {}
         self.effects: dict[str, dict[str, list[dict]]] = {}
+        self.window = window
+        self.ids = ids
+
+    def event(self, key: bytes) -> int | None:
+        raw = self.data.get(key)
+        return orjson.loads(raw)["at"] if raw is not None else None
 
     def stock(self, sku: str) -> StoredStock | None:
         raw = self.data.get(stock_key(sku))
@@ -124,7 +146,16 @@ class Store:
 
     def run(self, items: list[Arrival]) -> batch.BatchResult:
         inputs = [batch.Input(a.topic, a.offset, a.command) for a in items]
-        return batch.fold(inputs, self.stock, self.reservation, NOW, low_stock_threshold=2)
+        return batch.fold(
+            inputs,
+            self.stock,
+            self.reservation,
+            NOW,
+            low_stock_threshold=2,
+            dedupe_window=self.window,
+            load_event=self.event if self.ids else None,
+            event_retention_ms=10**12,
+        )
 
     def commit(self, result: batch.BatchResult) -> None:
         """What a committed transaction leaves; ``effects`` is what the relay publishes."""
@@ -134,6 +165,8 @@ class Store:
                 self.effects.setdefault(value.record.sku, {}).setdefault(name, []).extend(items)
         for key, res in result.reservations.items():
             self.data[key] = res.to_bytes()
+        for key, at in result.events.items():
+            self.data[key] = orjson.dumps({"at": at})
 
 
 def _grouped(effects: dict[str, list[tuple[str, dict]]]) -> dict[str, dict[str, list[dict]]]:
@@ -150,14 +183,17 @@ def _cuts(n: int, data: st.DataObject) -> list[int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(drawn=steps, data=st.data())
-def test_any_split_with_a_crash_and_a_replay_equals_one_at_a_time(drawn, data):
+@given(drawn=steps, data=st.data(), ids=st.booleans())
+def test_any_split_with_a_crash_and_a_replay_equals_one_at_a_time(drawn, data, ids):
+    """``ids``: with the store of applied event ids and a window of 2 recent ids, so
+    that re-sends older than the window are caught by the store only."""
     items = arrivals(drawn)
     if not items:
         return
-    records, holds, effects = one_at_a_time(items)
+    window = 2 if ids else core.DEFAULT_DEDUPE_WINDOW
+    records, holds, effects = one_at_a_time(items, window, ids)
 
-    store = Store()
+    store = Store(window, ids)
     cuts = _cuts(len(items), data)
     crash_at = data.draw(st.integers(0, len(cuts) - 2))
     pos = 0
@@ -241,3 +277,39 @@ def test_answers_to_an_internal_reply_topic_are_tagged():
     )
     answers = result.stocks["A"].effects["ReservationResult"]
     assert [a.get("reply_to", "") for a in answers] == ["saga", ""]
+
+
+def _restocks(n: int, start: int = 0, *, resend_of: range | None = None) -> list[batch.Input]:
+    ids = resend_of if resend_of is not None else range(start, start + n)
+    return [
+        batch.Input(RESTOCKS, start + k, core.RestockReceived(f"e{i}", "A", 1, T0 + i))
+        for k, i in enumerate(ids)
+    ]
+
+
+def test_a_restock_resent_after_hundreds_of_others_is_a_duplicate_within_the_retention():
+    """The hardening issue's report: 20 restocks re-sent after 300 others of the SKU were
+    applied again when only the SKU record's window of 256 ids caught re-sends."""
+    store = Store(window=256, ids=True)
+    first = store.run(_restocks(300))
+    store.commit(first)
+    assert len(first.events) == 300
+    again = store.run(_restocks(20, 300, resend_of=range(20)))
+    assert [d.outcome for d in again.decisions] == [core.Outcome.DUPLICATE] * 20
+    store.commit(again)
+    assert store.stock("A").record.on_hand == 300
+    # past the retention the id is forgotten: the same id is a new command again
+    late = batch.fold(
+        _restocks(1, 320, resend_of=range(1)),
+        store.stock,
+        store.reservation,
+        NOW + 8 * 24 * 3600 * 1000,
+        load_event=store.event,
+        event_retention_ms=7 * 24 * 3600 * 1000,
+    )
+    assert late.decisions[0].outcome is core.Outcome.RESTOCKED
+    # without the store, the window alone forgets the first 44 of the 300
+    plain = Store(window=256, ids=False)
+    plain.commit(plain.run(_restocks(300)))
+    resent = plain.run(_restocks(20, 300, resend_of=range(20)))
+    assert all(d.outcome is core.Outcome.RESTOCKED for d in resent.decisions)

@@ -118,3 +118,27 @@ def test_store_paths_are_per_partition_under_the_data_dir():
     from pipeline.store import store_path
 
     assert store_path(Path("/d"), 3) == Path("/d/ledger/stock-3.db")
+
+
+def test_event_ids_are_kept_apart_scanned_for_expiry_in_steps_and_deleted(tmp_path):
+    from tables.stock import event_key
+
+    store = PartitionStore(tmp_path / "p0.db")
+    old = [(event_key("r", f"e{i}"), orjson.dumps({"at": 1_000 + i})) for i in range(5)]
+    new = [(event_key("s", f"e{i}"), orjson.dumps({"at": 9_000})) for i in range(3)]
+    store.write([*old, *new, (b"r", b"stock"), (b"r\x00r\x00o", b"res")], {CL: 1})
+    # the scans of SKU and reservation keys never see them (the expiry index, rebuilds)
+    assert sorted(k for k, _ in store.items()) == [b"r", b"r\x00r\x00o"]
+    assert store.event_count() == 8
+    found: list[bytes] = []
+    cursor: bytes | None = b"\x00e\x00"
+    steps = 0
+    while cursor is not None:
+        keys, cursor = store.expired_events(cursor, before=5_000, limit=3)
+        found += keys
+        steps += 1
+    assert found == [k for k, _ in old] and steps == 3
+    store.write([], {}, deletes=found)
+    assert store.event_count() == 3 and store.get(old[0][0]) is None
+    assert store.get(b"r") == b"stock"
+    store.close()
