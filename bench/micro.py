@@ -162,6 +162,38 @@ def measure(cfg: Settings, quick: bool = False) -> dict[str, float]:
             )
             out[f"_sku_record_bytes ({label})"] = float(len(stored.to_bytes()))
             out[f"_reservation_bytes ({label})"] = float(len(held[0]))
+        # -- the event-id store (issue 14 item 3): a batch of restocks with and without
+        # looking each id up (RocksDB misses, as for new ids) and storing it
+        restocks = [
+            batch.Input(
+                cfg.restocks_topic,
+                i,
+                core.RestockReceived(f"restock-{run}-{i:08d}", SKU, 1, now, "warehouse"),
+            )
+            for i in range(n)
+        ]
+        for label, use_ids in (("without ids", False), ("with ids", True)):
+            cache = {SKU: plenty}
+
+            def fold_restocks(c: dict[str, StoredStock] = cache, ids: bool = use_ids) -> Any:
+                return batch.fold(
+                    restocks,
+                    c.get,
+                    load_reservation,
+                    now,
+                    dedupe_window=cfg.dedupe_window,
+                    max_commands_per_sku=n,
+                    load_event=(lambda k: None if store.get(k) is None else 0) if ids else None,
+                    event_retention_ms=cfg.event_id_retention_ms,
+                )
+
+            out[f"restock fold per command ({label})"] = _time(fold_restocks, secs) / n
+        id_result = fold_restocks()
+        id_puts = [(k, orjson.dumps({"at": at})) for k, at in id_result.events.items()]
+        out["event ids: RocksDB write per batch, per command"] = (
+            _time(lambda: store.write(id_puts, {}), secs) / n
+        )
+        out["_event_id_bytes"] = float(sum(len(k) + len(v) for k, v in id_puts) / len(id_puts))
         slim = StoredStock(plenty.record, plenty.watermarks, {}, now).to_bytes()
         store.write([(stock_key(SKU), slim)], {})
         out["cold SKU: RocksDB get + StoredStock.from_bytes"] = _time(

@@ -1263,6 +1263,16 @@ class _Writer:
                 "sinks read the SKU records of the changelog",
             ),
             (
+                "event-id store, per stock command",
+                "— (window of 256 ids only)",
+                f"fold {fmt(g('restock fold per command (with ids)'), 1)} with the id look-up vs "
+                f"{fmt(g('restock fold per command (without ids)'), 1)} without; RocksDB write "
+                f"{fmt(g('event ids: RocksDB write per batch, per command'), 2)}; one more "
+                f"changelog record of {fmt(g('_event_id_bytes'), 0)} bytes (key + value) kept "
+                "for `INVENTORY_EVENT_ID_RETENTION_MS`",
+                "re-sends recognised for the retention (reserves unaffected)",
+            ),
+            (
                 "load generator: encode a ReserveStock",
                 "—",
                 f"{fmt(g('loadgen: encode ReserveStock (validated)'), 1)} validated vs "
