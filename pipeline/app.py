@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.exceptions import AlreadyConfiguredWarning
 from yarl import URL
 
 from config.settings import UNSPECIFIED_HOSTS, Settings, settings
@@ -54,7 +56,11 @@ def advertise(conf: Any, cfg: Settings) -> None:
     the app starts (before it joins the group).
     """
     url = cfg.advertised_url_for(conf.web_host, conf.web_port)
-    conf.canonical_url = url
+    if str(conf.canonical_url) != url:
+        with warnings.catch_warnings():
+            # on purpose, before the worker joins the group (nothing used the old value)
+            warnings.simplefilter("ignore", AlreadyConfiguredWarning)
+            conf.canonical_url = url
     if URL(url).host in UNSPECIFIED_HOSTS:
         log.warning(
             "advertising %s to the other workers, which they cannot reach: routed /stock "
