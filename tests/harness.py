@@ -316,6 +316,21 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def metric_total(url: str, name: str) -> float:
+    """The sum of every sample of metric ``name`` on ``url``'s /metrics (0 when the process
+    does not answer yet)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    )
+
+
 def wait_stock(worker: Worker, sku: str, timeout: float = 60, **expected: int) -> dict[str, Any]:
     """``GET /stock/{sku}`` once it answers 200 with every ``expected`` field."""
     body: dict[str, Any] = {}

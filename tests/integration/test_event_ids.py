@@ -10,11 +10,10 @@ from the store and a re-send counts again.
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
 
-from harness import OUT, Namespace, Worker, wait_for, wait_stock
+from harness import OUT, Namespace, Worker, metric_total, wait_for, wait_stock
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -27,12 +26,6 @@ def _restocks(producer: CommandProducer, ids: range, marker: str) -> None:
         producer.send("RestockReceived", {"sku": SKU, "qty": 1, "event_id": f"r-{i}"})
     producer.send("RestockReceived", {"sku": SKU, "qty": 1000, "event_id": marker})
     producer.flush()
-
-
-def _metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_resent_restocks_are_duplicates_for_the_retention_across_restarts(kafka):
@@ -88,7 +81,7 @@ def test_ids_past_the_retention_are_pruned_and_count_again(kafka):
                 n += 1
                 producer.send("SafetyStockSet", {"sku": SKU, "qty": n % 3})
                 producer.flush()
-                return _metric(worker.url, "inventory_event_ids_pruned_total") >= 7
+                return metric_total(worker.url, "inventory_event_ids_pruned_total") >= 7
 
             wait_for(pruned, 30, "the expired event ids to be pruned")
             _restocks(producer, range(5), "m-1")  # past the retention: applied again

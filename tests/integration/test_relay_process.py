@@ -12,11 +12,9 @@ knows the kill fell mid-stream.
 
 from __future__ import annotations
 
-import urllib.request
-
 import pytest
 
-from harness import Namespace, Sidecar, Worker, read_topic, restock_and_wait, wait_for
+from harness import Namespace, Sidecar, Worker, metric_total, read_topic, restock_and_wait, wait_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -45,16 +43,7 @@ def test_relay_process_killed_mid_stream_loses_no_answer_or_version(kafka):
         # the replacement (once the group let it in, after the killed member's session)
         # publishes that round again; read the answers once it has
         def published() -> float:
-            try:
-                with urllib.request.urlopen(relay.url + "/metrics", timeout=10) as resp:
-                    text = resp.read().decode()
-            except OSError:
-                return 0.0
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("inventory_relay_published_total{")
-            )
+            return metric_total(relay.url, "inventory_relay_published_total")
 
         wait_for(lambda: published() >= ORDERS, 120, "the replacement relay to re-publish")
         answers = read_topic(
