@@ -97,6 +97,8 @@ def _kill_leftovers() -> None:
 class Worker:
     """One worker subprocess."""
 
+    makes_data_dir = True  # False: the worker itself must create it (a test of that)
+
     def __init__(self, ns: Namespace, name: str = "w1", data_dir: Path | None = None) -> None:
         self.ns = ns
         self.name = name
@@ -105,35 +107,44 @@ class Worker:
         self.log_path = OUT / ns.name / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.cwd = REPO
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def command(self) -> list[str]:
+        """The worker's command line (a subclass changes how the worker is started)."""
+        return [
+            str(FAUST),
+            "-A",
+            "pipeline.app",
+            "--datadir",
+            str(self.data_dir),
+            "worker",
+            "--web-port",
+            str(self.port),
+            "--web-host",
+            "127.0.0.1",
+            "-l",
+            "info",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        return self.ns.env(self.port, self.data_dir)
+
     def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.makes_data_dir:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         log = open(self.log_path, "ab")
         log.write(f"\n===== start #{self.starts} =====\n".encode())
         log.flush()
         self.proc = subprocess.Popen(
-            [
-                str(FAUST),
-                "-A",
-                "pipeline.app",
-                "--datadir",
-                str(self.data_dir),
-                "worker",
-                "--web-port",
-                str(self.port),
-                "--web-host",
-                "127.0.0.1",
-                "-l",
-                "info",
-            ],
-            cwd=REPO,
-            env=self.ns.env(self.port, self.data_dir),
+            self.command(),
+            cwd=self.cwd,
+            env=self.environment(),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

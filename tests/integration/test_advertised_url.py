@@ -9,11 +9,8 @@ answer for the owner's SKUs, while the owner itself still does.
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
-import harness
 from faults import TcpProxy
 from harness import FAUST, Namespace, Worker, wait_for, wait_stock
 from pipeline.partitioning import partition_for
@@ -28,25 +25,18 @@ class ContainerWorker(Worker):
 
     advertised = ""
 
-    def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = self.ns.env(self.port, self.data_dir)
+    def command(self) -> list[str]:
+        return [str(FAUST), "-A", "pipeline.app", "--datadir", str(self.data_dir), "worker"] + [
+            "--web-port",
+            str(self.port),
+            "-l",
+            "info",
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         env.update(INVENTORY_WEB_HOST="0.0.0.0", INVENTORY_ADVERTISED_URL=self.advertised)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(FAUST), "-A", "pipeline.app", "--datadir", str(self.data_dir), "worker"]
-                + ["--web-port", str(self.port), "-l", "info"],
-                cwd=harness.REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        harness._STARTED.append(self)
-        if wait:
-            self.wait_healthy(timeout)
-        return self
+        return env
 
 
 def owned(w: Worker) -> set[int]:

@@ -5,12 +5,10 @@ where neither data dir exists yet. Each must create and use its own directory.""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
-import harness
 from harness import FAUST, Namespace, Worker, wait_for, wait_stock
 from pipeline.produce import CommandProducer
 
@@ -25,25 +23,19 @@ class ReadmeWorker(Worker):
         self.cwd = cwd
         self.datadir = datadir
 
-    def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = self.ns.env(self.port, self.data_dir)
+    makes_data_dir = False  # the worker must create it
+
+    def command(self) -> list[str]:
+        return [str(FAUST), "-A", "pipeline.app", "--datadir", self.datadir, "worker"] + [
+            "--web-port",
+            str(self.port),
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = super().environment()
         for name in ("INVENTORY_DATA_DIR", "INVENTORY_WEB_PORT", "FAUST_DATADIR", "F_DATADIR"):
             env.pop(name, None)
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(FAUST), "-A", "pipeline.app", "--datadir", self.datadir, "worker"]
-                + ["--web-port", str(self.port)],
-                cwd=self.cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        harness._STARTED.append(self)
-        if wait:
-            self.wait_healthy(timeout)
-        return self
+        return env
 
 
 def ledger_stores(data_dir: Path) -> set[str]:
