@@ -73,6 +73,7 @@ from schemas.codec import AvroCodec, DecodeError
 from schemas.registry import RegistryError
 from tables.stock import (
     EVENT_PREFIX,
+    RESERVATION_SEP,
     OpenReservations,
     StoredReservation,
     StoredStock,
@@ -100,7 +101,25 @@ def now_ms() -> int:
 class State(enum.Enum):
     STARTING = "starting"
     READY = "ready"
+    HALTED = "halted"  # an input's offsets went backwards: nothing is decided
     STOPPED = "stopped"
+
+
+class OffsetRegression(Exception):
+    """An input partition's log ends below the next offset the ledger would apply: the
+    topic was deleted and created again, or an unclean leader election truncated it.
+    Its new records would look like redeliveries and be skipped (each SKU record's
+    watermarks say their offsets were applied), so the partition stops instead."""
+
+    def __init__(self, topic: str, partition: int, end: int, expected: int) -> None:
+        super().__init__(
+            f"input {topic}/{partition} ends at @{end}, below the next offset to apply "
+            f"@{expected} (topic re-created or an unclean leader election)"
+        )
+        self.topic = topic
+        self.partition = partition
+        self.end = end
+        self.expected = expected
 
 
 @dataclass(slots=True)
@@ -149,10 +168,17 @@ class PartitionLedger:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: asyncio.Task[None] | None = None
         self._last_progress = time.monotonic()
+        self.halted: str = ""  # why the partition stopped deciding (State.HALTED)
+        self._regression_checked: dict[str, float] = {}  # topic -> last log-end check
         # the scan for event ids past their retention: where it goes on, when it starts
         self._prune_cursor: bytes | None = None
         self._prune_due = time.monotonic() + min(
             PRUNE_FIRST_S, self.cfg.event_id_retention_ms / 4000
+        )
+        # the same for closed reservations past theirs
+        self._res_cursor: bytes | None = None
+        self._res_due = time.monotonic() + min(
+            PRUNE_FIRST_S, self.cfg.reservation_retention_ms / 4000
         )
 
     # --- lifecycle --------------------------------------------------------
@@ -195,6 +221,10 @@ class PartitionLedger:
                 log.warning(
                     "ledger partition %d lost its writer (%s); taking it again", self.partition, exc
                 )
+            except OffsetRegression as exc:
+                metrics.OFFSET_REGRESSIONS.labels(exc.topic).inc()
+                await self._halt(exc)
+                return
             except Exception:  # noqa: BLE001 - a broker hiccup must not end the partition
                 log.exception("ledger partition %d failed; taking it again", self.partition)
             self.state = State.STARTING
@@ -204,6 +234,24 @@ class PartitionLedger:
                 break
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
+
+    async def _halt(self, exc: OffsetRegression) -> None:
+        """Decide nothing more until the partition is revoked or the worker stops."""
+        self.state = State.HALTED
+        self.halted = str(exc)
+        metrics.LEDGER_HALTED.labels(str(self.partition)).set(1)
+        log.error(
+            "ledger partition %d HALTED: %s. Nothing on it is decided: its new records "
+            "would be taken for ones already applied. An operator must decide what the new "
+            "log means (see README, 'Offsets that go backwards')",
+            self.partition,
+            exc,
+        )
+        try:
+            while not self._stopping:
+                await asyncio.sleep(0.5)
+        finally:
+            metrics.LEDGER_HALTED.labels(str(self.partition)).set(0)
 
     async def _take_ownership(self) -> None:
         self.starts += 1
@@ -281,9 +329,11 @@ class PartitionLedger:
         bounds = await loop.run_in_executor(self.engine.executor, queries.bounds, inputs)
         out: dict[str, int] = {}
         for topic, part in inputs:
-            low = bounds[(topic, part)][0]
+            low, high = bounds[(topic, part)]
             known = [o for o in (logged.get(topic), committed.get((topic, part))) if o is not None]
             start = max(known) if known else low
+            if start > high:
+                raise OffsetRegression(topic, part, high, start)
             if start < low:
                 log.error(
                     "input %s/%d: resuming @%d below the log start @%d: "
@@ -388,6 +438,8 @@ class PartitionLedger:
                 if nxt is None or offset < nxt:
                     if nxt is not None:
                         metrics.REDELIVERED.labels(topic).inc()
+                        if topic not in self.rewinding:
+                            await self._check_regression(topic, nxt)
                     continue
                 if offset > nxt and not await self._gap(topic, offset):
                     break  # a re-read from the missing offset is under way
@@ -428,6 +480,11 @@ class PartitionLedger:
         events = [(key, orjson.dumps({"at": at})) for key, at in result.events.items()]
         outs.extend(Out(self.reservations, part, key, value) for key, value in events)
         deletes = [key for key in self._prune_step(now) if key not in result.events]
+        deletes.extend(
+            key
+            for key in self._prune_reservations(now)
+            if key not in result.reservations and key not in self.pending_res
+        )
         outs.extend(Out(self.reservations, part, key, None) for key in deletes)
         outs.append(Out(self.changelog, part, POSITIONS_KEY, orjson.dumps(positions)))
         for decision, inp, rec in zip(result.decisions, inputs, sources, strict=True):
@@ -528,6 +585,24 @@ class PartitionLedger:
         metrics.INPUT_REWINDS.inc()
         return False
 
+    async def _check_regression(self, topic: str, nxt: int) -> None:
+        """An unasked-for record below the next offset: raise :class:`OffsetRegression`
+        when the log now ends below that offset (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._regression_checked.get(topic, 0.0) < 1.0:
+            return
+        self._regression_checked[topic] = now
+        loop = asyncio.get_running_loop()
+        try:
+            bounds = await loop.run_in_executor(
+                self.engine.executor, self.engine.group.bounds, [(topic, self.partition)], 5.0
+            )
+        except Exception:  # noqa: BLE001 - asked again with the next such record
+            return
+        high = bounds[(topic, self.partition)][1]
+        if high < nxt:
+            raise OffsetRegression(topic, self.partition, high, nxt)
+
     async def _watch_for_stall(self) -> None:
         """Nothing arrived for a while: re-read any input whose log holds records past
         its next offset (a record lost with nothing after it to reveal the gap)."""
@@ -545,6 +620,8 @@ class PartitionLedger:
             return
         for (topic, _), (_low, high) in bounds.items():
             nxt = self.expected.get(topic)
+            if nxt is not None and high < nxt:
+                raise OffsetRegression(topic, self.partition, high, nxt)
             if nxt is None or nxt >= high:
                 continue
             first = await loop.run_in_executor(
@@ -733,6 +810,29 @@ class PartitionLedger:
             self._prune_due = time.monotonic() + min(PRUNE_EVERY_S, retention / 4000)
         if keys:
             metrics.EVENT_IDS_PRUNED.inc(len(keys))
+        return keys
+
+    def _prune_reservations(self, now: int) -> list[bytes]:
+        """The next few closed reservations past their retention, to delete with this
+        batch (tombstones on the reservations changelog keep restores bounded)."""
+        retention = self.cfg.reservation_retention_ms
+        if retention <= 0:
+            return []
+        if self._res_cursor is None:
+            if time.monotonic() < self._res_due:
+                return []
+            self._res_cursor = b""
+        found, self._res_cursor = self.store.scan(self._res_cursor, PRUNE_STEP)
+        if self._res_cursor is None:
+            self._res_due = time.monotonic() + min(PRUNE_EVERY_S, retention / 4000)
+        before = now - retention
+        keys = [
+            key
+            for key, value in found
+            if RESERVATION_SEP in key and StoredReservation.from_bytes(value).closed_before(before)
+        ]
+        if keys:
+            metrics.RESERVATIONS_PRUNED.inc(len(keys))
         return keys
 
     def _load_reservation(self, key: bytes) -> StoredReservation | None:

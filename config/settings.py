@@ -240,6 +240,7 @@ class Settings:
     # how long a stock command's event id is remembered (re-sends within it are duplicates);
     # 0: only the SKU record's window of the last dedupe_window ids
     event_id_retention_ms: int = 7 * 24 * 3600 * 1000
+    reservation_retention_ms: int = 7 * 24 * 3600 * 1000
     default_ttl_ms: int = 15 * 60 * 1000
     # available at or below this emits LowStockCrossed (-1 = off)
     low_stock_threshold: int = 5
@@ -335,6 +336,9 @@ class Settings:
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window, 0),
             event_id_retention_ms=_int(
                 e, "INVENTORY_EVENT_ID_RETENTION_MS", d.event_id_retention_ms, 0
+            ),
+            reservation_retention_ms=_int(
+                e, "INVENTORY_RESERVATION_RETENTION_MS", d.reservation_retention_ms, 0
             ),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
             low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold, -1),

@@ -577,7 +577,11 @@ def _decide_order(
             f"reservation is {res.status.value}",
         )
 
-    expired = cmd.occurred_at >= res.expires_at
+    # the sweeper's ExpireReservation carries the time it saw; the ledger's own clock
+    # caps it, so one from any producer of the public orders topic can only expire what
+    # is due anyway (a future occurred_at cannot end a hold early)
+    at = min(cmd.occurred_at, now) if isinstance(cmd, ExpireReservation) else cmd.occurred_at
+    expired = at >= res.expires_at
     if isinstance(cmd, ExpireReservation) and not expired:
         return _answer(
             record,
@@ -596,7 +600,7 @@ def _decide_order(
         closed = _evolve(
             res,
             status=ReservationStatus.EXPIRED,
-            decided_at=cmd.occurred_at,
+            decided_at=at,
             reason="expired",
             closed_by=cmd.event_id,
         )

@@ -11,7 +11,8 @@
   partitions and their state.
 * ``GET /healthz`` (kept as it was, the public contract the tests, Docker and the
   bench use): 503 ``{"status": "recovering"}`` when not ready (the same checks as
-  ``/readyz``), else 200 ``{"status": "ok"|"degraded", "sinks": {...}}``, degraded
+  ``/readyz``; ``{"status": "halted", "reasons": [...]}`` when a ledger partition
+  stopped because its input offsets went backwards, which needs an operator), else 200 ``{"status": "ok"|"degraded", "sinks": {...}}``, degraded
   while a projection target fails (the ledger still serves).
 
 The functions below take the app and the ledger engine as arguments so they can be
@@ -28,7 +29,7 @@ from typing import Any
 class Readiness:
     ready: bool
     reasons: list[str] = field(default_factory=list)
-    # this worker's ledger partitions: partition -> "starting" | "ready" | "stopped"
+    # this worker's ledger partitions: partition -> "starting" | "ready" | "halted" | "stopped"
     partitions: dict[int, str] = field(default_factory=dict)
 
     def body(self) -> dict[str, Any]:
@@ -47,13 +48,18 @@ def readiness(app: Any, engine: Any) -> Readiness:
         reasons.append("tables recovering")
     if app.rebalancing:
         reasons.append("rebalancing")
+    halted = [
+        f"ledger partition {p} halted: {ledger.halted}"
+        for p, ledger in sorted(engine.partitions.items())
+        if getattr(ledger, "halted", "")
+    ]
+    reasons.extend(halted)
     if not engine.ready():
-        waiting = sorted(p for p, s in partitions.items() if s != "ready")
-        reasons.append(
-            "ledger partitions not caught up: " + ", ".join(str(p) for p in waiting)
-            if waiting
-            else "ledger partitions not caught up"
-        )
+        waiting = sorted(p for p, s in partitions.items() if s not in ("ready", "halted"))
+        if waiting:
+            reasons.append("ledger partitions not caught up: " + ", ".join(map(str, waiting)))
+        elif not halted:
+            reasons.append("ledger partitions not caught up")
     return Readiness(not reasons, reasons, partitions)
 
 

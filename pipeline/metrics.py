@@ -253,3 +253,21 @@ EVENT_IDS_PRUNED = Counter(
     "Applied event ids dropped after INVENTORY_EVENT_ID_RETENTION_MS.",
     registry=REGISTRY,
 )
+OFFSET_REGRESSIONS = Counter(
+    "inventory_input_offset_regressions_total",
+    "Input partitions found ending below the next offset to apply (topic re-created, "
+    "unclean leader election): the partition halts (INVENTORY_OFFSET_REGRESSION).",
+    ["topic"],
+    registry=REGISTRY,
+)
+LEDGER_HALTED = Gauge(
+    "inventory_ledger_partition_halted",
+    "1 while a ledger partition is halted because its input offsets went backwards.",
+    ["partition"],
+    registry=REGISTRY,
+)
+RESERVATIONS_PRUNED = Counter(
+    "inventory_reservations_pruned_total",
+    "Closed reservations dropped after INVENTORY_RESERVATION_RETENTION_MS.",
+    registry=REGISTRY,
+)

@@ -120,6 +120,18 @@ class PartitionStore:
                 expired.append(key)
         return expired, None
 
+    def scan(self, start: bytes, limit: int) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+        """Up to ``limit`` (key, value) pairs of :meth:`items` from ``start`` on, and the
+        key to go on from (None: the scan reached the end)."""
+        found: list[tuple[bytes, bytes]] = []
+        for key, value in self._db.items(from_key=max(start, AFTER_EVENTS)):
+            if key == META_KEY:
+                continue
+            if len(found) >= limit:
+                return found, key
+            found.append((key, value))
+        return found, None
+
     def event_count(self) -> int:
         """Applied event ids held (a scan: for tests and the bench)."""
         n = 0

@@ -31,7 +31,12 @@ def ready() -> bool:
 @app.page("/healthz")
 class Health(View):
     async def get(self, request: Request) -> Response:
-        if not ready():
+        state = readiness(app, engine)
+        metrics.RECOVERY_COMPLETE.set(1 if state.ready else 0)
+        if not state.ready:
+            # a halted partition needs an operator; anything else passes by itself
+            if "halted" in state.partitions.values():
+                return self.json({"status": "halted", "reasons": state.reasons}, status=503)
             return self.json({"status": "recovering"}, status=503)
         sinks = sink_states()
         # a failing projection target degrades the worker but the ledger still serves
@@ -62,7 +67,11 @@ class StockView(View):
     async def get(self, request: Request, sku: str) -> Response:
         # answered by the owner of the SKU's partition; never from state another worker
         # may have changed since (a worker that was paused past its session, say)
-        ledger = engine.ledger_for(sku) if ready() else None
+        # (only the SKU's own partition must be ready: a halted one stops no other)
+        settled = app.tables.recovery.completed.is_set() and not app.rebalancing
+        ledger = engine.ledger_for(sku) if settled else None
+        if ledger is not None and ledger.halted:
+            return self.json({"error": "halted", "reason": ledger.halted}, status=503)
         if ledger is None or not await ledger.fresh():
             return self.json({"error": "recovering"}, status=503)
         stored: Any = ledger.lookup(sku)

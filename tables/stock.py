@@ -228,6 +228,15 @@ class StoredReservation:
     def new(cls, res: core.Reservation, topic: str, offset: int) -> StoredReservation:
         return cls(current=_res_to_dict(res, topic, offset))
 
+    def closed_before(self, before: int) -> bool:
+        """Closed (committed, released, expired or rejected), and both its expiry and
+        its last decision earlier than ``before`` (ms): safe to forget after a retention
+        (a retry of the order is then a new order)."""
+        cur = self.current
+        if core.ReservationStatus(cur["status"]).is_open:
+            return False
+        return max(int(cur["expires_at"]), int(cur["decided_at"])) < before
+
     def to_bytes(self) -> bytes:
         return orjson.dumps({"c": self.current, "p": self.previous})
 

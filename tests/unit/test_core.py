@@ -107,10 +107,25 @@ def test_release_returns_units_to_available():
 
 def test_expire_after_expiry_releases_with_reason_expired():
     rec, res = reserved(qty=3)
-    d = core.decide(rec, core.ExpireReservation("e1", "o1", "A", res.expires_at), T0, res)
+    at = res.expires_at
+    d = core.decide(rec, core.ExpireReservation("e1", "o1", "A", at), at, res)
     assert d.record.reserved == 0
     r = result_of(d)
     assert (r.outcome, r.reason) == (Outcome.EXPIRED, "expired")
+
+
+def test_an_expire_from_the_future_cannot_end_a_hold_early():
+    """Any producer of the public orders topic can send ExpireReservation: the ledger's
+    clock caps its time, so a forged occurred_at past the expiry changes nothing."""
+    rec, res = reserved(qty=3)
+    forged = core.ExpireReservation("e1", "o1", "A", res.expires_at + 10**9)
+    d = core.decide(rec, forged, res.expires_at - 1, res)
+    assert d.record == rec and d.reservation is None
+    assert d.outcome is Outcome.NOT_EXPIRED
+    # once the ledger's clock is past the expiry, the same command expires it
+    d = core.decide(rec, forged, res.expires_at, res)
+    assert (d.outcome, d.record.reserved) == (Outcome.EXPIRED, 0)
+    assert d.reservation is not None and d.reservation.decided_at == res.expires_at
 
 
 def test_expire_before_expiry_changes_nothing_and_is_silent():
@@ -266,6 +281,7 @@ def test_retried_late_commit_gets_the_original_expired_answer():
 
 def test_a_different_commit_after_expiry_is_invalid_state():
     rec, res = reserved(qty=3)
-    d = core.decide(rec, core.ExpireReservation("x", "o1", "A", res.expires_at), T0, res)
-    late = core.decide(d.record, core.CommitReservation("pay-2", "o1", "A", T0), T0, d.reservation)
+    at = res.expires_at
+    d = core.decide(rec, core.ExpireReservation("x", "o1", "A", at), at, res)
+    late = core.decide(d.record, core.CommitReservation("pay-2", "o1", "A", T0), at, d.reservation)
     assert result_of(late).outcome is Outcome.INVALID_STATE

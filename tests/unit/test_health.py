@@ -77,6 +77,18 @@ def test_every_failing_check_is_named():
     ]
 
 
+def test_a_halted_partition_is_named_with_its_cause():
+    engine = fake_engine(p0="ready", p2="halted", p4="starting")
+    engine.partitions[2].halted = "input inventory.orders/2 ends at @3, below @40"
+    state = readiness(fake_app(), engine)
+    assert not state.ready
+    assert state.reasons == [
+        "ledger partition 2 halted: input inventory.orders/2 ends at @3, below @40",
+        "ledger partitions not caught up: 4",
+    ]
+    assert state.body()["partitions"] == {"0": "ready", "2": "halted", "4": "starting"}
+
+
 def test_a_rebalancing_worker_is_alive_but_not_ready():
     app = fake_app(rebalancing=True)
     assert liveness(app) == []
