@@ -625,17 +625,23 @@ class AuditorProcess:
         metrics.AUDITOR_SKUS.set(len(self.auditor.skus))
         return len(msgs)
 
-    def _ends(self, sus: Suspicion) -> dict[tuple[str, int], int]:
+    def _ends(
+        self, sus: Suspicion, cache: dict[tuple[str, int], int]
+    ) -> dict[tuple[str, int], int]:
+        """The end offsets of the SKU's partition of both topics now (one query per
+        partition and tick, shared through ``cache``)."""
         state = self.auditor.skus.get(sus.sku)
         part = state.partition if state is not None else -1
         out = {}
         for topic in (self.changes_topic, self.changelog):
             if part < 0:
                 continue
-            _low, high = self.consumer.get_watermark_offsets(
-                TopicPartition(topic, part), timeout=5, cached=False
-            )
-            out[(topic, part)] = high
+            tp = (topic, part)
+            if tp not in cache:
+                _low, cache[tp] = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, part), timeout=5, cached=False
+                )
+            out[tp] = cache[tp]
         return out
 
     def _read_up_to(self, snapshot: Mapping[tuple[str, int], int]) -> bool:
@@ -655,10 +661,11 @@ class AuditorProcess:
 
     def tick(self, now: float) -> None:
         """Judge the due suspicions, then sample the next SKUs' projections."""
+        ends: dict[tuple[str, int], int] = {}
         for sus in self.auditor.due(now):
             if sus.snapshot is None:
                 try:
-                    sus.snapshot = self._ends(sus)
+                    sus.snapshot = self._ends(sus, ends)
                 except Exception as exc:  # noqa: BLE001 - judged next round
                     metrics.AUDITOR_ERRORS.labels("kafka").inc()
                     log.warning("auditor: end offsets: %s", exc)
