@@ -300,6 +300,16 @@ class Settings:
     relay_enabled: bool = True
     # /metrics port of a standalone relay or sinks process (0 = none)
     metrics_port: int = 0
+    # the invariant auditor (python -m pipeline.auditor): its /metrics port, how long a
+    # disagreement may last before it counts (in-flight changes), how often it samples
+    # projections and how many SKUs each time, the most SKUs it remembers (least recently
+    # changed are forgotten first) and where it starts reading stock-changes
+    auditor_metrics_port: int = 6070
+    auditor_grace_s: float = 10.0
+    auditor_interval_s: float = 1.0
+    auditor_sample_skus: int = 100
+    auditor_max_skus: int = 100_000
+    auditor_from: str = "EARLIEST"  # EARLIEST | LATEST
     sink_batch_size: int = 500
     sink_max_backoff_s: float = 30.0
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
@@ -409,6 +419,18 @@ class Settings:
             sink_enabled=_bool(e, "INVENTORY_SINK_ENABLED", d.sink_enabled),
             relay_enabled=_bool(e, "INVENTORY_RELAY_ENABLED", d.relay_enabled),
             metrics_port=_int(e, "INVENTORY_METRICS_PORT", d.metrics_port, 0, PORT_MAX),
+            auditor_metrics_port=_int(
+                e, "INVENTORY_AUDITOR_METRICS_PORT", d.auditor_metrics_port, 1, PORT_MAX
+            ),
+            auditor_grace_s=_float(e, "INVENTORY_AUDITOR_GRACE_S", d.auditor_grace_s, above=0),
+            auditor_interval_s=_float(
+                e, "INVENTORY_AUDITOR_INTERVAL_S", d.auditor_interval_s, above=0
+            ),
+            auditor_sample_skus=_int(e, "INVENTORY_AUDITOR_SAMPLE_SKUS", d.auditor_sample_skus, 1),
+            auditor_max_skus=_int(e, "INVENTORY_AUDITOR_MAX_SKUS", d.auditor_max_skus, 1),
+            auditor_from=_choice(
+                e, "INVENTORY_AUDITOR_FROM", d.auditor_from, ("EARLIEST", "LATEST")
+            ),
             sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size, 1),
             sink_max_backoff_s=_float(
                 e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s, above=0

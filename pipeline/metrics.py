@@ -256,7 +256,7 @@ EVENT_IDS_PRUNED = Counter(
 OFFSET_REGRESSIONS = Counter(
     "inventory_input_offset_regressions_total",
     "Input partitions found ending below the next offset to apply (topic re-created, "
-    "unclean leader election): the partition halts (INVENTORY_OFFSET_REGRESSION).",
+    "unclean leader election): the partition halts.",
     ["topic"],
     registry=REGISTRY,
 )
@@ -271,3 +271,53 @@ RESERVATIONS_PRUNED = Counter(
     "Closed reservations dropped after INVENTORY_RESERVATION_RETENTION_MS.",
     registry=REGISTRY,
 )
+
+
+# --- the invariant auditor (python -m pipeline.auditor) -------------------------
+#
+# Its own registry: the auditor is its own process with its own /metrics port, and a
+# worker's page must not show a violations counter that nothing there increments.
+
+AUDITOR_REGISTRY = CollectorRegistry(auto_describe=True)
+
+INVARIANTS = ("version_chain", "conservation", "changelog_agreement", "projection_agreement")
+"""The auditor's ``invariant`` label values (DESIGN.md s.4): I4 versions on stock-changes;
+I1/I2 each StockChanged's counts and their change against its cause; the latest published
+version and counts against the ledger's changelog; I4/I5 Redis and search against it."""
+
+INVARIANT_VIOLATIONS = Counter(
+    "inventory_invariant_violations",
+    "Invariant violations the auditor found, by invariant (each one is logged with the SKU "
+    "and the evidence).",
+    ["invariant"],
+    registry=AUDITOR_REGISTRY,
+)
+AUDITOR_CHECKS = Counter(
+    "inventory_auditor_checks",
+    "SKU checks the auditor made, by invariant.",
+    ["invariant"],
+    registry=AUDITOR_REGISTRY,
+)
+AUDITOR_LAST_CHECK = Gauge(
+    "inventory_auditor_last_check_timestamp_seconds",
+    "Unix time of the auditor's last check, by invariant.",
+    ["invariant"],
+    registry=AUDITOR_REGISTRY,
+)
+AUDITOR_SKUS = Gauge(
+    "inventory_auditor_skus_tracked",
+    "SKUs the auditor remembers (at most INVENTORY_AUDITOR_MAX_SKUS).",
+    registry=AUDITOR_REGISTRY,
+)
+AUDITOR_ERRORS = Counter(
+    "inventory_auditor_errors",
+    "Failed reads of the auditor (kafka, redis, search); that round's check is skipped.",
+    ["source"],
+    registry=AUDITOR_REGISTRY,
+)
+for _invariant in INVARIANTS:
+    INVARIANT_VIOLATIONS.labels(_invariant)
+    AUDITOR_CHECKS.labels(_invariant)
+    AUDITOR_LAST_CHECK.labels(_invariant)
+for _source in ("kafka", "redis", "search"):
+    AUDITOR_ERRORS.labels(_source)

@@ -92,7 +92,9 @@ class Prometheus:
         config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
         config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
         config["rule_files"] = [str(PROM_DIR / f) for f in config["rule_files"]]
-        (job,) = config["scrape_configs"]
+        # the worker's job only: the auditor's (inventory-auditor) has no target here
+        (job,) = [c for c in config["scrape_configs"] if c["job_name"] == "inventory-worker"]
+        config["scrape_configs"] = [job]
         job["static_configs"] = [{"targets": targets}]
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "prometheus.yml"

@@ -63,6 +63,7 @@ def run_help(argv: list[str], listener: socket.socket) -> subprocess.CompletedPr
         INVENTORY_OPENSEARCH_URL=f"http://127.0.0.1:{port}",
         INVENTORY_SCHEMA_REGISTRY_URL=f"http://127.0.0.1:{port}",
         INVENTORY_METRICS_PORT=str(port),  # a tool that served /metrics would fail to bind
+        INVENTORY_AUDITOR_METRICS_PORT=str(port),
     )
     proc = subprocess.run(
         [*argv, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30

@@ -58,15 +58,18 @@ def exported() -> dict[str, Series]:
 
     metrics.faust_metrics()  # Faust's sensor metrics, as install_faust_sensor registers them
 
+    # the worker's registry and the auditor's (its own process and /metrics port)
+    registries = (metrics.REGISTRY, metrics.AUDITOR_REGISTRY)
     labels_of: dict[str, frozenset[str]] = {}
     # prometheus_client keeps no public map from a family to its label names
-    for collector in list(metrics.REGISTRY._collector_to_names):
-        if isinstance(collector, MetricWrapperBase):
-            for name in metrics.REGISTRY._collector_to_names[collector]:
-                labels_of[name] = frozenset(collector._labelnames)
+    for registry in registries:
+        for collector in list(registry._collector_to_names):
+            if isinstance(collector, MetricWrapperBase):
+                for name in registry._collector_to_names[collector]:
+                    labels_of[name] = frozenset(collector._labelnames)
 
     out: dict[str, Series] = {"up": Series("gauge", "", TARGET_LABELS)}
-    for family in metrics.REGISTRY.collect():
+    for family in (f for registry in registries for f in registry.collect()):
         base = family.name
         parts = {
             "counter": {f"{base}_total": "", f"{base}_created": "created"},
@@ -365,6 +368,30 @@ def test_every_alert_has_for_severity_summary_and_description():
         assert re.fullmatch(r"\d+[smh]", str(r.get("for", ""))), r["alert"]
         assert r["labels"]["severity"] in {"warning", "critical"}, r["alert"]
         assert r["annotations"]["summary"] and r["annotations"]["description"], r["alert"]
+
+
+def test_the_invariant_violations_have_a_panel_an_alert_and_a_scrape_job():
+    from pipeline import metrics
+
+    exprs = [e for _, e in dashboard_queries()]
+    assert any("inventory_invariant_violations_total" in e and "invariant" in e for e in exprs)
+    (violated,) = [r for r in alert_rules() if r["alert"] == "InventoryInvariantViolated"]
+    assert "inventory_invariant_violations_total" in violated["expr"]
+    assert "invariant" in violated["expr"]
+    (down,) = [r for r in alert_rules() if r["alert"] == "InventoryAuditorDown"]
+    jobs = {c["job_name"] for c in yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"]}
+    assert re.search(r'up\{job="([^"]+)"\}', down["expr"]).group(1) in jobs
+    # every label value is exported from the start (0), so increase() sees the first one
+    samples = {
+        s.labels["invariant"]: s.value
+        for f in metrics.AUDITOR_REGISTRY.collect()
+        if f.name == "inventory_invariant_violations"
+        for s in f.samples
+        if s.name.endswith("_total")
+    }
+    assert set(samples) == set(metrics.INVARIANTS) and len(metrics.INVARIANTS) == 4
+    # the auditor's metrics are not on a worker's page (nothing there would count them)
+    assert not any(f.name.startswith("inventory_auditor") for f in metrics.REGISTRY.collect())
 
 
 def test_the_worker_down_alert_matches_the_scrape_job():

@@ -59,6 +59,11 @@ def test_anything_else_is_not_a_boolean(raw):
         ("INVENTORY_WEB_PORT", "0", "from 1 to 65535"),
         ("INVENTORY_WEB_PORT", "70000", "from 1 to 65535"),
         ("INVENTORY_METRICS_PORT", "-1", "from 0 to 65535"),
+        ("INVENTORY_AUDITOR_METRICS_PORT", "0", "from 1 to 65535"),
+        ("INVENTORY_AUDITOR_GRACE_S", "0", "> 0"),
+        ("INVENTORY_AUDITOR_INTERVAL_S", "-1", "> 0"),
+        ("INVENTORY_AUDITOR_SAMPLE_SKUS", "0", ">= 1"),
+        ("INVENTORY_AUDITOR_MAX_SKUS", "0", ">= 1"),
         ("INVENTORY_LEDGER_BATCH_MAX", "0", ">= 1"),
         ("INVENTORY_SINK_BATCH_SIZE", "0", ">= 1"),
         ("INVENTORY_FEED_MAX_BUFFERED", "0", ">= 1"),
@@ -105,6 +110,13 @@ def test_numbers_at_the_edges_of_their_range_are_accepted():
     assert (s.partitions, s.web_port, s.metrics_port, s.dedupe_window) == (1, 65535, 0, 0)
     assert (s.low_stock_threshold, s.stock_changes_retention_ms) == (-1, -1)
     assert (s.session_timeout_s, s.order_grace_ms) == (0.5, 0)
+
+
+def test_the_auditor_starts_from_earliest_or_latest_only():
+    assert Settings.from_env({}).auditor_from == "EARLIEST"
+    assert Settings.from_env({"INVENTORY_AUDITOR_FROM": "latest"}).auditor_from == "LATEST"
+    with pytest.raises(SettingsError, match="INVENTORY_AUDITOR_FROM='now'"):
+        Settings.from_env({"INVENTORY_AUDITOR_FROM": "now"})
 
 
 @pytest.mark.parametrize("raw", ["plaintext", "SASL_SSL", "sasl_plaintext", "Ssl"])
