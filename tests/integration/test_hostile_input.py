@@ -108,3 +108,35 @@ def test_oversized_and_overflowing_input_is_dead_lettered_and_the_partition_goes
         assert worker.proc is not None and worker.proc.poll() is None  # still running
     finally:
         worker.stop()
+
+
+def test_a_forged_expire_from_the_public_topic_cannot_end_a_hold_early(kafka):
+    """ExpireReservation is internal (the sweeper sends it), but the orders topic is
+    public: one with a future occurred_at expired a 10-minute hold at once before. The
+    ledger's clock caps its time now, so it changes nothing until the hold is due."""
+    ns = Namespace.fresh("forged")
+    worker = Worker(ns).start()
+    try:
+        with CommandProducer(ns.settings) as producer:
+            restock_and_wait(worker, producer, SKU, 10)
+            producer.send(
+                "ReserveStock", {"sku": SKU, "order_id": "held", "qty": 2, "ttl_ms": 600_000}
+            )
+            producer.flush()
+            wait_stock(worker, SKU, reserved=2)
+            forged = {
+                "event_id": "forged-expire",
+                "order_id": "held",
+                "sku": SKU,
+                "occurred_at": now_ms() + 10**9,
+                "channel": "system",
+            }
+            value = AvroCodec().encode("ExpireReservation", forged)
+            producer.send_raw(ns.settings.orders_topic, SKU.encode(), value)
+            # orders of one SKU are decided in order: once this one is in, so is the expire
+            producer.send("ReserveStock", {"sku": SKU, "order_id": "after", "qty": 1})
+            producer.flush()
+            body = wait_stock(worker, SKU, reserved=3)
+        assert body["available"] == 7
+    finally:
+        worker.stop()
