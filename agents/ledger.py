@@ -881,18 +881,27 @@ class PartitionLedger:
 
 
 class Counters:
-    """Prometheus children cached per label tuple (``labels()`` costs ~1.5 us a call)."""
+    """Prometheus children cached per label tuple (``labels()`` costs ~1.5 us a call).
 
-    def __init__(self) -> None:
+    Producers choose channels: only the configured ones (``INVENTORY_METRIC_CHANNELS``)
+    become label values, any other is ``other``, so neither the metrics nor these
+    caches grow with what producers send."""
+
+    def __init__(self, channels: tuple[str, ...] = Settings.metric_channels) -> None:
         self._commands: dict[tuple[str, str, str], Any] = {}
         self._rejections: dict[str, Any] = {}
         self._channel_units: dict[tuple[str, str], Any] = {}
+        self._known = frozenset(channels)
+
+    def label(self, channel: str) -> str:
+        """``channel`` as a metric label value: a configured one, else ``other``."""
+        return channel if channel in self._known else "other"
 
     def _units(self, channel: str, source: str) -> Any:
-        child = self._channel_units.get((channel, source))
+        key = (self.label(channel), source)
+        child = self._channel_units.get(key)
         if child is None:
-            child = metrics.CHANNEL_UNITS_RESERVED.labels(channel, source)
-            self._channel_units[(channel, source)] = child
+            child = self._channel_units[key] = metrics.CHANNEL_UNITS_RESERVED.labels(*key)
         return child
 
     def decided(self, decision: core.Decision, command: core.Command, now: int) -> None:
@@ -905,15 +914,16 @@ class Counters:
                 self._units(res.channel, "shared").inc(res.qty - res.from_allocation)
         for e in decision.events:
             if isinstance(e, core.CommandApplied):
-                label = (e.command_type, e.outcome.value, e.channel)
+                channel = self.label(e.channel)
+                label = (e.command_type, e.outcome.value, channel)
                 child = self._commands.get(label)
                 if child is None:
                     child = self._commands[label] = metrics.COMMANDS.labels(*label)
                 child.inc()
                 if e.outcome is core.Outcome.REJECTED:
-                    rej = self._rejections.get(e.channel)
+                    rej = self._rejections.get(channel)
                     if rej is None:
-                        rej = self._rejections[e.channel] = metrics.REJECTIONS.labels(e.channel)
+                        rej = self._rejections[channel] = metrics.REJECTIONS.labels(channel)
                     rej.inc()
                 elif e.outcome is core.Outcome.SHORTFALL:
                     metrics.SHORTFALLS.inc()
@@ -951,7 +961,7 @@ class LedgerEngine:
         self.feed = feed
         self.codec = codec
         self.open_reservations = open_reservations
-        self.counters = Counters()
+        self.counters = Counters(cfg.metric_channels)
         self.partitions: dict[int, PartitionLedger] = {}
         self._stores: dict[int, PartitionStore] = {}
         self.executor = ThreadPoolExecutor(

@@ -112,6 +112,17 @@ def _str(env: Mapping[str, str], name: str, default: str) -> str:
     return default if raw is None or raw == "" else raw
 
 
+def _names(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """``name`` as a comma-separated list of 1..64-character names (at most 100)."""
+    raw = _raw(env, name)
+    if raw is None:
+        return default
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if len(names) > 100 or any(len(n) > 64 for n in names):
+        raise SettingsError(f"{name}: at most 100 names of at most 64 characters each")
+    return names
+
+
 def _advertised_url(env: Mapping[str, str], name: str) -> str:
     """``name`` as ``http(s)://host:port`` other workers can reach; empty when unset.
 
@@ -232,6 +243,11 @@ class Settings:
     min_insync_replicas: int = 1
     topic_prefix: str = "inventory."
     log_level: str = "INFO"
+    # the channel label values metrics keep (producers choose channels: any other one is
+    # counted as "other", so a producer cannot grow the metrics without bound)
+    metric_channels: tuple[str, ...] = (
+        "web", "mobile", "app", "marketplace", "store", "pos", "system", "saga"
+    )  # fmt: skip
     # input validation
     max_qty: int = 100_000
     max_sku_len: int = 64
@@ -341,6 +357,7 @@ class Settings:
             min_insync_replicas=min_insync_replicas,
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
             log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),
+            metric_channels=_names(e, "INVENTORY_METRIC_CHANNELS", d.metric_channels),
             max_qty=_int(e, "INVENTORY_MAX_QTY", d.max_qty, 1, AVRO_INT_MAX),
             max_sku_len=_int(e, "INVENTORY_MAX_SKU_LEN", d.max_sku_len, 1),
             dedupe_window=_int(e, "INVENTORY_DEDUPE_WINDOW", d.dedupe_window, 0),

@@ -119,6 +119,16 @@ def test_the_auditor_starts_from_earliest_or_latest_only():
         Settings.from_env({"INVENTORY_AUDITOR_FROM": "now"})
 
 
+def test_metric_channels_are_a_bounded_comma_separated_list():
+    assert "web" in Settings.from_env({}).metric_channels
+    got = Settings.from_env({"INVENTORY_METRIC_CHANNELS": " web, pos ,,web,kiosk "})
+    assert got.metric_channels == ("web", "pos", "kiosk")
+    with pytest.raises(SettingsError, match="INVENTORY_METRIC_CHANNELS"):
+        Settings.from_env({"INVENTORY_METRIC_CHANNELS": "x" * 65})
+    with pytest.raises(SettingsError, match="INVENTORY_METRIC_CHANNELS"):
+        Settings.from_env({"INVENTORY_METRIC_CHANNELS": ",".join(map(str, range(101)))})
+
+
 @pytest.mark.parametrize("raw", ["plaintext", "SASL_SSL", "sasl_plaintext", "Ssl"])
 def test_security_protocols_are_the_four_kafka_knows(raw):
     s = Settings.from_env({"INVENTORY_KAFKA_SECURITY_PROTOCOL": raw})
