@@ -314,6 +314,9 @@ class Settings:
     # publish StockChanged/ReservationResult from the changelog inside each worker;
     # 0 = run it as its own process instead (python -m pipeline.relay)
     relay_enabled: bool = True
+    # Faust's own /table and /router web endpoints (they show any table's values and the
+    # partition assignment to whoever reaches the port): off unless asked for
+    faust_web_endpoints: bool = False
     # /metrics port of a standalone relay or sinks process (0 = none)
     metrics_port: int = 0
     # the invariant auditor (python -m pipeline.auditor): its /metrics port, how long a
@@ -435,6 +438,7 @@ class Settings:
             search_index=_str(e, "INVENTORY_SEARCH_INDEX", d.search_index),
             sink_enabled=_bool(e, "INVENTORY_SINK_ENABLED", d.sink_enabled),
             relay_enabled=_bool(e, "INVENTORY_RELAY_ENABLED", d.relay_enabled),
+            faust_web_endpoints=_bool(e, "INVENTORY_FAUST_WEB_ENDPOINTS", d.faust_web_endpoints),
             metrics_port=_int(e, "INVENTORY_METRICS_PORT", d.metrics_port, 0, PORT_MAX),
             auditor_metrics_port=_int(
                 e, "INVENTORY_AUDITOR_METRICS_PORT", d.auditor_metrics_port, 1, PORT_MAX

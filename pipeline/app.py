@@ -151,6 +151,9 @@ app = InventoryApp(
     web_host=settings.web_host,
     web_bind=settings.web_host,  # Faust binds 0.0.0.0 unless told
     web_port=settings.web_port,
+    # Faust's /table/{name}/... and /router/... views: off by default (INVENTORY_FAUST_WEB_ENDPOINTS)
+    web_tables_enabled=settings.faust_web_endpoints,
+    web_router_enabled=settings.faust_web_endpoints,
     # routed queries go here; set again at start (advertise): the CLI's --web-port resets it
     canonical_url=settings.advertised_url_for(),
     topic_partitions=settings.partitions,

@@ -71,6 +71,9 @@ def test_starting_and_rebalancing_workers_are_alive_before_they_are_ready(kafka)
             assert body["reasons"] == []
             assert w.get_json("/healthz")[0] == 200
             assert w.get_json("/livez") == (200, {"status": "alive"})
+            # Faust's own views of table values and the assignment are off by default
+            for path in ("/table/", "/table/orders/", "/router/", "/router/orders/SKU-1/"):
+                assert w.status(path) == 404, path
     finally:
         w2.stop()
         w1.stop()
