@@ -25,6 +25,16 @@ Delivery contract, per batch:
 
 So the committed offset never passes a change the target lacks, and a crash
 at any point re-applies at most one batch.
+
+A SKU record it cannot read (a bug, or a foreign producer on the changelog) is
+never skipped silently: it goes to the dead-letter topic (reason
+``unreadable_changelog_record``, counted in ``inventory_dead_letters_total``) and
+the batch's offsets are committed only once the broker acknowledged the dead
+letter; while it cannot be written the batch is held and retried like an outage.
+Dead-lettering rather than holding the partition: the records after it are other
+SKUs' states (and newer versions of the same SKU), which a held partition would
+keep from the target for ever; the unreadable one is kept, with where it was, for
+an operator to replay or discard.
 """
 
 from __future__ import annotations
@@ -36,12 +46,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.dead_letters import dead_letter
+from pipeline.partitioning import partition_for
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec
@@ -50,6 +62,7 @@ from tables.stock import StoredStock, is_stock_key
 log = logging.getLogger("inventory.sink")
 
 INITIAL_BACKOFF_S = 0.2
+UNREADABLE = "unreadable_changelog_record"
 
 
 class Backoff:
@@ -81,19 +94,28 @@ class SinkRunner:
         self.degraded = False
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
 
-    def decode(self, records: Sequence[Any]) -> list[StockChange]:
+    def decode(self, records: Sequence[Any]) -> tuple[list[StockChange], list[tuple[Any, str]]]:
         """The current StockChanged of each SKU record of a fetched batch (reservation
-        records and the positions record are skipped)."""
+        records and the positions record are not SKU records), and the SKU records it
+        could not read, each with why."""
         changes: list[StockChange] = []
+        unreadable: list[tuple[Any, str]] = []
         for rec in records:
             if rec.key is None or rec.value is None or not is_stock_key(rec.key):
                 continue
             try:
                 changes.append(StoredStock.from_bytes(rec.value).latest_change())
-            except (ValueError, KeyError, TypeError) as exc:  # a bug or a foreign producer
-                log.error("unreadable SKU record on %s@%d: %s", rec.topic, rec.offset, exc)
-                metrics.SINK_ERRORS.labels(self.target).inc()
-        return changes
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # a bug or a foreign producer: dead-lettered by the caller, never skipped
+                log.error(
+                    "unreadable SKU record on %s/%d@%d: %s",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    exc,
+                )
+                unreadable.append((rec, f"{type(exc).__name__}: {exc}"))
+        return changes, unreadable
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -109,6 +131,7 @@ class SinkRunner:
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
         await self._until_ready(consumer)
+        producer: AIOKafkaProducer | None = None
         try:
             while True:
                 batches = await consumer.getmany(
@@ -119,7 +142,9 @@ class SinkRunner:
                     continue
                 records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-                changes = self.decode(records)
+                changes, unreadable = self.decode(records)
+                if unreadable:
+                    producer = await self._dead_letter_all(consumer, producer, unreadable)
                 if changes:
                     latest = coalesce(changes)
                     report = await self._apply_until_done(consumer, latest)
@@ -127,7 +152,71 @@ class SinkRunner:
                 await self._commit(consumer, offsets)
                 await self._update_lag(consumer)
         finally:
+            if producer is not None:
+                await producer.stop()
             await consumer.stop()
+
+    async def _dead_letter_all(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer | None,
+        unreadable: list[tuple[Any, str]],
+    ) -> AIOKafkaProducer:
+        """Write a dead letter for each unreadable record and wait for the broker's
+        acknowledgement; until it comes the batch is held (paused, backing off) and
+        nothing is committed. Returns the (started) producer to reuse."""
+        paused = False
+        while True:
+            try:
+                if producer is None:
+                    producer = AIOKafkaProducer(
+                        **aiokafka_kwargs(self.cfg),
+                        acks="all",
+                        enable_idempotence=True,
+                        max_request_size=self.cfg.max_record_bytes,
+                    )
+                    await producer.start()
+                futures = [await producer.send(*self._dead_letter(r, why)) for r, why in unreadable]
+                await asyncio.gather(*futures)
+                break
+            except KafkaError as exc:
+                metrics.SINK_ERRORS.labels(self.target).inc()
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "%s sink: dead letters not written (%s); batch held, retry in %.1fs",
+                    self.target,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        if paused:
+            consumer.resume(*consumer.assignment())
+        for _rec, _why in unreadable:
+            metrics.DEAD_LETTERS.labels(UNREADABLE).inc()
+        return producer
+
+    def _dead_letter(self, rec: Any, why: str) -> tuple[str, bytes, bytes | None, int]:
+        key, record = dead_letter(
+            reason=UNREADABLE,
+            detail=f"{self.target} sink: {why}",
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            dead_at=int(time.time() * 1000),
+            max_bytes=self.cfg.max_record_bytes,
+        )
+        part = partition_for(key, self.cfg.partitions) if key else rec.partition
+        return (
+            self.cfg.dead_letters_topic,
+            self.codec.encode("DeadLetter", record),
+            key,
+            part,
+        )
 
     async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
         while True:
