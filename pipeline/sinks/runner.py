@@ -92,6 +92,12 @@ class SinkRunner:
         self.codec = codec
         self.target = projection.name
         self.degraded = False
+        self.replaying = False  # re-applying the whole changelog after the target lost data
+        self.failing = False
+        self.next_check = 0.0
+        # while replaying: per partition, the committed offset when the replay began;
+        # unreadable records below it were dead-lettered already
+        self.dead_lettered_below: dict[TopicPartition, int] = {}
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
 
     def decode(self, records: Sequence[Any]) -> tuple[list[StockChange], list[tuple[Any, str]]]:
@@ -134,15 +140,23 @@ class SinkRunner:
         producer: AIOKafkaProducer | None = None
         try:
             while True:
+                await self._check_intact(consumer)
                 batches = await consumer.getmany(
                     timeout_ms=200, max_records=self.cfg.sink_batch_size
                 )
                 if not batches:
                     await self._update_lag(consumer)
+                    await self._replay_done(consumer)
                     continue
                 records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
                 changes, unreadable = self.decode(records)
+                unreadable = [
+                    (rec, why)
+                    for rec, why in unreadable
+                    if rec.offset
+                    >= self.dead_lettered_below.get(TopicPartition(rec.topic, rec.partition), 0)
+                ]
                 if unreadable:
                     producer = await self._dead_letter_all(consumer, producer, unreadable)
                 if changes:
@@ -151,6 +165,7 @@ class SinkRunner:
                     self._observe(latest, report, coalesced=len(changes) - len(latest))
                 await self._commit(consumer, offsets)
                 await self._update_lag(consumer)
+                await self._replay_done(consumer)
         finally:
             if producer is not None:
                 await producer.stop()
@@ -217,6 +232,46 @@ class SinkRunner:
             key,
             part,
         )
+
+    async def _check_intact(self, consumer: AIOKafkaConsumer) -> None:
+        """Every ``sink_check_interval_s``: if the target lost what it held, read the
+        assigned partitions again from the beginning (degraded until caught up)."""
+        if self.replaying or time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + self.cfg.sink_check_interval_s
+        try:
+            if await self.projection.intact():
+                return
+        except TargetUnavailable as exc:
+            log.info("%s sink: cannot check the target now: %s", self.target, exc)
+            return
+        log.warning("%s sink: target lost data; re-applying the changelog", self.target)
+        metrics.SINK_REPLAYS.labels(self.target).inc()
+        self.replaying = True
+        self._set_degraded(self.failing)
+        self.dead_lettered_below = {
+            tp: await consumer.committed(tp) or 0 for tp in consumer.assignment()
+        }
+        if consumer.assignment():
+            await consumer.seek_to_beginning(*consumer.assignment())
+
+    async def _replay_done(self, consumer: AIOKafkaConsumer) -> None:
+        """Mark the target whole once every assigned partition is at its end."""
+        if not self.replaying:
+            return
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None or await consumer.position(tp) < hw:
+                return
+        try:
+            await self.projection.mark_intact()
+        except TargetUnavailable:
+            return
+        if self.replaying:
+            log.info("%s sink: re-applied the changelog; target whole again", self.target)
+        self.replaying = False
+        self.dead_lettered_below = {}
+        self._set_degraded(self.failing)
 
     async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -289,9 +344,12 @@ class SinkRunner:
         for change in changes:
             hist.observe(max(0, report.applied_at_ms - change["occurred_at"]) / 1000)
 
-    def _set_degraded(self, degraded: bool) -> None:
-        self.degraded = degraded
-        metrics.SINK_STATE.labels(self.target).set(1 if degraded else 0)
+    def _set_degraded(self, failing: bool) -> None:
+        """Degraded while the target fails or while it is being re-applied."""
+        self.failing = failing
+        self.degraded = failing or self.replaying
+        metrics.SINK_STATE.labels(self.target).set(1 if self.degraded else 0)
+        metrics.SINK_REPLAYING.labels(self.target).set(1 if self.replaying else 0)
 
     async def _update_lag(self, consumer: AIOKafkaConsumer, held: int = 0) -> None:
         """Records behind the end of the topic, counting a batch held back by an outage."""
