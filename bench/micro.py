@@ -262,7 +262,7 @@ def measure(cfg: Settings, quick: bool = False) -> dict[str, float]:
         record = SimpleNamespace(
             key=key, value=result.stocks[SKU].to_bytes(), topic=cfg.orders_topic, offset=1
         )
-        assert len(sink.decode([record])) == 1
+        assert len(sink.decode([record])[0]) == 1
         out[f"sink: SKU record decode per batch, per command ({label})"] = (
             _time(lambda rec=record: sink.decode([rec]), secs) / n
         )

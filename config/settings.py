@@ -331,6 +331,7 @@ class Settings:
     auditor_from: str = "EARLIEST"  # EARLIEST | LATEST
     sink_batch_size: int = 500
     sink_max_backoff_s: float = 30.0
+    sink_check_interval_s: float = 5.0
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
     stock_changes_retention_ms: int = -1
 
@@ -453,6 +454,9 @@ class Settings:
                 e, "INVENTORY_AUDITOR_FROM", d.auditor_from, ("EARLIEST", "LATEST")
             ),
             sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size, 1),
+            sink_check_interval_s=_float(
+                e, "INVENTORY_SINK_CHECK_INTERVAL_S", d.sink_check_interval_s, above=0
+            ),
             sink_max_backoff_s=_float(
                 e, "INVENTORY_SINK_MAX_BACKOFF_S", d.sink_max_backoff_s, above=0
             ),

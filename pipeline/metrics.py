@@ -171,6 +171,19 @@ SINK_STATE = Gauge(
     ["target"],
     registry=REGISTRY,
 )
+SINK_REPLAYS = Counter(
+    "inventory_sink_replays_total",
+    "Times a sink found its target had lost data (restarted empty, flushed, index "
+    "deleted) and re-applied the changelog from the beginning.",
+    ["target"],
+    registry=REGISTRY,
+)
+SINK_REPLAYING = Gauge(
+    "inventory_sink_replaying",
+    "1 while a sink re-applies the changelog into a target that lost data, else 0.",
+    ["target"],
+    registry=REGISTRY,
+)
 SINK_LAG = Gauge(
     "inventory_sink_lag_records",
     "stock-changes records not yet applied to a target (sum over this worker's partitions).",

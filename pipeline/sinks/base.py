@@ -55,6 +55,16 @@ class Projection(ABC):
     async def close(self) -> None:
         """Release clients."""
 
+    async def intact(self) -> bool:
+        """False when the target may have lost what it held since :meth:`mark_intact`
+        (restarted empty, flushed, index deleted); the runner then re-applies the whole
+        changelog. Raise TargetUnavailable when it cannot tell. Default: never lost."""
+        return True
+
+    async def mark_intact(self) -> None:
+        """Record that the target now holds everything up to the changelog's end."""
+        return None
+
     async def wipe(self) -> None:
         """Delete everything this projection wrote (for a full rebuild)."""
         raise NotImplementedError(f"{self.name} cannot be wiped")

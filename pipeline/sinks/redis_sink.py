@@ -143,6 +143,29 @@ class RedisProjection(Projection):
         except _UNAVAILABLE as exc:
             raise self._unavailable("SCRIPT LOAD", exc) from exc
 
+    @property
+    def _marker(self) -> str:
+        return f"{self._cfg.redis_key_prefix}sink-marker"
+
+    async def intact(self) -> bool:
+        """The marker key holds the server's ``run_id`` once a full apply is done: a
+        missing marker (FLUSHALL, eviction, a restart without persistence) or another
+        ``run_id`` (a restarted server) means keys may be gone."""
+        try:
+            run_id = (await self._client.info("server"))["run_id"]
+            marker = await self._client.get(self._marker)
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("marker check", exc) from exc
+        held = marker.decode() if isinstance(marker, bytes) else marker
+        return held == str(run_id)
+
+    async def mark_intact(self) -> None:
+        try:
+            run_id = (await self._client.info("server"))["run_id"]
+            await self._client.set(self._marker, str(run_id))
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("marker write", exc) from exc
+
     def _script_args(self, change: StockChange) -> tuple[str, list[str | bytes]]:
         sku = str(change["sku"])
         version = int(change["version"])

@@ -25,6 +25,16 @@ Delivery contract, per batch:
 
 So the committed offset never passes a change the target lacks, and a crash
 at any point re-applies at most one batch.
+
+A SKU record it cannot read (a bug, or a foreign producer on the changelog) is
+never skipped silently: it goes to the dead-letter topic (reason
+``unreadable_changelog_record``, counted in ``inventory_dead_letters_total``) and
+the batch's offsets are committed only once the broker acknowledged the dead
+letter; while it cannot be written the batch is held and retried like an outage.
+Dead-lettering rather than holding the partition: the records after it are other
+SKUs' states (and newer versions of the same SKU), which a held partition would
+keep from the target for ever; the unreadable one is kept, with where it was, for
+an operator to replay or discard.
 """
 
 from __future__ import annotations
@@ -36,12 +46,14 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.dead_letters import dead_letter
+from pipeline.partitioning import partition_for
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec
@@ -50,6 +62,7 @@ from tables.stock import StoredStock, is_stock_key
 log = logging.getLogger("inventory.sink")
 
 INITIAL_BACKOFF_S = 0.2
+UNREADABLE = "unreadable_changelog_record"
 
 
 class Backoff:
@@ -79,21 +92,36 @@ class SinkRunner:
         self.codec = codec
         self.target = projection.name
         self.degraded = False
+        self.replaying = False  # re-applying the whole changelog after the target lost data
+        self.failing = False
+        self.next_check = 0.0
+        # while replaying: per partition, the committed offset when the replay began;
+        # unreadable records below it were dead-lettered already
+        self.dead_lettered_below: dict[TopicPartition, int] = {}
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
 
-    def decode(self, records: Sequence[Any]) -> list[StockChange]:
+    def decode(self, records: Sequence[Any]) -> tuple[list[StockChange], list[tuple[Any, str]]]:
         """The current StockChanged of each SKU record of a fetched batch (reservation
-        records and the positions record are skipped)."""
+        records and the positions record are not SKU records), and the SKU records it
+        could not read, each with why."""
         changes: list[StockChange] = []
+        unreadable: list[tuple[Any, str]] = []
         for rec in records:
             if rec.key is None or rec.value is None or not is_stock_key(rec.key):
                 continue
             try:
                 changes.append(StoredStock.from_bytes(rec.value).latest_change())
-            except (ValueError, KeyError, TypeError) as exc:  # a bug or a foreign producer
-                log.error("unreadable SKU record on %s@%d: %s", rec.topic, rec.offset, exc)
-                metrics.SINK_ERRORS.labels(self.target).inc()
-        return changes
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # a bug or a foreign producer: dead-lettered by the caller, never skipped
+                log.error(
+                    "unreadable SKU record on %s/%d@%d: %s",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    exc,
+                )
+                unreadable.append((rec, f"{type(exc).__name__}: {exc}"))
+        return changes, unreadable
 
     async def run(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -109,25 +137,141 @@ class SinkRunner:
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
         await self._until_ready(consumer)
+        producer: AIOKafkaProducer | None = None
         try:
             while True:
+                await self._check_intact(consumer)
                 batches = await consumer.getmany(
                     timeout_ms=200, max_records=self.cfg.sink_batch_size
                 )
                 if not batches:
                     await self._update_lag(consumer)
+                    await self._replay_done(consumer)
                     continue
                 records = [r for recs in batches.values() for r in recs]
                 offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-                changes = self.decode(records)
+                changes, unreadable = self.decode(records)
+                unreadable = [
+                    (rec, why)
+                    for rec, why in unreadable
+                    if rec.offset
+                    >= self.dead_lettered_below.get(TopicPartition(rec.topic, rec.partition), 0)
+                ]
+                if unreadable:
+                    producer = await self._dead_letter_all(consumer, producer, unreadable)
                 if changes:
                     latest = coalesce(changes)
                     report = await self._apply_until_done(consumer, latest)
                     self._observe(latest, report, coalesced=len(changes) - len(latest))
                 await self._commit(consumer, offsets)
                 await self._update_lag(consumer)
+                await self._replay_done(consumer)
         finally:
+            if producer is not None:
+                await producer.stop()
             await consumer.stop()
+
+    async def _dead_letter_all(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer | None,
+        unreadable: list[tuple[Any, str]],
+    ) -> AIOKafkaProducer:
+        """Write a dead letter for each unreadable record and wait for the broker's
+        acknowledgement; until it comes the batch is held (paused, backing off) and
+        nothing is committed. Returns the (started) producer to reuse."""
+        paused = False
+        while True:
+            try:
+                if producer is None:
+                    producer = AIOKafkaProducer(
+                        **aiokafka_kwargs(self.cfg),
+                        acks="all",
+                        enable_idempotence=True,
+                        max_request_size=self.cfg.max_record_bytes,
+                    )
+                    await producer.start()
+                futures = [await producer.send(*self._dead_letter(r, why)) for r, why in unreadable]
+                await asyncio.gather(*futures)
+                break
+            except KafkaError as exc:
+                metrics.SINK_ERRORS.labels(self.target).inc()
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "%s sink: dead letters not written (%s); batch held, retry in %.1fs",
+                    self.target,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        if paused:
+            consumer.resume(*consumer.assignment())
+        for _rec, _why in unreadable:
+            metrics.DEAD_LETTERS.labels(UNREADABLE).inc()
+        return producer
+
+    def _dead_letter(self, rec: Any, why: str) -> tuple[str, bytes, bytes | None, int]:
+        key, record = dead_letter(
+            reason=UNREADABLE,
+            detail=f"{self.target} sink: {why}",
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            dead_at=int(time.time() * 1000),
+            max_bytes=self.cfg.max_record_bytes,
+        )
+        part = partition_for(key, self.cfg.partitions) if key else rec.partition
+        return (
+            self.cfg.dead_letters_topic,
+            self.codec.encode("DeadLetter", record),
+            key,
+            part,
+        )
+
+    async def _check_intact(self, consumer: AIOKafkaConsumer) -> None:
+        """Every ``sink_check_interval_s``: if the target lost what it held, read the
+        assigned partitions again from the beginning (degraded until caught up)."""
+        if self.replaying or time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + self.cfg.sink_check_interval_s
+        try:
+            if await self.projection.intact():
+                return
+        except TargetUnavailable as exc:
+            log.info("%s sink: cannot check the target now: %s", self.target, exc)
+            return
+        log.warning("%s sink: target lost data; re-applying the changelog", self.target)
+        metrics.SINK_REPLAYS.labels(self.target).inc()
+        self.replaying = True
+        self._set_degraded(self.failing)
+        self.dead_lettered_below = {
+            tp: await consumer.committed(tp) or 0 for tp in consumer.assignment()
+        }
+        if consumer.assignment():
+            await consumer.seek_to_beginning(*consumer.assignment())
+
+    async def _replay_done(self, consumer: AIOKafkaConsumer) -> None:
+        """Mark the target whole once every assigned partition is at its end."""
+        if not self.replaying:
+            return
+        for tp in consumer.assignment():
+            hw = consumer.highwater(tp)
+            if hw is None or await consumer.position(tp) < hw:
+                return
+        try:
+            await self.projection.mark_intact()
+        except TargetUnavailable:
+            return
+        if self.replaying:
+            log.info("%s sink: re-applied the changelog; target whole again", self.target)
+        self.replaying = False
+        self.dead_lettered_below = {}
+        self._set_degraded(self.failing)
 
     async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
         while True:
@@ -200,9 +344,12 @@ class SinkRunner:
         for change in changes:
             hist.observe(max(0, report.applied_at_ms - change["occurred_at"]) / 1000)
 
-    def _set_degraded(self, degraded: bool) -> None:
-        self.degraded = degraded
-        metrics.SINK_STATE.labels(self.target).set(1 if degraded else 0)
+    def _set_degraded(self, failing: bool) -> None:
+        """Degraded while the target fails or while it is being re-applied."""
+        self.failing = failing
+        self.degraded = failing or self.replaying
+        metrics.SINK_STATE.labels(self.target).set(1 if self.degraded else 0)
+        metrics.SINK_REPLAYING.labels(self.target).set(1 if self.replaying else 0)
 
     async def _update_lag(self, consumer: AIOKafkaConsumer, held: int = 0) -> None:
         """Records behind the end of the topic, counting a batch held back by an outage."""
