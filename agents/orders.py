@@ -54,7 +54,7 @@ from pipeline.clients import aiokafka_kwargs
 from pipeline.dead_letters import dead_letter
 from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
-from pipeline.topics import changelog_topic
+from pipeline.topics import changelog_topic, durability_config
 from pipeline.validation import Invalid
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from schemas.registry import RegistryError
@@ -108,6 +108,7 @@ orders_table = app.Table(
     partitions=settings.partitions,
     options=table_options(settings),
     extra_topic_configs={
+        **durability_config(settings),
         "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
     },
 )

@@ -241,6 +241,11 @@ class Settings:
     # (acks=all) to succeed; 1/1 on the single local broker, e.g. 3/2 on a real cluster
     replication_factor: int = 1
     min_insync_replicas: int = 1
+    # Faust's standby replicas of its own tables (the saga's orders table): other workers
+    # keep a warm copy of a partition's RocksDB, so a failover restores only the tail.
+    # Not the ledger's store (agents.ledger: a new owner replays the changelog from where
+    # its own RocksDB stands). 0 locally (one worker), e.g. 1 on a real cluster
+    table_standby_replicas: int = 0
     topic_prefix: str = "inventory."
     log_level: str = "INFO"
     # the channel label values metrics keep (producers choose channels: any other one is
@@ -359,6 +364,9 @@ class Settings:
             partitions=_int(e, "INVENTORY_PARTITIONS", d.partitions, 1),
             replication_factor=replication_factor,
             min_insync_replicas=min_insync_replicas,
+            table_standby_replicas=_int(
+                e, "INVENTORY_TABLE_STANDBY_REPLICAS", d.table_standby_replicas, 0
+            ),
             topic_prefix=_str(e, "INVENTORY_TOPIC_PREFIX", d.topic_prefix),
             log_level=_choice(e, "INVENTORY_LOG_LEVEL", d.log_level, LOG_LEVELS),
             metric_channels=_names(e, "INVENTORY_METRIC_CHANNELS", d.metric_channels),

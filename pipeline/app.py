@@ -159,7 +159,7 @@ app = InventoryApp(
     topic_partitions=settings.partitions,
     # the topics Faust creates itself (the saga table's changelog, the leader topic)
     topic_replication_factor=settings.replication_factor,
-    table_standby_replicas=0,
+    table_standby_replicas=settings.table_standby_replicas,
     producer_acks=-1,
     broker_session_timeout=settings.session_timeout_s,
     broker_heartbeat_interval=settings.heartbeat_interval_s,

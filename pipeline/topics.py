@@ -53,16 +53,25 @@ def ledger_changelogs(settings: Settings) -> tuple[str, str]:
     return changelog_topic(settings), changelog_topic(settings, "reservations")
 
 
+def durability_config(settings: Settings) -> dict[str, str]:
+    """Topic config every topic of the app gets, Faust's own included (its tables'
+    ``extra_topic_configs``): ``INVENTORY_MIN_INSYNC_REPLICAS``, the replicas an acks=all
+    write needs (every producer of ours writes with acks=all)."""
+    return {"min.insync.replicas": str(settings.min_insync_replicas)}
+
+
+def leader_topic(settings: Settings) -> str:
+    """Faust's assignor topic (``{app id}-__assignor-__leader``, one partition, never
+    written): created here so it gets the same replication and min ISR as the others
+    (Faust would create it with the broker's default min ISR)."""
+    return f"{settings.app_id}-__assignor-__leader"
+
+
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Every topic the pipeline creates; each gets ``INVENTORY_MIN_INSYNC_REPLICAS``
-    (its writes use acks=all) besides its own configuration."""
+    """Every topic the pipeline creates; each gets :func:`durability_config` besides its
+    own configuration."""
     return [
-        TopicSpec(
-            s.name,
-            s.partitions,
-            {"min.insync.replicas": str(settings.min_insync_replicas), **s.config},
-            s.must_match,
-        )
+        TopicSpec(s.name, s.partitions, {**durability_config(settings), **s.config}, s.must_match)
         for s in _topic_specs(settings)
     ]
 
@@ -97,6 +106,7 @@ def _topic_specs(settings: Settings) -> list[TopicSpec]:
         )
     specs.append(TopicSpec(settings.order_results_topic, n, {}, False))
     specs.append(TopicSpec(settings.dead_letters_topic, n, {}, False))
+    specs.append(TopicSpec(leader_topic(settings), 1, {}, False))
     return specs
 
 

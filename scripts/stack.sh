@@ -9,11 +9,28 @@
 #              Chromium for the product-page test, promtool and Prometheus, openssl)
 #        scripts/stack.sh kafka-cli TOOL [args...]   (TOOL: topics, console-producer,
 #              console-consumer, consumer-groups, get-offsets, configs, or a main class name)
+#        scripts/stack.sh cluster-up|cluster-down|cluster-status|cluster-reset [NODE ...]
+#        scripts/stack.sh cluster-kill NODE   (SIGKILL one node: a broker crash, for tests)
+#        scripts/stack.sh cluster-bootstrap   (prints the cluster's bootstrap servers)
 #
 #   up      start the services (downloads once into $STACK_DIR) and wait until each answers
 #   down    stop them (TERM, then KILL) and check that nothing of ours still holds a port
 #   status  print up/down for each service; exit 1 if any requested service is down
 #   reset   down, then delete the services' data, logs and generated config (downloads are kept)
+#
+# A real Kafka cluster, beside the single broker (other ports, other dirs, same jars):
+#   cluster-up      start 3 Kafka nodes (NODE: 1 2 3; default all): KRaft combined mode,
+#                   each JVM a broker and one of 3 controller voters (a static quorum), so
+#                   one lost node costs neither the metadata quorum nor an ISR of 2. Brokers
+#                   listen on $KAFKA_CLUSTER_PORT..+2 (19092-19094), controllers on
+#                   $KAFKA_CLUSTER_CONTROLLER_PORT..+2 (19192-19194); default replication
+#                   factor 3, min.insync.replicas 2 (scripts/stack/kafka-cluster.properties).
+#                   Starts only the nodes that are down (a killed node is restarted), then
+#                   waits until each answers
+#   cluster-down    stop the nodes (TERM, then KILL)       cluster-kill NODE  SIGKILL one node
+#   cluster-status  up/down of each node; exit 1 if any is down
+#   cluster-reset   cluster-down, then delete its data and logs
+# Its files live in $KAFKA_CLUSTER_DIR (default $STACK_DIR/cluster), node<N>/{data,logs}.
 #
 # Services default to $STACK_SERVICES or all three. Everything lives under
 # $STACK_DIR (default <repo>/.stack). Everything binds 127.0.0.1 only.
@@ -28,6 +45,9 @@
 #   KAFKA_EXTRA_CONFIG [] a properties file appended to server.properties (later keys win)
 #   KAFKA_SCRAM_USERS  [] "name:password ..." SCRAM-SHA-512 and -256 users created when the
 #                         storage is formatted (KRaft keeps them in its metadata)
+#   KAFKA_LIBS [$STACK_DIR/kafka-libs] the Kafka jars (another checkout's, to share one download)
+#   KAFKA_CLUSTER_DIR [$STACK_DIR/cluster]  KAFKA_CLUSTER_PORT [19092]
+#   KAFKA_CLUSTER_CONTROLLER_PORT [19192]  KAFKA_CLUSTER_HEAP_OPTS [-Xms320m -Xmx320m]
 #   REDIS_PORT [6379]
 #   OPENSEARCH_VERSION [2.19.6]  OPENSEARCH_PORT [9200]  OPENSEARCH_TRANSPORT_PORT [9300]
 #   OPENSEARCH_JAVA_OPTS [-Xms512m -Xmx512m]  OPENSEARCH_USER [opensearch] (used when root)
@@ -66,7 +86,13 @@ OPENSEARCH_JAVA_OPTS=${OPENSEARCH_JAVA_OPTS:--Xms512m -Xmx512m}
 OPENSEARCH_USER=${OPENSEARCH_USER:-opensearch}
 ALL_SERVICES="kafka redis opensearch"
 
-KAFKA_LIBS=$STACK_DIR/kafka-libs
+KAFKA_LIBS=${KAFKA_LIBS:-$STACK_DIR/kafka-libs}
+KAFKA_CLUSTER_DIR=${KAFKA_CLUSTER_DIR:-$STACK_DIR/cluster}
+case $KAFKA_CLUSTER_DIR in /*) ;; *) KAFKA_CLUSTER_DIR=$PWD/$KAFKA_CLUSTER_DIR ;; esac
+KAFKA_CLUSTER_PORT=${KAFKA_CLUSTER_PORT:-19092}
+KAFKA_CLUSTER_CONTROLLER_PORT=${KAFKA_CLUSTER_CONTROLLER_PORT:-19192}
+KAFKA_CLUSTER_HEAP_OPTS=${KAFKA_CLUSTER_HEAP_OPTS:--Xms320m -Xmx320m}
+CLUSTER_NODES="1 2 3"
 KAFKA_RUN=$STACK_DIR/kafka
 REDIS_RUN=$STACK_DIR/redis
 # OpenSearch normally lives in $STACK_DIR too; see os_locate for the exception.
@@ -463,6 +489,184 @@ kafka_start() {
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$props"
 }
 
+# -------------------------------------------------------------- cluster ---
+# Three Kafka nodes beside the single broker: node N is broker port
+# $KAFKA_CLUSTER_PORT+N-1 and controller port $KAFKA_CLUSTER_CONTROLLER_PORT+N-1.
+node_dir() { echo "$KAFKA_CLUSTER_DIR/node$1"; }
+node_port() { echo $((KAFKA_CLUSTER_PORT + $1 - 1)); }
+node_cport() { echo $((KAFKA_CLUSTER_CONTROLLER_PORT + $1 - 1)); }
+cluster_bootstrap() {
+  local n out=""
+  for n in $CLUSTER_NODES; do out="$out${out:+,}$HOST:$(node_port "$n")"; done
+  printf '%s\n' "$out"
+}
+cluster_voters() {
+  local n out=""
+  for n in $CLUSTER_NODES; do out="$out${out:+,}$n@$HOST:$(node_cport "$n")"; done
+  printf '%s' "$out"
+}
+
+node_pid() { # node: pid of its running JVM (pid file, else its broker port), if ours
+  local d f pid="" p
+  d=$(node_dir "$1"); f=$d/kafka.pid
+  [ -s "$f" ] && pid=$(tr -dc '0-9' <"$f" 2>/dev/null)
+  node_pid_is_ours() {
+    case "$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)" in *"$d/"*) return 0 ;; esac
+    return 1
+  }
+  if pid_alive "$pid" && node_pid_is_ours "$pid"; then echo "$pid"; return 0; fi
+  for p in $(port_pids "$(node_port "$1")"); do
+    if pid_alive "$p" && node_pid_is_ours "$p"; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+node_answers() { # node: its broker port accepts and this run's log says it started
+  port_open "$(node_port "$1")" && grep -q 'Kafka Server started' "$(node_dir "$1")/logs/server.log" 2>/dev/null
+}
+
+node_start() { # node: write its config, format its storage once, launch its JVM
+  local n=$1 d data logs props port cport
+  d=$(node_dir "$n"); data=$d/data; logs=$d/logs; props=$d/server.properties
+  port=$(node_port "$n"); cport=$(node_cport "$n")
+  for p in "$port" "$cport"; do
+    if port_open "$p" || [ -n "$(port_pids "$p")" ]; then
+      die "cluster node $n cannot start: port $p is already taken by$(describe_port "$p") (set KAFKA_CLUSTER_PORT / KAFKA_CLUSTER_CONTROLLER_PORT)"
+    fi
+  done
+  mkdir -p "$data" "$logs"
+  sed -e "s|@NODE_ID@|$n|g" -e "s|@VOTERS@|$(cluster_voters)|g" \
+    -e "s|@BROKER_PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" \
+    -e "s|@DATA_DIR@|$data|g" -e "s|@KAFKA_NUM_PARTITIONS@|$KAFKA_NUM_PARTITIONS|g" \
+    "$TEMPLATE_DIR/kafka-cluster.properties" >"$props"
+  cp "$TEMPLATE_DIR/kafka-log4j2.properties" "$d/log4j2.properties"
+  # one cluster id for the three nodes; the voter set is part of each node's storage
+  local idfile=$KAFKA_CLUSTER_DIR/cluster.id fmt=$d/formatted-for voters
+  voters=$(cluster_voters)
+  if [ -f "$data/meta.properties" ]; then
+    if [ -f "$fmt" ] && [ "$(cat "$fmt")" != "$voters" ]; then
+      die "cluster node $n: its storage was formatted for voters $(cat "$fmt"), not $voters: run 'scripts/stack.sh cluster-reset' (deletes the cluster's data) or set the ports back"
+    fi
+  else
+    if [ ! -s "$idfile" ]; then
+      kafka_java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool random-uuid 2>>"$logs/format.log" |
+        tail -n1 >"$idfile" || { tail_log kafka "$logs/format.log"; die "cluster: StorageTool random-uuid failed"; }
+    fi
+    kafka_java -cp "$KAFKA_LIBS/*" kafka.tools.StorageTool format -t "$(cat "$idfile")" -c "$props" \
+      --ignore-formatted >>"$logs/format.log" 2>&1 ||
+      { tail_log "cluster node $n" "$logs/format.log"; die "cluster node $n: formatting $data failed"; }
+    echo "$voters" >"$fmt"
+  fi
+  [ -f "$logs/server.log" ] && mv -f "$logs/server.log" "$logs/server.log.prev"
+  [ -f "$logs/kafka.out" ] && mv -f "$logs/kafka.out" "$logs/kafka.out.prev"
+  rm -f "$d/kafka.pid"
+  # shellcheck disable=SC2086 # KAFKA_CLUSTER_HEAP_OPTS is a list of flags
+  launch "$logs/kafka.out" bash -c 'echo $$ >"$0"; exec "$@"' "$d/kafka.pid" \
+    "$JAVA_HOME_SEL/bin/java" $KAFKA_CLUSTER_HEAP_OPTS -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:+ExitOnOutOfMemoryError -XX:TieredStopAtLevel=1 -Xss512k \
+    -Djava.awt.headless=true -Dkafka.logs.dir="$logs" \
+    -Dlog4j2.configurationFile="$d/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$props"
+}
+
+cluster_nodes_arg() { # NODE...: validated node numbers (default all) into NODES
+  NODES=()
+  local n
+  if [ $# -eq 0 ]; then read -r -a NODES <<<"$CLUSTER_NODES"; return 0; fi
+  for n in "$@"; do
+    case " $CLUSTER_NODES " in *" $n "*) NODES+=("$n") ;; *) die "unknown cluster node '$n' (nodes: $CLUSTER_NODES)" ;; esac
+  done
+}
+
+cluster_lock() {
+  mkdir -p "$KAFKA_CLUSTER_DIR"
+  exec 9>"$KAFKA_CLUSTER_DIR/.lock"
+  if command -v flock >/dev/null 2>&1 && ! flock -w 600 9; then
+    die "another scripts/stack.sh holds $KAFKA_CLUSTER_DIR/.lock"
+  fi
+}
+
+cmd_cluster_up() {
+  local t0=$SECONDS n pid
+  local -a started=()
+  cluster_nodes_arg "$@"
+  cluster_lock
+  find_java
+  kafka_install
+  for n in "${NODES[@]}"; do
+    if ! node_pid "$n" >/dev/null; then node_start "$n"; started+=("$n"); fi
+  done
+  # every node, also one that was already running (it may still be starting); a
+  # single node cannot answer before a quorum of voters is up, so launch first, wait after
+  local since=$SECONDS
+  for n in "${NODES[@]}"; do
+    while ! { node_pid "$n" >/dev/null && node_answers "$n"; }; do
+      if ! node_pid "$n" >/dev/null && [ $((SECONDS - since)) -ge 5 ]; then
+        tail_log "cluster node $n" "$(node_dir "$n")/logs/kafka.out" "$(node_dir "$n")/logs/server.log"
+        die "cluster node $n exited during startup (see its log above)"
+      fi
+      if [ $((SECONDS - since)) -ge "$STACK_TIMEOUT" ]; then
+        tail_log "cluster node $n" "$(node_dir "$n")/logs/kafka.out" "$(node_dir "$n")/logs/server.log"
+        die "cluster node $n did not come up within ${STACK_TIMEOUT}s on $HOST:$(node_port "$n")"
+      fi
+      sleep 0.5
+    done
+  done
+  for n in "${NODES[@]}"; do
+    pid=$(node_pid "$n") || pid='?'
+    if [[ " ${started[*]-} " == *" $n "* ]]; then
+      row "kafka-$n" "$HOST:$(node_port "$n")" "up (pid $pid, started)"
+    else
+      row "kafka-$n" "$HOST:$(node_port "$n")" "up (pid $pid, was already running)"
+    fi
+  done
+  say "cluster up in $((SECONDS - t0))s; bootstrap $(cluster_bootstrap) (data in $KAFKA_CLUSTER_DIR)"
+}
+
+cmd_cluster_down() {
+  local n pid
+  cluster_nodes_arg "$@"
+  cluster_lock
+  for n in "${NODES[@]}"; do
+    if pid=$(node_pid "$n"); then stop_pid "kafka-$n" "$pid"; fi
+    rm -f "$(node_dir "$n")/kafka.pid"
+    row "kafka-$n" "$HOST:$(node_port "$n")" "down"
+  done
+}
+
+cmd_cluster_kill() { # NODE: SIGKILL, no shutdown (a crashed broker)
+  local pid
+  [ $# -eq 1 ] || die "usage: scripts/stack.sh cluster-kill NODE (one of $CLUSTER_NODES)"
+  cluster_nodes_arg "$1"
+  pid=$(node_pid "$1") || die "cluster node $1 is not running"
+  kill -KILL "$pid"
+  while pid_alive "$pid"; do sleep 0.1; done
+  row "kafka-$1" "$HOST:$(node_port "$1")" "killed (pid $pid, SIGKILL)"
+}
+
+cmd_cluster_status() {
+  local n pid bad=0
+  cluster_nodes_arg "$@"
+  for n in "${NODES[@]}"; do
+    if pid=$(node_pid "$n"); then
+      if node_answers "$n"; then
+        row "kafka-$n" "$HOST:$(node_port "$n")" "up (pid $pid)"
+      else
+        row "kafka-$n" "$HOST:$(node_port "$n")" "down: running (pid $pid) but not answering yet"; bad=1
+      fi
+    else
+      row "kafka-$n" "$HOST:$(node_port "$n")" "down"; bad=1
+    fi
+  done
+  return $bad
+}
+
+cmd_cluster_reset() {
+  cmd_cluster_down
+  rm -rf "${KAFKA_CLUSTER_DIR:?}"/node[0-9]* "$KAFKA_CLUSTER_DIR/cluster.id"
+  say "cluster: data, logs and generated config deleted"
+}
+
 # ------------------------------------------------------------------ redis ---
 redis_install() {
   command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
@@ -710,6 +914,9 @@ main() {
   case $cmd in
     up | down | status | reset) ;;
     kafka-cli) cmd_kafka_cli "$@" ;;
+    cluster-up | cluster-down | cluster-status | cluster-reset | cluster-kill)
+      "cmd_${cmd//-/_}" "$@"; exit $? ;;
+    cluster-bootstrap) cluster_bootstrap; exit 0 ;;
     test-deps) cmd_test_deps; exit 0 ;;
     -h | --help | help) usage 0 ;;
     *) usage 2 ;;

@@ -3,6 +3,7 @@ pipeline creates (checked on a fake admin client: no Kafka needed)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,14 +21,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_one_replica_by_default_as_on_the_local_broker():
     s = Settings.from_env({})
-    assert (s.replication_factor, s.min_insync_replicas) == (1, 1)
+    assert (s.replication_factor, s.min_insync_replicas, s.table_standby_replicas) == (1, 1, 0)
 
 
 def test_a_real_clusters_replication_is_read_from_the_environment():
     s = Settings.from_env(
-        {"INVENTORY_REPLICATION_FACTOR": "3", "INVENTORY_MIN_INSYNC_REPLICAS": "2"}
+        {
+            "INVENTORY_REPLICATION_FACTOR": "3",
+            "INVENTORY_MIN_INSYNC_REPLICAS": "2",
+            "INVENTORY_TABLE_STANDBY_REPLICAS": "1",
+        }
     )
-    assert (s.replication_factor, s.min_insync_replicas) == (3, 2)
+    assert (s.replication_factor, s.min_insync_replicas, s.table_standby_replicas) == (3, 2, 1)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +41,7 @@ def test_a_real_clusters_replication_is_read_from_the_environment():
         ({"INVENTORY_REPLICATION_FACTOR": "0"}, "INVENTORY_REPLICATION_FACTOR='0': must be"),
         ({"INVENTORY_REPLICATION_FACTOR": "three"}, "INVENTORY_REPLICATION_FACTOR='three'"),
         ({"INVENTORY_MIN_INSYNC_REPLICAS": "0"}, "INVENTORY_MIN_INSYNC_REPLICAS='0': must be"),
+        ({"INVENTORY_TABLE_STANDBY_REPLICAS": "-1"}, "INVENTORY_TABLE_STANDBY_REPLICAS='-1'"),
         # more in-sync replicas than replicas: no acks=all write could ever succeed
         ({"INVENTORY_MIN_INSYNC_REPLICAS": "2"}, "must be at most INVENTORY_REPLICATION_FACTOR"),
         (
@@ -112,10 +118,32 @@ def test_existing_topics_with_fewer_replicas_are_left_alone_and_named(monkeypatc
 
 def test_the_topics_faust_creates_itself_get_the_replication_factor_too():
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
-    env.update(INVENTORY_REPLICATION_FACTOR="3", INVENTORY_MIN_INSYNC_REPLICAS="2")
-    code = "from pipeline.app import app; print(app.conf.topic_replication_factor)"
+    env.update(
+        INVENTORY_REPLICATION_FACTOR="3",
+        INVENTORY_MIN_INSYNC_REPLICAS="2",
+        INVENTORY_TABLE_STANDBY_REPLICAS="1",
+    )
+    # the saga table's changelog is the one topic Faust creates that anyone writes to
+    code = (
+        "import json; from pipeline.app import app, settings; import agents.orders as o; "
+        "from pipeline.topics import leader_topic; "
+        "print(json.dumps([app.conf.topic_replication_factor, app.conf.table_standby_replicas, "
+        "o.orders_table.changelog_topic.config, "
+        "app._leader_assignor._leader_topic_name == leader_topic(settings)]))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == "3"
+    rf, standby, changelog_config, same_leader_topic = json.loads(out.stdout.splitlines()[-1])
+    assert (rf, standby) == (3, 1)
+    assert changelog_config["min.insync.replicas"] == "2"
+    assert same_leader_topic, "pipeline.topics.leader_topic is not Faust's assignor topic"
+
+
+def test_fausts_assignor_topic_is_created_by_us_with_the_min_insync_replicas():
+    """Faust declares its leader topic without a config (the broker's default min ISR); a
+    topic that exists already is left as it is, so ours comes first."""
+    cfg = Settings(app_id="app-x", replication_factor=3, min_insync_replicas=2)
+    spec = next(s for s in topics.topic_specs(cfg) if s.name == "app-x-__assignor-__leader")
+    assert (spec.partitions, spec.config["min.insync.replicas"]) == (1, "2")
