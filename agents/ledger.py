@@ -44,7 +44,7 @@ import ctypes
 import enum
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +69,7 @@ from pipeline.partitioning import partition_for
 from pipeline.store import PartitionStore, store_path
 from pipeline.topics import ledger_changelogs
 from pipeline.validation import Invalid, to_command
-from schemas.codec import AvroCodec, DecodeError
+from schemas.codec import AvroCodec, DecodeError, retry_while_registry_down
 from schemas.registry import RegistryError
 from tables.stock import (
     EVENT_PREFIX,
@@ -258,6 +258,13 @@ class PartitionLedger:
         started = time.monotonic()
         await self.writer.open()  # fences every earlier owner of this partition
         loop = asyncio.get_running_loop()
+        codec = self.engine.codec
+        if codec.registry is not None:
+            # registered now, off the loop: encoding a decision must not wait on HTTP
+            await retry_while_registry_down(
+                lambda: loop.run_in_executor(self.engine.executor, codec.register_all),
+                metrics.registry_wait,
+            )
         store = self.store
         self.cache.clear()
         before = dict(store.positions)
@@ -423,6 +430,8 @@ class PartitionLedger:
                 continue  # fetched before the current generation: its seek re-reads it
             topic = chunk.tp.topic
             arrivals.append((chunk.arrived, len(chunk.records)))
+            if self.engine.codec.registry is not None:
+                await self._lookups(chunk.records)
             for position, rec in enumerate(chunk.records):
                 if not budget.admit(topic, rec.key, rec.value):
                     # this SKU's changelog record is full: the rest waits for the next batch
@@ -654,24 +663,23 @@ class PartitionLedger:
             return None, None
         return self._placed(topic, rec, command)
 
+    async def _lookups(self, records: Sequence[Any]) -> None:
+        """Fetch the writer schemas ``records`` need from the registry, off the event loop
+        (so that _classify does no I/O); while the registry is down, wait."""
+        codec, executor = self.engine.codec, self.engine.executor
+        await retry_while_registry_down(
+            lambda: codec.prepare((r.value for r in records), executor), metrics.registry_wait
+        )
+
     async def _classify_waiting(
         self, topic: str, rec: Any
     ) -> tuple[core.Command | None, Out | None]:
-        """_classify while the registry is down: wait, never dead-letter good input."""
-        value: bytes = rec.value if rec.value is not None else b""
-        delay = 0.5
+        """_classify after a registry failure: look the schema up again off the loop."""
         while True:
-            try:
-                name, fields = self.engine.codec.decode(value)
-                command = to_command(topic, rec.key, name, fields, self.cfg)
-                break
-            except (DecodeError, Invalid) as exc:
-                return None, self._dead_letter(exc.reason, exc.detail, topic, rec)
-            except RegistryError as exc:
-                log.warning("schema registry unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        return self._placed(topic, rec, command)
+            await self._lookups([rec])
+            command, out = self._classify(topic, rec)
+            if command is not None or out is not None:
+                return command, out
 
     def _placed(
         self, topic: str, rec: Any, command: core.Command

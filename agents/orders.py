@@ -56,8 +56,7 @@ from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic, durability_config
 from pipeline.validation import Invalid
-from schemas.codec import AvroCodec, DecodeError, codec_from_settings
-from schemas.registry import RegistryError
+from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.orders import OpenSagas, StoredSaga, order_key, result_to_dict
 
 log = logging.getLogger("inventory.orders")
@@ -160,9 +159,18 @@ class SagaHandler:
         self.codec = codec
         self.cfg = cfg
         self.limits = sg.Limits.of(cfg)
+        self.max_bytes = sg.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
+        self._registered = codec.registry is None
 
     async def handle(self, event: Any) -> None:
+        if not self._registered:
+            # once, off the loop: encoding the saga's commands must not wait on HTTP
+            await retry_while_registry_down(
+                lambda: asyncio.get_running_loop().run_in_executor(None, self.codec.register_all),
+                metrics.registry_wait,
+            )
+            self._registered = True
         msg = event.message
         if msg.topic == self.cfg.line_results_topic:
             await self._answer(event)
@@ -170,20 +178,31 @@ class SagaHandler:
             await self._command(event)
 
     async def _decode(self, value: bytes) -> tuple[str, dict[str, Any]]:
-        delay = 0.5
-        while True:
-            try:
-                return self.codec.decode(value)
-            except RegistryError as exc:
-                log.warning("schema registry unavailable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        """Decode, fetching an unknown writer schema off the event loop first (waiting
+        while the registry is down: good input is never dead-lettered for it)."""
+        if self.codec.registry is not None:
+            await retry_while_registry_down(
+                lambda: self.codec.prepare([value], None), metrics.registry_wait
+            )
+        return self.codec.decode(value)
 
     async def _command(self, event: Any) -> None:
         msg = event.message
         topic, partition, offset = msg.topic, msg.partition, msg.offset
         key: bytes | None = event.key
         value: bytes = event.value if event.value is not None else b""
+        if len(value) > self.max_bytes:
+            await self.dead_letter(
+                "record_too_large",
+                f"{len(value)} bytes; no valid checkouts record exceeds {self.max_bytes} "
+                f"(INVENTORY_MAX_ORDER_LINES={self.limits.max_lines}); not decoded",
+                topic,
+                partition,
+                offset,
+                key,
+                value,
+            )
+            return
         try:
             name, rec = await self._decode(value)
             cmd = sg.to_order_command(key, name, rec, self.limits)
@@ -226,7 +245,10 @@ class SagaHandler:
         try:
             name, rec = await self._decode(event.value)
         except DecodeError as exc:
-            log.warning("undecodable ledger answer at offset %d: %s", msg.offset, exc)
+            # never skipped in silence: the line stays pending and the saga asks again
+            await self.dead_letter(
+                exc.reason, exc.detail, msg.topic, msg.partition, msg.offset, key, event.value
+            )
             return
         if name != "ReservationResult":
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -83,6 +84,22 @@ REDELIVERED = Counter(
     ["topic"],
     registry=REGISTRY,
 )
+REGISTRY_WAITS = Counter(
+    "inventory_schema_registry_waits_total",
+    "Times a consumer waited for the schema registry (down or not answering) to read a "
+    "record; it retries with backoff and never dead-letters the record for it.",
+    registry=REGISTRY,
+)
+
+
+def registry_wait(exc: Exception, delay: float) -> None:
+    """Count and log one wait for the schema registry (see retry_while_registry_down)."""
+    REGISTRY_WAITS.inc()
+    logging.getLogger("inventory.registry").warning(
+        "schema registry unavailable (%s); retrying in %.1fs", exc, delay
+    )
+
+
 REROUTED = Counter(
     "inventory_rerouted_total",
     "Input records found on a partition other than their key's, re-sent to the right one.",

@@ -45,7 +45,15 @@ from typing import Any
 
 from config.settings import Settings
 from pipeline import core
-from pipeline.validation import MAX_TTL_MS, Invalid, check_sku, check_text
+from pipeline.validation import (
+    MAX_CHANNEL_LEN,
+    MAX_ID_LEN,
+    MAX_TEXT_LEN,
+    MAX_TTL_MS,
+    Invalid,
+    check_sku,
+    check_text,
+)
 
 DEFAULT_GRACE_MS = 60_000
 """Ledger holds last ttl + this, so the saga (not the ledger) decides an order's expiry."""
@@ -602,6 +610,25 @@ class Limits:
 
 
 ORDER_RECORDS = ("PlaceOrder", "CommitOrder", "CancelOrder")
+
+
+def max_checkout_bytes(limits: Limits) -> int:
+    """An upper bound of the framed size of any checkouts record that can pass validation:
+    a PlaceOrder of ``limits.max_lines`` lines of the longest SKUs, every text field at its
+    longest in 4-byte UTF-8, every number at its longest varint. A larger record is
+    dead-lettered before it is decoded, so that its lines are never allocated (a 1 MB
+    record could otherwise hold some 300,000 lines)."""
+
+    def text(limit: int) -> int:
+        return 5 + limit  # a long varint length, then the bytes
+
+    header = 10  # single-object framing (the Confluent header is 5)
+    numbers = 3 * 10  # qty-free longs: ttl_ms, occurred_at, and the array's end marker
+    ids = 2 * text(4 * MAX_ID_LEN)  # event_id, order_id
+    texts = text(4 * MAX_CHANNEL_LEN) + sum(text(4 * n) for n in MAX_TEXT_LEN.values())
+    # each line: sku, qty (int varint), and room for a writer that writes one block per line
+    line = text(limits.max_sku_len) + 5 + 2 * 10
+    return header + numbers + ids + texts + limits.max_lines * line
 
 
 def to_order_command(

@@ -7,16 +7,19 @@
   4-byte big-endian schema id + the body. Schemas are registered under their
   full name (RecordNameStrategy), e.g. ``inventory.v1.ReserveStock``.
 
-:meth:`AvroCodec.decode` accepts both framings whatever the codec's own mode.
+:meth:`AvroCodec.decode` accepts both framings whatever the codec's own mode, and
+records written with any released version of a schema (``released/``).
 Bad bytes raise :class:`DecodeError` and bad records :class:`EncodeError`, each
 with a machine-readable ``reason`` (the dead-letter reason) and a ``detail``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -29,13 +32,17 @@ from fastavro.schema import parse_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 from config.settings import Settings
-from schemas.registry import RegistryError, SchemaRegistry
+from schemas.registry import NotAvroSchema, RegistryError, SchemaRegistry
 
 SCHEMA_DIR = Path(__file__).resolve().parent
+# every released version of every record: released/<Name>/v<N>.avsc (see load_released)
+RELEASED_DIR = SCHEMA_DIR / "released"
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
 _SO_HEADER_LEN = 10
 _CONFLUENT_HEADER_LEN = 5
+# registry ids remembered as unreadable; random ids from a hostile producer cannot grow it
+_MAX_UNREADABLE_IDS = 10_000
 
 
 class CodecError(Exception):
@@ -81,6 +88,35 @@ def load_schemas(schema_dir: Path = SCHEMA_DIR) -> dict[str, dict[str, Any]]:
     for a file that is not one record named like the file.
     """
     return dict(_load(Path(schema_dir).resolve()))
+
+
+@functools.cache
+def _load_released(released_dir: Path) -> dict[str, tuple[dict[str, Any], ...]]:
+    out: dict[str, tuple[dict[str, Any], ...]] = {}
+    for folder in sorted(p for p in released_dir.iterdir() if p.is_dir()):
+        versions = sorted(folder.glob("v*.avsc"), key=lambda p: int(p.stem[1:]))
+        if [p.stem for p in versions] != [f"v{i}" for i in range(1, len(versions) + 1)]:
+            raise ValueError(f"{folder}: versions must be v1.avsc, v2.avsc, ... without gaps")
+        parsed = []
+        for path in versions:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict) or raw.get("name") != folder.name:
+                raise ValueError(f"{path}: expected a record schema named {folder.name!r}")
+            parsed.append(cast(dict[str, Any], parse_schema(raw)))
+        out[folder.name] = tuple(parsed)
+    return out
+
+
+def load_released(released_dir: Path = RELEASED_DIR) -> dict[str, tuple[dict[str, Any], ...]]:
+    """Short record name -> every released version of its schema, oldest first.
+
+    A record's schema is released once it has been on main: producers and topics may
+    hold records written with it for as long as the topics keep them, so the codec
+    reads every released version (resolved to the current schema), and a change to a
+    ``.avsc`` file adds a version here (``tests/unit/test_schema_evolution.py``
+    checks that, and that each version is backward and forward compatible).
+    """
+    return dict(_load_released(Path(released_dir).resolve()))
 
 
 def fingerprint(name_or_parsed: str | dict[str, Any] | list[Any]) -> bytes:
@@ -144,11 +180,24 @@ class AvroCodec:
         self,
         registry: SchemaRegistry | None = None,
         schemas: Mapping[str, dict[str, Any]] | None = None,
+        released: Mapping[str, Sequence[dict[str, Any]]] | None = None,
     ) -> None:
         parsed = load_schemas() if schemas is None else schemas
+        if released is None:
+            released = load_released() if schemas is None else {}
         self._registry = registry
         self._by_name = {name: _entry(name, p) for name, p in parsed.items()}
         self._by_fingerprint = {e.header[2:]: e for e in self._by_name.values()}
+        # fingerprint of an earlier released version -> (current entry, that writer schema)
+        self._older: dict[bytes, tuple[_Schema, dict[str, Any]]] = {}
+        for name, versions in released.items():
+            entry = self._by_name.get(name)
+            if entry is None:
+                continue  # a record type that is gone: nothing reads it any more
+            for version in versions:
+                fp = fingerprint(version)
+                if fp not in self._by_fingerprint:
+                    self._older[fp] = (entry, version)
         self._by_full_name = {e.full_name: e for e in self._by_name.values()}
         self.names: tuple[str, ...] = tuple(sorted(self._by_name))
         # name -> framing prefix; filled lazily in registry mode (one registration per schema)
@@ -157,6 +206,54 @@ class AvroCodec:
         )
         # registry id -> (short name, writer schema, reader schema or None when identical)
         self._readers: dict[int, tuple[str, dict[str, Any], dict[str, Any] | None]] = {}
+        # registry id -> why its records cannot be read (unknown id, not Avro, foreign record):
+        # kept so that every later record with the id is a dead letter without asking again
+        self._unreadable: dict[int, DecodeError] = {}
+
+    @property
+    def registry(self) -> SchemaRegistry | None:
+        return self._registry
+
+    def lookup_needed(self, data: bytes) -> int | None:
+        """The registry id whose writer schema :meth:`decode` would fetch over the network
+        for ``data``, or None when decoding it needs no I/O."""
+        if self._registry is None or data[:1] != CONFLUENT_MAGIC or len(data) < 5:
+            return None
+        schema_id = int.from_bytes(data[1:_CONFLUENT_HEADER_LEN], "big")
+        if schema_id in self._readers or schema_id in self._unreadable:
+            return None
+        return schema_id
+
+    def fetch_writer(self, schema_id: int) -> None:
+        """Fetch and keep writer schema ``schema_id`` (blocking I/O: call it off the event
+        loop). An id whose records cannot be read is kept as such, so :meth:`decode` raises
+        its ``unknown_schema`` without I/O. Raises
+        :class:`~schemas.registry.RegistryError` when the registry does not answer."""
+        try:
+            self._resolve(schema_id)
+        except DecodeError:
+            pass  # remembered by _resolve: decode raises it without I/O
+
+    async def prepare(self, values: Iterable[bytes | None], executor: Executor | None) -> None:
+        """Fetch, in ``executor``, every writer schema that decoding ``values`` needs, so
+        that :meth:`decode` of them does no I/O on the event loop. Raises
+        :class:`~schemas.registry.RegistryError` when the registry does not answer (the
+        caller waits and calls again). Without a registry it returns at once."""
+        if self._registry is None:
+            return
+        ids = {i for v in values if v and (i := self.lookup_needed(v)) is not None}
+        loop = asyncio.get_running_loop()
+        for schema_id in sorted(ids):
+            await loop.run_in_executor(executor, self.fetch_writer, schema_id)
+
+    def register_all(self) -> None:
+        """Register every schema now (blocking: call it off the event loop), so that
+        :meth:`encode` never registers on the hot path. Without a registry, nothing."""
+        if self._registry is None:
+            return
+        for entry in self._by_name.values():
+            if entry.name not in self._prefix:
+                self._register(entry)
 
     def encode(self, name: str, record: Mapping[str, Any]) -> bytes:
         """Framed Avro bytes of ``record`` as the record type ``name``.
@@ -207,8 +304,12 @@ class AvroCodec:
     def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
         """``(short record name, record)`` from framed bytes of either framing.
 
-        Raises :class:`DecodeError`: ``unknown_schema`` for an unknown
-        fingerprint or registry id, a Confluent frame without a registry, or a
+        A record written with an earlier released version of its schema (single-object
+        fingerprint from :func:`load_released`, or a registry id of an older writer) is
+        resolved to the current schema, fields it lacks taking their defaults.
+
+        Raises :class:`DecodeError`: ``unknown_schema`` for a fingerprint of no
+        released version or an unknown registry id, a Confluent frame without a registry, or a
         writer schema that cannot be resolved to the local one; ``truncated``
         when the bytes end early; ``undecodable`` for anything else, including
         bytes left after the record.
@@ -216,17 +317,24 @@ class AvroCodec:
         if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < _SO_HEADER_LEN:
                 raise DecodeError("truncated", f"single-object header cut at {len(data)} bytes")
-            entry = self._by_fingerprint.get(data[2:_SO_HEADER_LEN])
-            if entry is None:
+            fp = data[2:_SO_HEADER_LEN]
+            entry = self._by_fingerprint.get(fp)
+            if entry is not None:
+                return entry.name, _read(data, _SO_HEADER_LEN, entry.parsed, None)
+            older = self._older.get(fp)
+            if older is None:
                 raise DecodeError(
-                    "unknown_schema",
-                    f"no local schema has fingerprint {data[2:_SO_HEADER_LEN].hex()}",
+                    "unknown_schema", f"no released schema has fingerprint {fp.hex()}"
                 )
-            return entry.name, _read(data, _SO_HEADER_LEN, entry.parsed, None)
+            # an earlier released version: resolved to the current schema (defaults fill in)
+            return older[0].name, _read(data, _SO_HEADER_LEN, older[1], older[0].parsed)
         if data[:1] == CONFLUENT_MAGIC:
             if len(data) < _CONFLUENT_HEADER_LEN:
                 raise DecodeError("truncated", f"Confluent header cut at {len(data)} bytes")
             schema_id = int.from_bytes(data[1:_CONFLUENT_HEADER_LEN], "big")
+            known = self._unreadable.get(schema_id)
+            if known is not None:
+                raise DecodeError(known.reason, known.detail)
             reader = self._readers.get(schema_id) or self._resolve(schema_id)
             return reader[0], _read(data, _CONFLUENT_HEADER_LEN, reader[1], reader[2])
         if not data:
@@ -245,7 +353,20 @@ class AvroCodec:
         return prefix
 
     def _resolve(self, schema_id: int) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
-        """Fetch writer schema ``schema_id`` and pair it with the local reader schema."""
+        """Fetch writer schema ``schema_id`` and pair it with the local reader schema; an
+        id whose records cannot be read is remembered as such (registry ids never change)."""
+        try:
+            return self._resolve_uncached(schema_id)
+        except DecodeError as exc:
+            if self._registry is not None:
+                if len(self._unreadable) >= _MAX_UNREADABLE_IDS:
+                    del self._unreadable[next(iter(self._unreadable))]  # the oldest
+                self._unreadable[schema_id] = exc
+            raise
+
+    def _resolve_uncached(
+        self, schema_id: int
+    ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
         if self._registry is None:
             raise DecodeError(
                 "unknown_schema",
@@ -254,6 +375,11 @@ class AvroCodec:
             )
         try:
             text = self._registry.schema_by_id(schema_id)
+        except NotAvroSchema as exc:
+            raise DecodeError(
+                "unknown_schema",
+                f"schema id {schema_id} is a {exc.schema_type} schema, not Avro",
+            ) from None
         except RegistryError as exc:
             if exc.status == 404:
                 raise DecodeError(
@@ -295,6 +421,24 @@ def _read(
     if end != len(data):
         raise DecodeError("undecodable", f"{len(data) - end} bytes left after the record")
     return record  # type: ignore[return-value]  # a record schema reads as a dict
+
+
+async def retry_while_registry_down(
+    step: Callable[[], Awaitable[None]], on_wait: Callable[[RegistryError, float], None]
+) -> None:
+    """Await ``step()`` until it does not raise :class:`~schemas.registry.RegistryError`,
+    sleeping 0.5 s, 1 s, ... up to 30 s between tries (``on_wait(error, delay)`` before
+    each sleep: log and count it). Input must wait for the registry, never be
+    dead-lettered for it."""
+    delay = 0.5
+    while True:
+        try:
+            await step()
+            return
+        except RegistryError as exc:
+            on_wait(exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def codec_from_settings(s: Settings) -> AvroCodec:

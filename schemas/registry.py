@@ -30,6 +30,15 @@ class RegistryError(RuntimeError):
         self.error_code = error_code
 
 
+class NotAvroSchema(RegistryError):
+    """The registry holds the id, but as another schema type (JSON, PROTOBUF): a fact about
+    the record that carries the id, not a registry failure; asking again will not help."""
+
+    def __init__(self, message: str, schema_type: str) -> None:
+        super().__init__(message, status=200)
+        self.schema_type = schema_type
+
+
 class SchemaRegistry:
     """Client for ``POST /subjects/{subject}/versions`` and ``GET /schemas/ids/{id}``."""
 
@@ -76,7 +85,7 @@ class SchemaRegistry:
         """The schema JSON registered under ``schema_id``.
 
         Raises :class:`RegistryError` (status 404 for an unknown id) on failure,
-        and also when the schema is not an Avro schema.
+        and :class:`NotAvroSchema` when the schema is not an Avro schema.
         """
         cached = self._schemas.get(schema_id)
         if cached is not None:
@@ -86,8 +95,9 @@ class SchemaRegistry:
         schema = body.get("schema")
         schema_type = body.get("schemaType", "AVRO")
         if not isinstance(schema, str) or schema_type != "AVRO":
-            raise RegistryError(
-                f"schema registry GET {self.base_url}{path}: not an Avro schema ({schema_type})"
+            raise NotAvroSchema(
+                f"schema registry GET {self.base_url}{path}: not an Avro schema ({schema_type})",
+                str(schema_type),
             )
         self._schemas[schema_id] = schema
         return schema

@@ -6,6 +6,7 @@ Schema Registry endpoints the client uses.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -29,6 +30,7 @@ from schemas.codec import (
     EncodeError,
     fingerprint,
     load_schemas,
+    retry_while_registry_down,
 )
 from schemas.registry import RegistryError, SchemaRegistry
 
@@ -602,6 +604,7 @@ class FakeRegistry:
     subjects: dict[str, list[int]] = field(default_factory=dict)
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
     fail_status: int | None = None
+    types: dict[int, str] = field(default_factory=dict)  # id -> schemaType when not AVRO
 
     def add(self, subject: str, schema: str) -> int:
         sid = next((i for i, known in self.schemas.items() if known == schema), 0)
@@ -655,7 +658,10 @@ def _handler(state: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             if sid not in state.schemas:
                 self._answer(404, {"error_code": 40403, "message": "Schema not found"})
                 return
-            self._answer(200, {"schema": state.schemas[sid]})
+            body = {"schema": state.schemas[sid]}
+            if sid in state.types:
+                body["schemaType"] = state.types[sid]
+            self._answer(200, body)
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -789,3 +795,75 @@ def test_unreachable_registry_error_names_the_url_without_credentials() -> None:
     err = error_of(RegistryError, client.schema_by_id, 1)
     assert f"http://127.0.0.1:{port}/schemas/ids/1" in str(err)
     assert "pw-secret" not in str(err) and err.status is None
+
+
+def test_a_non_avro_schema_id_is_unknown_schema_and_not_asked_again(
+    registry: FakeRegistry,
+) -> None:
+    # before: a RegistryError, which consumers take for "registry down" and retry for ever
+    sid = registry.add("other", '{"type": "object"}')
+    registry.types[sid] = "JSON"
+    codec = AvroCodec(SchemaRegistry(registry.url))
+    frame = b"\x00" + struct.pack(">I", sid) + b"\x02"
+    for _ in range(2):
+        with pytest.raises(DecodeError) as err:
+            codec.decode(frame)
+        assert err.value.reason == "unknown_schema"
+        assert "JSON schema, not Avro" in err.value.detail
+    assert [r[:2] for r in registry.requests] == [("GET", f"/schemas/ids/{sid}")]
+
+
+def test_prepare_fetches_writer_schemas_off_the_loop_so_decode_does_no_io(
+    registry: FakeRegistry,
+) -> None:
+    data = AvroCodec(SchemaRegistry(registry.url)).encode("ReserveStock", reserve())
+    unknown = b"\x00" + struct.pack(">I", 999) + b"\x00"
+    codec = AvroCodec(SchemaRegistry(registry.url))
+    assert codec.lookup_needed(data) is not None
+    assert codec.lookup_needed(AvroCodec().encode("ReserveStock", reserve())) is None
+    before = len(registry.requests)
+    asyncio.run(codec.prepare([data, unknown, None, data], None))
+    assert len(registry.requests) == before + 2  # each id once, the unknown one included
+    assert codec.lookup_needed(data) is None and codec.lookup_needed(unknown) is None
+    asked = len(registry.requests)
+    assert codec.decode(data) == ("ReserveStock", reserve())
+    with pytest.raises(DecodeError):
+        codec.decode(unknown)
+    assert len(registry.requests) == asked
+
+
+def test_prepare_raises_registry_error_while_the_registry_fails(registry: FakeRegistry) -> None:
+    data = AvroCodec(SchemaRegistry(registry.url)).encode("ReserveStock", reserve())
+    registry.fail_status = 503
+    codec = AvroCodec(SchemaRegistry(registry.url))
+    with pytest.raises(RegistryError):
+        asyncio.run(codec.prepare([data], None))
+    registry.fail_status = None
+    asyncio.run(codec.prepare([data], None))  # not cached as unreadable: it reads now
+    assert codec.decode(data)[0] == "ReserveStock"
+
+
+def test_register_all_registers_every_schema_so_encode_does_no_io(registry: FakeRegistry) -> None:
+    codec = AvroCodec(SchemaRegistry(registry.url))
+    codec.register_all()
+    assert set(registry.subjects) == {f"inventory.v1.{n}" for n in codec.names}
+    asked = len(registry.requests)
+    for name in codec.names:
+        codec.encode(name, SAMPLES[name])
+    assert len(registry.requests) == asked
+
+
+def test_retry_while_registry_down_waits_and_reports_each_wait() -> None:
+    calls: list[int] = []
+    waits: list[float] = []
+
+    async def step() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RegistryError("down")
+
+    async def main() -> None:
+        await retry_while_registry_down(step, lambda exc, delay: waits.append(delay))
+
+    asyncio.run(main())
+    assert len(calls) == 3 and waits == [0.5, 1.0]

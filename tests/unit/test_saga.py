@@ -614,3 +614,25 @@ def test_replace_keeps_saga_frozen():
     with pytest.raises(AttributeError):
         s.status = OrderStatus.EXPIRED  # type: ignore[misc]
     assert replace(s) == s
+
+
+def test_the_largest_valid_place_order_fits_the_pre_decode_bound() -> None:
+    from pipeline.validation import MAX_CHANNEL_LEN, MAX_ID_LEN
+    from schemas.codec import AvroCodec
+
+    limits = sg.Limits(max_lines=100, max_sku_len=64)
+    bound = sg.max_checkout_bytes(limits)
+    widest = "\U0001f600"  # 4 bytes in UTF-8
+    record = {
+        "event_id": widest * MAX_ID_LEN,
+        "order_id": widest * MAX_ID_LEN,
+        "channel": widest * MAX_CHANNEL_LEN,
+        "lines": [{"sku": f"{i:064d}", "qty": 2**31 - 1} for i in range(limits.max_lines)],
+        "ttl_ms": -(2**63),
+        "occurred_at": -(2**63),
+    }
+    size = len(AvroCodec().encode("PlaceOrder", record))
+    assert size <= bound
+    # and the bound is not loose enough to let a many-times-larger order through
+    assert bound < 2 * size
+    assert sg.max_checkout_bytes(replace(limits, max_lines=1000)) > 9 * bound // 2
