@@ -126,3 +126,93 @@ def test_fuzzed_input_is_dead_lettered_once_and_valid_commands_are_applied(kafka
             assert status == 200 and body["on_hand"] == ROUNDS, body
     finally:
         worker.stop()
+
+
+SAGA_BAD = 300
+SAGA_ORDERS = 20
+
+
+def _bad_checkout(rng: random.Random, codec: AvroCodec, sku: str) -> tuple[bytes, bytes]:
+    """(key, value) of one checkouts record the saga must dead-letter."""
+    order_id = f"bad-{rng.randrange(10**9)}"
+    key = order_id.encode()
+    good = _encode(codec, "PlaceOrder", {"order_id": order_id, "lines": [{"sku": sku, "qty": 1}]})
+    kind = rng.randrange(8)
+    if kind == 0:
+        return key, rng.randbytes(rng.randrange(1, 3000))
+    if kind == 1:
+        return key, good[: rng.randrange(2, len(good) - 1)]
+    if kind == 2:
+        return key, b"\xc3\x01" + rng.randbytes(8) + good[10:]
+    if kind == 3:  # a stock command on the checkouts topic
+        return key, _encode(codec, "RestockReceived", {"sku": sku, "qty": 1})
+    if kind == 4:  # key is not the order id
+        return b"other-" + key, good
+    if kind == 5:  # one line too many (decoded, then too_many_lines)
+        lines = [{"sku": f"{sku}-{i}", "qty": 1} for i in range(101)]
+        return key, _encode(codec, "PlaceOrder", {"order_id": order_id, "lines": lines})
+    if kind == 6:  # tens of thousands of lines: refused before its lines are decoded
+        lines = [{"sku": "S", "qty": 1}] * rng.randrange(20_000, 60_000)
+        return key, _encode(codec, "PlaceOrder", {"order_id": order_id, "lines": lines})
+    return key, b""
+
+
+def test_fuzzed_checkouts_and_ledger_answers_are_dead_lettered_once(kafka):
+    """The saga's two inputs: the public checkouts topic and the ledger's answers."""
+    ns = Namespace.fresh("fuzzsaga")
+    s = ns.settings
+    codec = AvroCodec()
+    rng = random.Random(20261203)
+    sku = "FUZZ-SAGA"
+    worker = Worker(ns).start()
+    sent_bad: list[tuple[str, int]] = []
+    try:
+        with CommandProducer(s) as producer:
+            producer.send("RestockReceived", {"sku": sku, "qty": 1000})
+            for i in range(SAGA_ORDERS):
+                producer.send(
+                    "PlaceOrder",
+                    {"order_id": f"good-{i}", "lines": [{"sku": sku, "qty": 1}], "ttl_ms": 600_000},
+                )
+                for _ in range(SAGA_BAD // SAGA_ORDERS):
+                    key, value = _bad_checkout(rng, codec, sku)
+                    part = partition_for(key, ns.partitions)
+                    producer.send_raw(s.checkouts_topic, key, value, part)
+                    sent_bad.append((s.checkouts_topic, part))
+            producer.flush(60)
+        results = read_topic(
+            s,
+            s.order_results_topic,
+            until=lambda rs: {r.key for r in rs} >= {f"good-{i}".encode() for i in range(20)},
+            timeout=120,
+        )
+        assert {r.value["outcome"] for r in results} == {"ORDER_RESERVED"}
+        with CommandProducer(s) as producer:
+            # garbage where the ledger's answers to the sagas go, keyed by open sagas
+            for i in range(SAGA_ORDERS):
+                key = f"good-{i}".encode()
+                part = partition_for(key, ns.partitions)
+                producer.send_raw(s.line_results_topic, key, rng.randbytes(40), part)
+                sent_bad.append((s.line_results_topic, part))
+            producer.flush(30)
+        dead = read_topic(
+            s,
+            s.dead_letters_topic,
+            until=lambda rs: len(rs) >= len(sent_bad),
+            idle=3.0,
+            timeout=120,
+        )
+        where = Counter(
+            (d.value["source_topic"], d.value["source_partition"], d.value["source_offset"])
+            for d in dead
+        )
+        assert len(dead) == len(sent_bad), Counter(d.value["reason"] for d in dead)
+        assert max(where.values()) == 1
+        assert Counter(sent_bad) == Counter((t, p) for t, p, _ in where)
+        reasons = Counter(d.value["reason"] for d in dead)
+        assert reasons["record_too_large"] > 0, reasons
+        assert worker.proc is not None and worker.proc.poll() is None
+        status, body = worker.get_json(f"/stock/{sku}")
+        assert status == 200 and body["reserved"] == SAGA_ORDERS, body
+    finally:
+        worker.stop()
