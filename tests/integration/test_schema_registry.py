@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 import uuid
@@ -19,7 +20,8 @@ from typing import Any
 import pytest
 from fastavro import parse_schema, schemaless_writer
 
-from harness import REPO, Namespace, Worker, read_topic, wait_for
+from harness import REPO, Namespace, Worker, metric_total, read_topic, wait_for, wait_stock
+from pipeline.partitioning import partition_for
 from pipeline.produce import CommandProducer
 from schemas.codec import SCHEMA_DIR, AvroCodec, DecodeError
 from schemas.registry import SchemaRegistry
@@ -190,3 +192,127 @@ def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
     finally:
         worker.stop()
     assert worker.proc is not None and worker.proc.returncode == 0, worker.tail()
+
+
+def _register_typed(url: str, subject: str, schema: str, schema_type: str) -> int:
+    body = json.dumps({"schema": schema, "schemaType": schema_type}).encode()
+    req = urllib.request.Request(
+        f"{url}/subjects/{urllib.parse.quote(subject, safe='')}/versions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return int(json.loads(resp.read())["id"])
+
+
+def test_a_record_framed_with_a_non_avro_schema_id_is_a_dead_letter(kafka, registry_url):
+    """Before: the registry's "not an Avro schema" was taken for a registry failure and the
+    ledger retried it for ever, so nothing after it on its partition was applied."""
+    ns = Namespace.fresh("regjson", 1, INVENTORY_SCHEMA_REGISTRY_URL=registry_url)
+    json_id = _register_typed(
+        registry_url,
+        f"json-{uuid.uuid4().hex[:8]}",
+        json.dumps(
+            {
+                "$schema": "http://json-schema.org/draft-07/schema#",
+                "type": "object",
+                "properties": {"qty": {"type": "integer"}},
+            }
+        ),
+        "JSON",
+    )
+    sku = f"REGJ-{uuid.uuid4().hex[:8]}"
+    worker = Worker(ns).start()
+    try:
+        codec = AvroCodec(SchemaRegistry(registry_url))
+        with CommandProducer(ns.settings, codec=codec) as producer:
+            frame = b"\x00" + json_id.to_bytes(4, "big") + b'{"sku": "x", "qty": 1}'
+            producer.send_raw(ns.settings.restocks_topic, sku.encode(), frame, 0)
+            producer.send("RestockReceived", {"sku": sku, "qty": 4})
+        wait_stock(worker, sku, on_hand=4, timeout=60)
+        dead = read_topic(
+            ns.settings,
+            ns.settings.dead_letters_topic,
+            until=lambda rs: len(rs) >= 1,
+            idle=1.0,
+            codec=codec,
+        )
+        assert [(d.value["reason"], d.value["source_offset"]) for d in dead] == [
+            ("unknown_schema", 0)
+        ]
+        assert "JSON schema, not Avro" in dead[0].value["detail"]
+    finally:
+        worker.stop()
+
+
+def test_a_hung_registry_does_not_block_the_event_loop(kafka, registry_url):
+    """The registry answers nothing (a proxy that accepts and never replies) while a record
+    needs a writer schema the worker has not seen: the worker keeps answering HTTP and
+    applying the other partition's commands, and applies the record once the registry is
+    back. Before, the look-up ran on the event loop: each try froze the whole worker for
+    the client's 10 s timeout."""
+    from faults import TcpProxy
+
+    parts = urllib.parse.urlsplit(registry_url)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 80).start()
+    via_proxy = f"http://127.0.0.1:{proxy.port}{parts.path}"
+    ns = Namespace.fresh("reghung", 2, INVENTORY_SCHEMA_REGISTRY_URL=via_proxy)
+    skus: dict[int, str] = {}
+    while len(skus) < 2:
+        sku = f"REGH-{uuid.uuid4().hex[:8]}"
+        skus.setdefault(partition_for(sku.encode(), 2), sku)
+    direct = SchemaRegistry(registry_url)
+    # an older RestockReceived writer with one more field: an id the worker has never read
+    schema = json.loads((SCHEMA_DIR / "RestockReceived.avsc").read_text())
+    schema["fields"].append(
+        {"name": f"note_{uuid.uuid4().hex[:6]}", "type": "string", "default": ""}
+    )
+    old_id = direct.register("inventory.v1.RestockReceived", json.dumps(schema))
+    worker = Worker(ns).start()
+    try:
+        codec = AvroCodec(direct)
+        with CommandProducer(ns.settings, codec=codec) as producer:
+            for sku in skus.values():
+                producer.send("RestockReceived", {"sku": sku, "qty": 1})
+        for sku in skus.values():
+            wait_stock(worker, sku, on_hand=1, timeout=60)
+        proxy.set_mode("blackhole")
+        record = {
+            "event_id": str(uuid.uuid4()),
+            "sku": skus[0],
+            "qty": 5,
+            "occurred_at": 1_700_000_000_000,
+            schema["fields"][-1]["name"]: "older writer",
+        }
+        body = BytesIO()
+        schemaless_writer(body, parse_schema(schema), fill_defaults_for(schema, record))
+        with CommandProducer(ns.settings, codec=codec) as producer:
+            frame = b"\x00" + old_id.to_bytes(4, "big") + body.getvalue()
+            producer.send_raw(ns.settings.restocks_topic, skus[0].encode(), frame, 0)
+            producer.flush(10)
+            time.sleep(1.0)  # the worker has it and is waiting for the registry
+            producer.send("RestockReceived", {"sku": skus[1], "qty": 2})
+        slowest = 0.0
+        deadline = time.monotonic() + 12  # more than one 10 s client timeout
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            status, _ = worker.get_json(f"/stock/{skus[1]}")
+            slowest = max(slowest, time.monotonic() - started)
+            assert status == 200
+            time.sleep(0.2)
+        assert slowest < 2.0, f"a request took {slowest:.1f} s while the registry hung"
+        wait_stock(worker, skus[1], on_hand=3, timeout=5)  # the other partition went on
+        assert worker.get_json(f"/stock/{skus[0]}")[1]["on_hand"] == 1  # this one waits
+        assert metric_total(worker.url, "inventory_schema_registry_waits_total") >= 1
+        proxy.set_mode("up")
+        wait_stock(worker, skus[0], on_hand=6, timeout=60)
+        dead = read_topic(ns.settings, ns.settings.dead_letters_topic, timeout=1.0, codec=codec)
+        assert dead == []
+    finally:
+        worker.stop()
+        proxy.close()
+
+
+def fill_defaults_for(schema: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    return {f["name"]: record.get(f["name"], f.get("default")) for f in schema["fields"]}
