@@ -258,13 +258,8 @@ class PartitionLedger:
         started = time.monotonic()
         await self.writer.open()  # fences every earlier owner of this partition
         loop = asyncio.get_running_loop()
-        codec = self.engine.codec
-        if codec.registry is not None:
-            # registered now, off the loop: encoding a decision must not wait on HTTP
-            await retry_while_registry_down(
-                lambda: loop.run_in_executor(self.engine.executor, codec.register_all),
-                metrics.registry_wait,
-            )
+        # registered now, off the loop: encoding a decision must not wait on HTTP
+        await self.engine.codec.ensure_registered(metrics.registry_wait, self.engine.executor)
         store = self.store
         self.cache.clear()
         before = dict(store.positions)

@@ -161,16 +161,10 @@ class SagaHandler:
         self.limits = sg.Limits.of(cfg)
         self.max_bytes = sg.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
-        self._registered = codec.registry is None
 
     async def handle(self, event: Any) -> None:
-        if not self._registered:
-            # once, off the loop: encoding the saga's commands must not wait on HTTP
-            await retry_while_registry_down(
-                lambda: asyncio.get_running_loop().run_in_executor(None, self.codec.register_all),
-                metrics.registry_wait,
-            )
-            self._registered = True
+        # once, off the loop: encoding the saga's commands must not wait on HTTP
+        await self.codec.ensure_registered(metrics.registry_wait)
         msg = event.message
         if msg.topic == self.cfg.line_results_topic:
             await self._answer(event)
@@ -446,6 +440,7 @@ class OrderRelay:
         producer = AIOKafkaProducer(
             **aiokafka_kwargs(self.cfg), enable_idempotence=True, acks="all", linger_ms=1
         )
+        await self.codec.ensure_registered(metrics.registry_wait)
         await producer.start()
         while True:
             try:

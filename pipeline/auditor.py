@@ -609,6 +609,7 @@ class AuditorProcess:
                 try:
                     stored = StoredStock.from_bytes(value)
                 except (ValueError, KeyError, TypeError) as exc:
+                    metrics.AUDITOR_UNREADABLE.labels("changelog").inc()
                     log.error("unreadable changelog record at %s@%d: %s", tp, msg.offset(), exc)
                     continue
                 self.auditor.observe_stock(msg.partition(), stored, now)
@@ -616,6 +617,7 @@ class AuditorProcess:
                 try:
                     name, rec = self.codec.decode(value)
                 except DecodeError as exc:
+                    metrics.AUDITOR_UNREADABLE.labels("stock_changes").inc()
                     log.error(
                         "undecodable stock-changes record at %s@%d: %s", tp, msg.offset(), exc
                     )

@@ -60,6 +60,7 @@ def overdue(now: int) -> list[tuple[str, str]]:
 async def sweep_expired() -> None:
     if not settled(app) or not engine.ready() or not await index.refresh():
         return
+    await _codec.ensure_registered(metrics.registry_wait)
     now = int(time.time() * 1000)
     for sku, order_id in overdue(now):
         key = sku.encode()

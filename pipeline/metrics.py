@@ -345,6 +345,16 @@ AUDITOR_ERRORS = Counter(
     ["source"],
     registry=AUDITOR_REGISTRY,
 )
+AUDITOR_UNREADABLE = Counter(
+    "inventory_auditor_unreadable_records",
+    "Records the auditor could not read, by source (stock_changes: not a StockChanged of "
+    "any released schema version; changelog: not a ledger record). Every shop reading the "
+    "topic fails on them too. Alert: InventoryUnreadableRecords.",
+    ["source"],
+    registry=AUDITOR_REGISTRY,
+)
+for _source in ("stock_changes", "changelog"):
+    AUDITOR_UNREADABLE.labels(_source)
 for _invariant in INVARIANTS:
     INVARIANT_VIOLATIONS.labels(_invariant)
     AUDITOR_CHECKS.labels(_invariant)

@@ -76,6 +76,7 @@ class ChangelogRelay:
         return out
 
     async def run(self) -> None:
+        await self.codec.ensure_registered(metrics.registry_wait)  # no HTTP on the hot path
         consumer = AIOKafkaConsumer(
             self.topic,
             **aiokafka_kwargs(self.cfg),

@@ -246,6 +246,21 @@ class AvroCodec:
         for schema_id in sorted(ids):
             await loop.run_in_executor(executor, self.fetch_writer, schema_id)
 
+    async def ensure_registered(
+        self,
+        on_wait: Callable[[RegistryError, float], None],
+        executor: Executor | None = None,
+    ) -> None:
+        """:meth:`register_all` in ``executor``, waiting while the registry is down; once
+        done, later calls return at once. Call it before the first :meth:`encode` of an
+        event loop's hot path."""
+        if self._registry is None or len(self._prefix) == len(self._by_name):
+            return
+        loop = asyncio.get_running_loop()
+        await retry_while_registry_down(
+            lambda: loop.run_in_executor(executor, self.register_all), on_wait
+        )
+
     def register_all(self) -> None:
         """Register every schema now (blocking: call it off the event loop), so that
         :meth:`encode` never registers on the hot path. Without a registry, nothing."""
