@@ -4,10 +4,10 @@ An input topic deleted and created again (or truncated by an unclean leader
 election) starts its offsets again below where the ledger stands. Before, every
 new command on it looked like a redelivery and was skipped, silently: the new
 restocks here were never applied. Now the partition halts with a clear error
-(``/readyz``, ``/healthz``, a metric) and decides nothing until an operator
-restarts it with ``INVENTORY_OFFSET_REGRESSION=RESUME``, which applies the new
-log from its start; a command applied before is then a duplicate by its event id.
-The other partitions go on meanwhile.
+(``/readyz``, ``/healthz``, a metric) and decides nothing until an operator acts
+(README, "Offsets that go backwards"). The other partitions go on meanwhile. It is
+detected when a worker takes the partition, and while it runs: when records arrive
+below the next offset unasked, and when the log end is seen below it while idle.
 """
 
 from __future__ import annotations
@@ -104,5 +104,52 @@ def test_a_recreated_input_topic_halts_its_partition_until_resumed(kafka):
             wait_for(halted, 90, "the partition to halt again")
             status, body = worker.get_json(f"/stock/{other}")
             assert status == 200 and body["on_hand"] == 7
+    finally:
+        worker.stop()
+
+
+def test_a_topic_recreated_under_a_running_worker_halts_its_partition(kafka):
+    """The runtime checks: the worker keeps running while the topic goes and comes back."""
+    ns = Namespace.fresh("regrun", partitions=2)
+    cfg = ns.settings
+    sku, other = _two_skus(ns.partitions)
+    part = partition_for(sku.encode(), ns.partitions)
+    worker = Worker(ns).start()
+    try:
+        with CommandProducer(cfg) as producer:
+            for i in range(5):
+                producer.send("RestockReceived", {"sku": sku, "qty": 10, "event_id": f"old-{i}"})
+            producer.send("RestockReceived", {"sku": other, "qty": 1, "event_id": "other-old"})
+            producer.flush()
+            wait_stock(worker, sku, on_hand=50)
+            wait_stock(worker, other, on_hand=1)
+
+            _recreate(cfg.kafka_bootstrap, cfg.restocks_topic, ns.partitions)
+            for event_id in ("new-0", "new-1"):
+                producer.send("RestockReceived", {"sku": sku, "qty": 1, "event_id": event_id})
+            producer.flush()
+
+            def halted() -> bool:
+                status, body = worker.get_json("/readyz")
+                return status == 503 and body["partitions"].get(str(part)) == "halted"
+
+            wait_for(halted, 90, "the running partition to halt")
+            status, body = worker.get_json("/readyz")
+            reason = next(r for r in body["reasons"] if f"{cfg.restocks_topic}/{part} " in r)
+            # (how far back depends on whether the new records were there when it looked)
+            assert "below the next offset to apply @" in reason, reason
+            wait_for(
+                lambda: worker.get_json(f"/stock/{sku}")[1].get("error") == "halted",
+                30,
+                "/stock to answer halted",
+            )
+            # the other partition's log went back too (to @0 from @1), idle: the stall
+            # watcher's check finds it
+            wait_for(
+                lambda: worker.get_json("/readyz")[1]["partitions"].get(str(1 - part)) == "halted",
+                30,
+                "the idle partition to halt",
+            )
+            assert worker.proc is not None and worker.proc.poll() is None
     finally:
         worker.stop()
