@@ -61,6 +61,12 @@ class Projection(ABC):
         changelog. Raise TargetUnavailable when it cannot tell. Default: never lost."""
         return True
 
+    async def repair(self) -> None:
+        """Make the target able to take the changelog again after :meth:`intact` said
+        False (re-create a deleted or wrongly mapped index); called before the replay.
+        Raise TargetUnavailable when it cannot now. Default: nothing to repair."""
+        return None
+
     async def mark_intact(self) -> None:
         """Record that the target now holds everything up to the changelog's end."""
         return None

@@ -126,6 +126,7 @@ class RedisProjection(Projection):
         # register_script only hashes the text; the server learns it in setup()
         # or on the first NOSCRIPT.
         self._script = self._client.register_script(APPLY_SCRIPT)
+        self._replay_from: str | None = None  # server state when the replay began
 
     def _unavailable(self, what: str, exc: BaseException) -> TargetUnavailable:
         detail = f"{type(exc).__name__}: {exc}"
@@ -147,24 +148,48 @@ class RedisProjection(Projection):
     def _marker(self) -> str:
         return f"{self._cfg.redis_key_prefix}sink-marker"
 
+    async def _server_state(self) -> str:
+        """``<run_id>:<evicted_keys>``: which server this is and how many keys it has
+        evicted since it started (``INFO server`` and ``INFO stats``, one round trip)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.info("server")
+            pipe.info("stats")
+            server, stats = await pipe.execute()
+        return f"{server['run_id']}:{int(stats.get('evicted_keys', 0))}"
+
     async def intact(self) -> bool:
-        """The marker key holds the server's ``run_id`` once a full apply is done: a
-        missing marker (FLUSHALL, eviction, a restart without persistence) or another
-        ``run_id`` (a restarted server) means keys may be gone."""
+        """The marker key holds ``<run_id>:<evicted_keys>`` of the server as it was when
+        the last full apply began. Not intact when the marker is missing (FLUSHALL, a
+        restart without persistence, the marker itself evicted), names another
+        ``run_id`` (a restarted server), or the server has evicted keys since
+        (``maxmemory`` with an ``allkeys-*`` or ``volatile-*`` policy may have evicted a
+        single SKU's hash, which no marker would show; ``evicted_keys`` counts every
+        eviction of the server, so evictions of other applications' keys on a shared
+        Redis cause replays too: harmless, but give the sink's Redis ``noeviction``).
+        ``expired_keys`` is not watched: the sink sets no TTLs. ``CONFIG RESETSTAT``
+        causes one replay."""
         try:
-            run_id = (await self._client.info("server"))["run_id"]
+            state = await self._server_state()
             marker = await self._client.get(self._marker)
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker check", exc) from exc
         held = marker.decode() if isinstance(marker, bytes) else marker
-        return held == str(run_id)
+        if held != state:
+            # the replay about to start re-applies everything the server held at this
+            # point: keys lost during the replay show in the next check
+            self._replay_from = state
+            return False
+        return True
 
     async def mark_intact(self) -> None:
+        """Write the server state seen by the check that started the replay (so a loss
+        during the replay is still noticed), or the current one without such a check."""
         try:
-            run_id = (await self._client.info("server"))["run_id"]
-            await self._client.set(self._marker, str(run_id))
+            state = self._replay_from or await self._server_state()
+            await self._client.set(self._marker, state)
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker write", exc) from exc
+        self._replay_from = None
 
     def _script_args(self, change: StockChange) -> tuple[str, list[str | bytes]]:
         sku = str(change["sku"])

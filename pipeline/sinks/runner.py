@@ -93,7 +93,7 @@ class SinkRunner:
         self.target = projection.name
         self.degraded = False
         self.replaying = False  # re-applying the whole changelog after the target lost data
-        self.failing = False
+        self.failing = False  # the target refuses writes now
         self.next_check = 0.0
         # while replaying: per partition, the committed offset when the replay began;
         # unreadable records below it were dead-lettered already
@@ -162,6 +162,15 @@ class SinkRunner:
                 if changes:
                     latest = coalesce(changes)
                     report = await self._apply_until_done(consumer, latest)
+                    if report is None:
+                        # the target lost data while it refused the batch: the replay
+                        # that began re-reads this batch too (its dead letters are out)
+                        for tp, end in offsets.items():
+                            if unreadable and tp in self.dead_lettered_below:
+                                self.dead_lettered_below[tp] = max(
+                                    self.dead_lettered_below[tp], end
+                                )
+                        continue
                     self._observe(latest, report, coalesced=len(changes) - len(latest))
                 await self._commit(consumer, offsets)
                 await self._update_lag(consumer)
@@ -233,18 +242,28 @@ class SinkRunner:
             part,
         )
 
-    async def _check_intact(self, consumer: AIOKafkaConsumer) -> None:
-        """Every ``sink_check_interval_s``: if the target lost what it held, read the
-        assigned partitions again from the beginning (degraded until caught up)."""
+    async def _check_intact(self, consumer: AIOKafkaConsumer) -> bool:
+        """Every ``sink_check_interval_s`` (not while replaying): if the target lost
+        what it held, repair it (the search index re-created with its mapping) and read
+        the assigned partitions again from the beginning (degraded, state
+        ``replaying``, until caught up). True when it started a replay. Also called
+        while a batch is held by a failing target: a wrongly mapped index refuses
+        every batch, so only the check gets the sink out of that."""
         if self.replaying or time.monotonic() < self.next_check:
-            return
+            return False
         self.next_check = time.monotonic() + self.cfg.sink_check_interval_s
         try:
             if await self.projection.intact():
-                return
+                return False
         except TargetUnavailable as exc:
             log.info("%s sink: cannot check the target now: %s", self.target, exc)
-            return
+            return False
+        try:
+            await self.projection.repair()
+        except TargetUnavailable as exc:
+            # retried at the next check; meanwhile writes fail or land in what is there
+            log.warning("%s sink: target lost data, cannot repair it now: %s", self.target, exc)
+            return False
         log.warning("%s sink: target lost data; re-applying the changelog", self.target)
         metrics.SINK_REPLAYS.labels(self.target).inc()
         self.replaying = True
@@ -254,6 +273,7 @@ class SinkRunner:
         }
         if consumer.assignment():
             await consumer.seek_to_beginning(*consumer.assignment())
+        return True
 
     async def _replay_done(self, consumer: AIOKafkaConsumer) -> None:
         """Mark the target whole once every assigned partition is at its end."""
@@ -289,7 +309,9 @@ class SinkRunner:
 
     async def _apply_until_done(
         self, consumer: AIOKafkaConsumer, changes: list[StockChange]
-    ) -> ApplyReport:
+    ) -> ApplyReport | None:
+        """Apply ``changes``, retrying while the target fails; None when a check found
+        meanwhile that the target lost data and a replay began instead."""
         paused = False
         while True:
             try:
@@ -300,6 +322,10 @@ class SinkRunner:
                 if not paused:
                     consumer.pause(*consumer.assignment())
                     paused = True
+                if await self._check_intact(consumer):
+                    consumer.resume(*consumer.assignment())
+                    self._set_degraded(False)
+                    return None
                 delay = self.backoff.next_delay()
                 log.warning(
                     "%s sink: %s; batch of %d held, retry in %.1fs",
@@ -343,6 +369,14 @@ class SinkRunner:
         hist = metrics.SINK_FRESHNESS.labels(self.target)
         for change in changes:
             hist.observe(max(0, report.applied_at_ms - change["occurred_at"]) / 1000)
+
+    @property
+    def state(self) -> str:
+        """For /healthz: ``degraded`` while the target fails, ``replaying`` while it is
+        re-applied from the changelog after it lost data, else ``ok``."""
+        if self.failing:
+            return "degraded"
+        return "replaying" if self.replaying else "ok"
 
     def _set_degraded(self, failing: bool) -> None:
         """Degraded while the target fails or while it is being re-applied."""

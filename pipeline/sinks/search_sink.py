@@ -39,11 +39,13 @@ from urllib.parse import urlsplit
 
 import orjson
 from opensearchpy import AsyncOpenSearch
-from opensearchpy.exceptions import OpenSearchException, TransportError
+from opensearchpy.exceptions import NotFoundError, OpenSearchException, TransportError
 
 from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
+
+log = logging.getLogger("inventory.sink")
 
 # the client logs every request at INFO: far too loud for a sink's steady state
 logging.getLogger("opensearch").setLevel(logging.WARNING)
@@ -70,6 +72,9 @@ MAPPING: dict[str, Any] = {
         "occurred_at": {"type": "date", "format": "epoch_millis"},
     },
 }
+
+# the key in the mapping's _meta that says the sink re-applied the changelog into this index
+MARKER = "inventory_sink"
 
 # Item statuses that mean "try again later" rather than "this document can never go in".
 _TRANSIENT_ITEM_STATUSES = frozenset({408, 429})
@@ -169,6 +174,54 @@ class SearchProjection(Projection):
         problems = _mapping_problems(mappings)
         if problems:
             raise self._unavailable("setup", "; ".join(problems), SearchRejected)
+
+    async def _mappings(self) -> dict[str, Any] | None:
+        """The index's mappings (None when it does not exist)."""
+        try:
+            found = await self._client.indices.get_mapping(index=self._index)
+        except NotFoundError:
+            return None
+        return next(iter(found.values()), {}).get("mappings", {})
+
+    async def intact(self) -> bool:
+        """The index exists, has :data:`MAPPING` (``_mapping_problems`` finds nothing)
+        and carries the marker :meth:`mark_intact` put in its mapping's ``_meta``. A
+        deleted index, one created again by anyone (an automatic create by a write
+        after a delete has a dynamic mapping; one with the right mapping has no
+        marker) or a wrong mapping is not intact."""
+        try:
+            mappings = await self._mappings()
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("intact check", exc) from exc
+        if mappings is None:
+            log.warning("search index %r is missing", self._index)
+            return False
+        problems = _mapping_problems(mappings)
+        if problems:
+            log.warning("search index %r has a wrong mapping: %s", self._index, "; ".join(problems))
+            return False
+        return (mappings.get("_meta") or {}).get(MARKER) == "whole"
+
+    async def repair(self) -> None:
+        """Delete the index when its mapping is wrong (its documents cannot be trusted
+        or written), then create it with :data:`MAPPING` if missing (:meth:`setup`)."""
+        try:
+            mappings = await self._mappings()
+            if mappings is not None and _mapping_problems(mappings):
+                log.warning("search sink: deleting index %r to re-create it", self._index)
+                await self._client.indices.delete(index=self._index, ignore_unavailable=True)
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("repair", exc) from exc
+        await self.setup()
+
+    async def mark_intact(self) -> None:
+        """Put the marker in the mapping's ``_meta`` (kept with the index, gone with it)."""
+        try:
+            await self._client.indices.put_mapping(
+                index=self._index, body={"_meta": {MARKER: "whole"}}
+            )
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("marker write", exc) from exc
 
     async def apply(self, changes: Sequence[StockChange]) -> ApplyReport:
         """Apply a batch with one bulk request; returns applied/stale counts.
