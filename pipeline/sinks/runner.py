@@ -99,6 +99,9 @@ class SinkRunner:
         # unreadable records below it were dead-lettered already
         self.dead_lettered_below: dict[TopicPartition, int] = {}
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
+        # exported at 0 from the start, so an alert's increase() sees the first one
+        metrics.DEAD_LETTERS.labels(UNREADABLE)
+        metrics.SINK_REPLAYS.labels(self.target)
 
     def decode(self, records: Sequence[Any]) -> tuple[list[StockChange], list[tuple[Any, str]]]:
         """The current StockChanged of each SKU record of a fetched batch (reservation
