@@ -126,7 +126,7 @@ class RedisProjection(Projection):
         # register_script only hashes the text; the server learns it in setup()
         # or on the first NOSCRIPT.
         self._script = self._client.register_script(APPLY_SCRIPT)
-        self._replay_from: str | None = None  # server state when the replay began
+        self._replay_from: dict[int, str] = {}  # per partition: server state at its replay
 
     def _unavailable(self, what: str, exc: BaseException) -> TargetUnavailable:
         detail = f"{type(exc).__name__}: {exc}"
@@ -144,9 +144,8 @@ class RedisProjection(Projection):
         except _UNAVAILABLE as exc:
             raise self._unavailable("SCRIPT LOAD", exc) from exc
 
-    @property
-    def _marker(self) -> str:
-        return f"{self._cfg.redis_key_prefix}sink-marker"
+    def _marker(self, partition: int) -> str:
+        return f"{self._cfg.redis_key_prefix}sink-marker:{partition}"
 
     async def _server_state(self) -> str:
         """``<run_id>:<evicted_keys>``: which server this is and how many keys it has
@@ -157,9 +156,10 @@ class RedisProjection(Projection):
             server, stats = await pipe.execute()
         return f"{server['run_id']}:{int(stats.get('evicted_keys', 0))}"
 
-    async def intact(self) -> bool:
-        """The marker key holds ``<run_id>:<evicted_keys>`` of the server as it was when
-        the last full apply began. Not intact when the marker is missing (FLUSHALL, a
+    async def lost(self, partitions: Sequence[int]) -> set[int]:
+        """Per changelog partition a marker key ``<prefix>sink-marker:<p>`` holds
+        ``<run_id>:<evicted_keys>`` of the server as it was when that partition's last
+        full apply began. A partition is lost when its marker is missing (FLUSHALL, a
         restart without persistence, the marker itself evicted), names another
         ``run_id`` (a restarted server), or the server has evicted keys since
         (``maxmemory`` with an ``allkeys-*`` or ``volatile-*`` policy may have evicted a
@@ -168,28 +168,45 @@ class RedisProjection(Projection):
         Redis cause replays too: harmless, but give the sink's Redis ``noeviction``).
         ``expired_keys`` is not watched: the sink sets no TTLs. ``CONFIG RESETSTAT``
         causes one replay."""
+        wanted = list(partitions)
+        if not wanted:
+            return set()
         try:
             state = await self._server_state()
-            marker = await self._client.get(self._marker)
+            markers = await self._client.mget([self._marker(p) for p in wanted])
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker check", exc) from exc
-        held = marker.decode() if isinstance(marker, bytes) else marker
-        if held != state:
-            # the replay about to start re-applies everything the server held at this
-            # point: keys lost during the replay show in the next check
-            self._replay_from = state
-            return False
-        return True
+        held = [m.decode() if isinstance(m, bytes) else m for m in markers]
+        return {p for p, m in zip(wanted, held, strict=True) if m != state}
 
-    async def mark_intact(self) -> None:
-        """Write the server state seen by the check that started the replay (so a loss
-        during the replay is still noticed), or the current one without such a check."""
+    async def repair(self, partitions: Sequence[int]) -> None:
+        """Nothing to repair; remembers the server's state as the replay begins, so a
+        loss during the replay still shows at the next check."""
         try:
-            state = self._replay_from or await self._server_state()
-            await self._client.set(self._marker, state)
+            state = await self._server_state()
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("marker check", exc) from exc
+        for p in partitions:
+            self._replay_from[p] = state
+
+    async def mark_intact(self, partitions: Sequence[int]) -> None:
+        """Write each partition's marker: the server state :meth:`repair` saw (or the
+        current one without a repair)."""
+        try:
+            current = None
+            values: dict[str, str] = {}
+            for p in partitions:
+                state = self._replay_from.get(p)
+                if state is None:
+                    current = current or await self._server_state()
+                    state = current
+                values[self._marker(p)] = state
+            if values:
+                await self._client.mset(values)
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker write", exc) from exc
-        self._replay_from = None
+        for p in partitions:
+            self._replay_from.pop(p, None)
 
     def _script_args(self, change: StockChange) -> tuple[str, list[str | bytes]]:
         sku = str(change["sku"])

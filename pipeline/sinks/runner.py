@@ -92,13 +92,15 @@ class SinkRunner:
         self.codec = codec
         self.target = projection.name
         self.degraded = False
-        self.replaying = False  # re-applying the whole changelog after the target lost data
+        # the partitions being re-applied from the beginning after the target lost data
+        self.replaying: set[TopicPartition] = set()
         self.failing = False  # the target refuses writes now
         self.next_check = 0.0
         # while replaying: per partition, the committed offset when the replay began;
         # unreadable records below it were dead-lettered already
         self.dead_lettered_below: dict[TopicPartition, int] = {}
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
+        self.consumer: AIOKafkaConsumer | None = None
         # exported at 0 from the start, so an alert's increase() sees the first one
         metrics.DEAD_LETTERS.labels(UNREADABLE)
         metrics.SINK_REPLAYS.labels(self.target)
@@ -139,6 +141,7 @@ class SinkRunner:
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
+        self.consumer = consumer  # for checks from outside (tests)
         await self._until_ready(consumer)
         producer: AIOKafkaProducer | None = None
         try:
@@ -247,53 +250,63 @@ class SinkRunner:
 
     async def _check_intact(self, consumer: AIOKafkaConsumer) -> bool:
         """Every ``sink_check_interval_s`` (not while replaying): if the target lost
-        what it held, repair it (the search index re-created with its mapping) and read
-        the assigned partitions again from the beginning (degraded, state
+        records of assigned partitions, repair it (the search index re-created with its
+        mapping) and read those partitions again from the beginning (degraded, state
         ``replaying``, until caught up). True when it started a replay. Also called
         while a batch is held by a failing target: a wrongly mapped index refuses
         every batch, so only the check gets the sink out of that."""
         if self.replaying or time.monotonic() < self.next_check:
             return False
         self.next_check = time.monotonic() + self.cfg.sink_check_interval_s
+        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if not assigned:
+            return False
         try:
-            if await self.projection.intact():
-                return False
+            lost = await self.projection.lost([tp.partition for tp in assigned])
         except TargetUnavailable as exc:
             log.info("%s sink: cannot check the target now: %s", self.target, exc)
             return False
+        if not lost:
+            return False
         try:
-            await self.projection.repair()
+            await self.projection.repair(sorted(lost))
         except TargetUnavailable as exc:
             # retried at the next check; meanwhile writes fail or land in what is there
             log.warning("%s sink: target lost data, cannot repair it now: %s", self.target, exc)
             return False
-        log.warning("%s sink: target lost data; re-applying the changelog", self.target)
+        tps = [tp for tp in assigned if tp.partition in lost]
+        log.warning(
+            "%s sink: target lost data of partitions %s; re-applying them from the changelog",
+            self.target,
+            ", ".join(str(tp.partition) for tp in tps),
+        )
         metrics.SINK_REPLAYS.labels(self.target).inc()
-        self.replaying = True
+        self.replaying = set(tps)
         self._set_degraded(self.failing)
-        self.dead_lettered_below = {
-            tp: await consumer.committed(tp) or 0 for tp in consumer.assignment()
-        }
-        if consumer.assignment():
-            await consumer.seek_to_beginning(*consumer.assignment())
+        self.dead_lettered_below = {tp: await consumer.committed(tp) or 0 for tp in tps}
+        await consumer.seek_to_beginning(*tps)
         return True
 
     async def _replay_done(self, consumer: AIOKafkaConsumer) -> None:
-        """Mark the target whole once every assigned partition is at its end."""
+        """Mark each replayed partition whole once it is at its end (a partition a
+        rebalance took away is its new owner's to check)."""
         if not self.replaying:
             return
-        for tp in consumer.assignment():
+        self.replaying &= consumer.assignment()
+        done = []
+        for tp in self.replaying:
             hw = consumer.highwater(tp)
-            if hw is None or await consumer.position(tp) < hw:
+            if hw is not None and await consumer.position(tp) >= hw:
+                done.append(tp)
+        if done:
+            try:
+                await self.projection.mark_intact(sorted(tp.partition for tp in done))
+            except TargetUnavailable:
                 return
-        try:
-            await self.projection.mark_intact()
-        except TargetUnavailable:
-            return
-        if self.replaying:
+            self.replaying -= set(done)
+        if not self.replaying:
             log.info("%s sink: re-applied the changelog; target whole again", self.target)
-        self.replaying = False
-        self.dead_lettered_below = {}
+            self.dead_lettered_below = {}
         self._set_degraded(self.failing)
 
     async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
@@ -384,7 +397,7 @@ class SinkRunner:
     def _set_degraded(self, failing: bool) -> None:
         """Degraded while the target fails or while it is being re-applied."""
         self.failing = failing
-        self.degraded = failing or self.replaying
+        self.degraded = failing or bool(self.replaying)
         metrics.SINK_STATE.labels(self.target).set(1 if self.degraded else 0)
         metrics.SINK_REPLAYING.labels(self.target).set(1 if self.replaying else 0)
 

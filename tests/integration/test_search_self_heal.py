@@ -21,7 +21,7 @@ from pipeline import metrics
 from pipeline.clients import confluent_config
 from pipeline.core import StockRecord
 from pipeline.sinks.runner import SinkRunner
-from pipeline.sinks.search_sink import MAPPING, MARKER, SearchProjection
+from pipeline.sinks.search_sink import MAPPING, MARKERS_SUFFIX, SearchProjection
 from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock
@@ -63,6 +63,13 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
         mapping = es.indices.get_mapping(index=index)[index]["mappings"]
         return mapping["properties"] == MAPPING["properties"] and mapping["dynamic"] == "strict"
 
+    def uuid() -> str:
+        return es.indices.get(index=index)[index]["settings"]["index"]["uuid"]
+
+    def markers() -> dict[str, str]:
+        docs = es.mget(index=index + MARKERS_SUFFIX, body={"ids": ["0", "1"]})["docs"]
+        return {d["_id"]: d["_source"]["index_uuid"] for d in docs if d.get("found")}
+
     async def until(cond: Callable[[], bool], timeout: float, task: asyncio.Task[None]) -> float:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
@@ -86,8 +93,7 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
         task = asyncio.create_task(runner.run())
         try:
             await until(lambda: whole() and runner.state == "ok", 30, task)
-            meta = es.indices.get_mapping(index=index)[index]["mappings"].get("_meta", {})
-            assert meta.get(MARKER) == "whole"
+            assert markers() == {"0": uuid(), "1": uuid()}  # both partitions applied to it
 
             before = replays._value.get()
             seen.clear()
@@ -114,12 +120,14 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
             )
             assert "replaying" in seen and seen[-1] == "ok", seen
             print(f"healed after a wrongly mapped index in {took:.1f} s")
+            assert markers() == {"0": uuid(), "1": uuid()}
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await runner.projection.close()
             es.indices.delete(index=index, ignore_unavailable=True)
+            es.indices.delete(index=index + MARKERS_SUFFIX, ignore_unavailable=True)
             es.close()
 
     asyncio.run(scenario())

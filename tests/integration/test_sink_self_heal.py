@@ -182,7 +182,9 @@ def test_single_evicted_key_heals(private_redis: int) -> None:
         task = asyncio.create_task(runner.run())
         try:
             await until(lambda: whole() and runner.state == "ok", 30, task)
-            marker = r.get("evict:sink-marker")
+            markers = ["evict:sink-marker:0", "evict:sink-marker:1"]
+            marker = r.mget(markers)
+            assert all(marker)
             before = replays._value.get()
             evicted = int(r.info("stats")["evicted_keys"])
             r.expire(victim, 3600)
@@ -192,7 +194,7 @@ def test_single_evicted_key_heals(private_redis: int) -> None:
                 r.set("evict:probe", "x")
             r.config_set("maxmemory", 0)
             assert int(r.info("stats")["evicted_keys"]) == evicted + 1
-            assert r.get("evict:sink-marker") == marker  # the marker alone would not tell
+            assert r.mget(markers) == marker  # the markers alone would not tell
             took = await until(
                 lambda: replays._value.get() > before and whole() and runner.state == "ok",
                 30,
@@ -264,3 +266,73 @@ def test_healthz_says_replaying_while_a_sink_heals(kafka: None, private_redis: i
 
 def ok_body() -> dict[str, Any]:
     return {"status": "ok", "sinks": {"redis": "ok", "search": "ok"}}
+
+
+def test_two_sinks_of_one_target_each_heal_their_partitions(private_redis: int) -> None:
+    """Two runners in one consumer group (two workers), one partition each: after a
+    FLUSHALL each re-applies its own partition; the markers are per partition, so the
+    one that finishes first cannot mark the other's partition whole."""
+    port = private_redis
+    ns = Namespace.fresh("sink-heal2", partitions=2)
+    s = replace(
+        ns.settings,
+        redis_url=f"redis://127.0.0.1:{port}/0",
+        redis_key_prefix="two:",
+        sink_check_interval_s=1.0,
+        sink_max_backoff_s=1.0,
+    )
+    ensure_topics(s)
+    producer = Producer(confluent_config(s))
+    for sku in SKUS:
+        rec = StockRecord(sku=sku, on_hand=4, reserved=1, safety_stock=0, version=5)
+        producer.produce(changelog_topic(s), StoredStock(record=rec).to_bytes(), sku.encode())
+    assert producer.flush(30) == 0
+    r = redis.Redis(port=port)
+
+    def whole() -> bool:
+        return all(r.hget(s.redis_stock_key(sku), "available") == b"3" for sku in SKUS)
+
+    async def scenario() -> None:
+        runners = [SinkRunner(s, RedisProjection(s), AvroCodec()) for _ in range(2)]
+        tasks = [asyncio.create_task(x.run()) for x in runners]
+
+        def split() -> bool:
+            owned = [x.consumer.assignment() if x.consumer else set() for x in runners]
+            return all(len(o) == 1 for o in owned) and owned[0] != owned[1]
+
+        async def until(cond: object, timeout: float) -> float:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < timeout:
+                for task in tasks:
+                    assert not task.done(), task.exception()
+                if cond():  # type: ignore[operator]
+                    return time.monotonic() - t0
+                await asyncio.sleep(0.1)
+            raise AssertionError(f"not within {timeout} s")
+
+        replays = metrics.SINK_REPLAYS.labels("redis")
+        try:
+            await until(lambda: split() and whole() and all(x.state == "ok" for x in runners), 40)
+            await asyncio.sleep(1.5)  # both have checked their partition since the split
+            assert all(x.state == "ok" for x in runners) and whole()
+            before = replays._value.get()
+            r.flushall()
+            took = await until(
+                lambda: whole() and all(x.state == "ok" for x in runners) and split(), 30
+            )
+            assert replays._value.get() - before == 2  # one replay per runner, of its own
+            assert (
+                r.mget(["two:sink-marker:0", "two:sink-marker:1"])
+                == [r.get("two:sink-marker:0")] * 2
+            )
+            print(f"two sinks healed their partitions in {took:.1f} s")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            for x in runners:
+                await x.projection.close()
+
+    asyncio.run(scenario())
