@@ -170,11 +170,14 @@ class SinkRunner:
                     report = await self._apply_until_done(consumer, latest)
                     if report is None:
                         # the target lost data while it refused the batch: the replay
-                        # that began re-reads this batch too (its dead letters are out)
-                        for tp, end in offsets.items():
-                            if unreadable and tp in self.dead_lettered_below:
+                        # that began re-reads this batch too (its dead letters are out);
+                        # the batch's other partitions are read again from where it began
+                        for tp, recs in batches.items():
+                            if tp not in self.replaying:
+                                consumer.seek(tp, recs[0].offset)
+                            elif unreadable:
                                 self.dead_lettered_below[tp] = max(
-                                    self.dead_lettered_below[tp], end
+                                    self.dead_lettered_below.get(tp, 0), offsets[tp]
                                 )
                         continue
                     self._observe(latest, report, coalesced=len(changes) - len(latest))

@@ -49,6 +49,8 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
     es = OpenSearch(hosts=[s.opensearch_url])
     index = s.search_index
 
+    versions: dict[str, int] = {}
+
     def whole() -> bool:
         try:
             got = es.mget(index=index, body={"ids": SKUS})["docs"]
@@ -56,7 +58,7 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
             return False
         for i, doc in enumerate(got):
             src = doc.get("_source") if doc.get("found") else None
-            if src is None or src["version"] != 3 or src["on_hand"] != 7 + i:
+            if src is None or src["version"] != versions.get(SKUS[i], 3) or src["on_hand"] != 7 + i:
                 return False
             if src["reserved"] != i % 3 or src["available"] != 7 + i - i % 3 - 1:
                 return False
@@ -111,8 +113,16 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
             seen.clear()
             es.indices.delete(index=index)
             wrong = {"dynamic": "strict", "properties": {"sku": {"type": "text"}}}
+            # the next check only in 3 s: a new change meets the wrong index first, so
+            # the sink holds a batch the index refuses, and must heal from there
+            runner.next_check = time.monotonic() + 3
+            errors = metrics.SINK_ERRORS.labels("search")._value.get()
             with contextlib.suppress(Exception):  # the sink may have auto-created it
                 es.indices.create(index=index, body={"mappings": wrong})
+            rec = StockRecord(sku="SKU-0", on_hand=7, reserved=0, safety_stock=1, version=4)
+            producer.produce(changelog_topic(s), StoredStock(record=rec).to_bytes(), b"SKU-0")
+            assert producer.flush(30) == 0
+            versions["SKU-0"] = 4
             took = await until(
                 lambda: replays._value.get() > before and whole() and runner.state == "ok",
                 30,
@@ -120,6 +130,7 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
             )
             assert "replaying" in seen and seen[-1] == "ok", seen
             print(f"healed after a wrongly mapped index in {took:.1f} s")
+            assert metrics.SINK_ERRORS.labels("search")._value.get() > errors  # it was refused
             assert markers() == {"0": uuid(), "1": uuid()}
         finally:
             task.cancel()
