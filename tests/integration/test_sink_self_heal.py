@@ -214,10 +214,10 @@ def test_single_evicted_key_heals(private_redis: int) -> None:
 def test_healthz_says_replaying_while_a_sink_heals(kafka: None, private_redis: int) -> None:
     """Over HTTP on a real worker: after FLUSHALL of its Redis, ``/healthz`` answers 200
     ``{"status": "degraded", "sinks": {"redis": "replaying", ...}}`` while the sink
-    re-applies the changelog, and ``ok`` once every hash is back. 1,500 SKUs read 5
+    re-applies the changelog, and ``ok`` once every hash is back. 800 SKUs read 5
     records a batch make the replay last long enough to be seen."""
     port = private_redis
-    n = 1500
+    n = 800
     ns = Namespace.fresh(
         "heal-health",
         partitions=2,
