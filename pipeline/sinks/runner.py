@@ -40,6 +40,7 @@ an operator to replay or discard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -324,6 +325,10 @@ class SinkRunner:
                 log.warning(
                     "%s sink: target not ready (%s); retry in %.1fs", self.target, exc, delay
                 )
+                # e.g. an index created with a wrong mapping while the sink was down: the
+                # repair re-creates it (no partition is marked: each is checked once running)
+                with contextlib.suppress(TargetUnavailable):
+                    await self.projection.repair([])
                 await asyncio.sleep(delay)
 
     async def _apply_until_done(

@@ -1,5 +1,6 @@
 """The search projection heals itself: under a running SinkRunner the index is deleted
-(and, second, created again with a wrong mapping); every SKU document must come back
+(second, created again with a wrong mapping that refuses the next change; third, the
+same while no sink runs, before one starts); every SKU document must come back
 with its values within 30 s without an operator, in an index with the sink's mapping.
 
 The shared OpenSearch, with an index of the test's own name.
@@ -132,6 +133,18 @@ def test_deleted_and_wrongly_mapped_index_heal() -> None:
             print(f"healed after a wrongly mapped index in {took:.1f} s")
             assert metrics.SINK_ERRORS.labels("search")._value.get() > errors  # it was refused
             assert markers() == {"0": uuid(), "1": uuid()}
+
+            # a wrong mapping made while no sink ran: the starting sink repairs it too
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await runner.projection.close()
+            es.indices.delete(index=index)
+            es.indices.create(index=index, body={"mappings": wrong})
+            runner = SinkRunner(s, SearchProjection(s), AvroCodec())
+            task = asyncio.create_task(runner.run())
+            took = await until(lambda: whole() and runner.state == "ok", 30, task)
+            print(f"a starting sink healed a wrongly mapped index in {took:.1f} s")
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
