@@ -20,6 +20,13 @@
   event ids being per (order, sku, action)); and sends an expiry
   (``CancelOrder{expire: true}``) stamped with the time it saw for a held order
   past its expiry, to the checkouts topic, where the agent applies it.
+* **Pruning** (timer ``prune_sagas``): a finished saga (committed, commit failed,
+  rejected, cancelled, expired) is kept ``INVENTORY_ORDER_RETENTION_MS`` after the
+  latest of its expiry, placement and last goal (:func:`pipeline.saga.prune_due`),
+  then the sweeper sends it a prune command (``CancelOrder`` with ``expire`` and
+  reason ``pruned``) and the agent deletes it: a tombstone in the changelog. A later
+  CommitOrder/CancelOrder for it is an unknown order (``ORDER_UNKNOWN`` answer and an
+  ``unknown_order`` dead letter); a PlaceOrder with its id is a new order.
 * **Relay** (task): publishes the OrderResults carried by the saga table's
   changelog to ``inventory.order-results`` (keyed by order id), so an answer is
   never lost once its state landed. At-least-once: a crash may re-publish one
@@ -57,7 +64,7 @@ from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic, durability_config
 from pipeline.validation import Invalid
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
-from tables.orders import OpenSagas, StoredSaga, order_key, result_to_dict
+from tables.orders import FinishedSagas, OpenSagas, StoredSaga, order_key, result_to_dict
 
 log = logging.getLogger("inventory.orders")
 
@@ -65,6 +72,7 @@ CHECKOUTS_TOPIC: str = settings.checkouts_topic
 ORDER_RESULTS_TOPIC: str = settings.order_results_topic
 GRACE_MS: int = settings.order_grace_ms
 RESEND_AFTER_MS: int = settings.saga_resend_after_ms
+PRUNE_STEP = 500  # prune commands the sweeper sends per tick at most
 
 ORDER_OUTCOMES = Counter(
     "inventory_order_outcomes_total",
@@ -80,6 +88,16 @@ SAGA_RESENT = Counter(
 SAGA_EXPIRY_SENT = Counter(
     "inventory_saga_expiry_sent_total",
     "Order expiry commands sent by the saga sweeper.",
+    registry=metrics.REGISTRY,
+)
+SAGAS_PRUNED = Counter(
+    "inventory_sagas_pruned_total",
+    "Finished checkout sagas deleted (tombstoned) after INVENTORY_ORDER_RETENTION_MS.",
+    registry=metrics.REGISTRY,
+)
+SAGA_PRUNE_SENT = Counter(
+    "inventory_saga_prune_sent_total",
+    "Prune commands sent by the saga sweeper for finished sagas past their retention.",
     registry=metrics.REGISTRY,
 )
 SAGAS_OPEN = Gauge(
@@ -154,6 +172,7 @@ class SagaHandler:
         codec: AvroCodec,
         cfg: Settings,
         open_sagas: OpenSagas | None = None,
+        finished: FinishedSagas | None = None,
     ) -> None:
         self.table = table
         self.codec = codec
@@ -161,6 +180,7 @@ class SagaHandler:
         self.limits = sg.Limits.of(cfg)
         self.max_bytes = sg.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
+        self.finished = finished
 
     async def handle(self, event: Any) -> None:
         # once, off the loop: encoding the saga's commands must not wait on HTTP
@@ -271,7 +291,22 @@ class SagaHandler:
         if stored is not None and stored.applied(topic, offset):
             metrics.REDELIVERED.labels(topic).inc()
             return None
-        decision = sg.decide(stored.saga if stored else None, inp, grace_ms=GRACE_MS)
+        decision = sg.decide(
+            stored.saga if stored else None,
+            inp,
+            grace_ms=GRACE_MS,
+            retention_ms=self.cfg.order_retention_ms,
+        )
+        if decision.prune:
+            # a tombstone in the changelog: compaction drops the order, a restore does
+            # not bring it back; a later command for it is an unknown order
+            del self.table[key]
+            if self.open_sagas is not None:
+                self.open_sagas.put(key, None)
+            if self.finished is not None:
+                self.finished.forget(key)
+            SAGAS_PRUNED.inc()
+            return decision
         if decision.saga is not None and (decision.changed or decision.result is not None):
             watermarks = dict(stored.watermarks) if stored else {}
             watermarks[topic] = offset
@@ -280,6 +315,8 @@ class SagaHandler:
             self.table[key] = value
             if self.open_sagas is not None:
                 self.open_sagas.note(key, value, decision.saga)
+            if self.finished is not None:
+                self.finished.note(key, decision.saga, self.cfg.order_retention_ms)
         if decision.result is not None:
             ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
         return decision
@@ -331,13 +368,28 @@ class SagaHandler:
 
 # the sagas of this worker's partitions that are not final, for the sweeper
 open_sagas = OpenSagas()
-handler = SagaHandler(orders_table, codec_from_settings(settings), settings, open_sagas)
+# the finished ones and when each may be pruned, for the pruning sweeper
+finished_sagas = FinishedSagas()
+handler = SagaHandler(
+    orders_table, codec_from_settings(settings), settings, open_sagas, finished_sagas
+)
+
+
+def _scanned(key: bytes, value: bytes) -> bytes | None:
+    """One saga of a full scan: noted for pruning when finished; the index entry if open."""
+    saga = StoredSaga.from_bytes(value).saga
+    if saga.status.final:
+        finished_sagas.note(key, saga, settings.order_retention_ms)
+        return None
+    return value
+
+
 saga_index = IndexRefresher(
     "saga",
     app,
     lambda: orders_table.data.items(),
     open_sagas,
-    OpenSagas.entry_of,
+    _scanned,
     settings.expiry_full_scan_s,
 )
 
@@ -402,6 +454,35 @@ async def sweep_sagas() -> None:
     for key, at in list(_resent.items()):
         if now - at > 10 * RESEND_AFTER_MS:
             del _resent[key]
+
+
+@app.timer(interval=settings.expiry_scan_interval_s)
+async def prune_sagas() -> None:
+    """Finished sagas past ``INVENTORY_ORDER_RETENTION_MS``: send each a prune command
+    (``CancelOrder`` with ``expire`` and reason ``pruned``, stamped with the time seen)
+    on the checkouts topic, at most :data:`PRUNE_STEP` a tick. The agent deletes the
+    saga (a tombstone) if it is still finished and due by that time; a timer cannot
+    write a Faust table, and the agent's own order of inputs decides."""
+    # (the index refresh, whose full scans also note finished sagas, is sweep_sagas's)
+    if settings.order_retention_ms <= 0 or not settled(app):
+        return
+    now = now_ms()
+    for key in finished_sagas.take_due(now, PRUNE_STEP):
+        order_id = key.decode("utf-8")
+        record = {
+            "event_id": f"{order_id}:prune",
+            "order_id": order_id,
+            "reason": sg.PRUNE_REASON,
+            "channel": "system",
+            "occurred_at": now,
+            "expire": True,
+        }
+        await checkouts_topic.send(
+            key=key,
+            value=handler.codec.encode("CancelOrder", record),
+            partition=partition_for(key, settings.partitions),
+        )
+        SAGA_PRUNE_SENT.inc()
 
 
 # --------------------------------------------------------------------------

@@ -262,6 +262,8 @@ class Settings:
     # 0: only the SKU record's window of the last dedupe_window ids
     event_id_retention_ms: int = 7 * 24 * 3600 * 1000
     reservation_retention_ms: int = 7 * 24 * 3600 * 1000
+    # how long a finished checkout saga is kept after it finished (0 = forever)
+    order_retention_ms: int = 7 * 24 * 3600 * 1000
     default_ttl_ms: int = 15 * 60 * 1000
     # available at or below this emits LowStockCrossed (-1 = off)
     low_stock_threshold: int = 5
@@ -337,6 +339,8 @@ class Settings:
     sink_batch_size: int = 500
     sink_max_backoff_s: float = 30.0
     sink_check_interval_s: float = 5.0
+    # open /live/stock streams per worker; past it a new one is answered 503
+    live_max_connections: int = 1000
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
     stock_changes_retention_ms: int = -1
 
@@ -379,6 +383,7 @@ class Settings:
             reservation_retention_ms=_int(
                 e, "INVENTORY_RESERVATION_RETENTION_MS", d.reservation_retention_ms, 0
             ),
+            order_retention_ms=_int(e, "INVENTORY_ORDER_RETENTION_MS", d.order_retention_ms, 0),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
             low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold, -1),
             order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms, 0),
@@ -462,6 +467,9 @@ class Settings:
                 e, "INVENTORY_AUDITOR_FROM", d.auditor_from, ("EARLIEST", "LATEST")
             ),
             sink_batch_size=_int(e, "INVENTORY_SINK_BATCH_SIZE", d.sink_batch_size, 1),
+            live_max_connections=_int(
+                e, "INVENTORY_LIVE_MAX_CONNECTIONS", d.live_max_connections, 1
+            ),
             sink_check_interval_s=_float(
                 e, "INVENTORY_SINK_CHECK_INTERVAL_S", d.sink_check_interval_s, above=0
             ),

@@ -12,8 +12,10 @@
 * ``GET /healthz`` (kept as it was, the public contract the tests, Docker and the
   bench use): 503 ``{"status": "recovering"}`` when not ready (the same checks as
   ``/readyz``; ``{"status": "halted", "reasons": [...]}`` when a ledger partition
-  stopped because its input offsets went backwards, which needs an operator), else 200 ``{"status": "ok"|"degraded", "sinks": {...}}``, degraded
-  while a projection target fails (the ledger still serves).
+  stopped because its input offsets went backwards, which needs an operator), else 200 ``{"status": "ok"|"degraded", "sinks": {...}}``, each sink
+  ``ok``, ``degraded`` (its target fails) or ``replaying`` (its target lost data and
+  is being re-applied from the changelog); degraded unless every sink is ok (the
+  ledger still serves).
 
 The functions below take the app and the ledger engine as arguments so they can be
 checked without a running worker.

@@ -8,6 +8,12 @@
   Redis hash (the snapshot); then every change published on
   ``settings.redis_channel`` for a requested SKU; a ``: keep-alive`` comment
   after :data:`HEARTBEAT_S` seconds without output.
+* At most ``settings.live_max_connections`` (``INVENTORY_LIVE_MAX_CONNECTIONS``) open
+  streams per worker: past it ``503`` ``{"error": "too_many_streams", "detail"}``
+  with ``Retry-After`` (:data:`RETRY_AFTER_S`), counted in
+  ``inventory_live_refused_total{reason="capacity"}``. A stream's handler sleeps until
+  its heartbeat is due or an update, resync or close arrives; one reaper task per
+  hub closes, every :data:`WAKE_S`, the streams whose client left.
 * Every event::
 
       event: stock
@@ -78,7 +84,10 @@ PING_INTERVAL_S: Final = 10.0
 QUEUE_LIMIT: Final = 256
 """Updates buffered per stream; past this the stream drops them and re-reads the hashes."""
 WAKE_S: Final = 1.0
-"""How often an idle stream checks whether its client left (aiohttp does not cancel it)."""
+"""How often the hub's one reaper task looks for streams whose client left (aiohttp does
+not cancel their handlers); an idle stream itself wakes only to send its heartbeat."""
+RETRY_AFTER_S: Final = 5
+"""``Retry-After`` of a 503 answered when the worker already has its most streams."""
 
 FIELDS: Final = (
     "sku",
@@ -105,6 +114,20 @@ DROPPED = Counter(
     "inventory_live_dropped_total",
     "Updates not forwarded: stale (version not newer), invalid message, overflow (slow client).",
     ["reason"],
+    registry=metrics.REGISTRY,
+)
+REFUSED = Counter(
+    "inventory_live_refused_total",
+    "/live/stock streams refused with 503: the worker had INVENTORY_LIVE_MAX_CONNECTIONS "
+    "open (capacity) or was stopping (stopping).",
+    ["reason"],
+    registry=metrics.REGISTRY,
+)
+WAKEUPS = Counter(
+    "inventory_live_stream_wakeups_total",
+    "Times an open stream's handler woke up: for an update or resync (item), for its "
+    "heartbeat or a snapshot retry (timer), or because it was closed (closed).",
+    ["why"],
     registry=metrics.REGISTRY,
 )
 SUBSCRIBED = Gauge(
@@ -311,8 +334,9 @@ RESYNC: Final = _Resync()
 class Subscriber:
     """One open stream's inbox: updates for its SKUs and resync markers."""
 
-    def __init__(self, skus: Sequence[str]) -> None:
+    def __init__(self, skus: Sequence[str], transport: asyncio.BaseTransport | None = None) -> None:
         self.skus = frozenset(skus)
+        self.transport = transport  # the client's connection; None in unit tests
         self.closed = False
         self._items: deque[StockUpdate | _Resync] = deque()
         self._wake = asyncio.Event()
@@ -368,12 +392,20 @@ class LiveHub:
         self._subs: set[Subscriber] = set()
         self._by_sku: dict[str, set[Subscriber]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
         self._reader: aioredis.Redis | None = None
         self._stopping = False
 
     # streams --------------------------------------------------------------
-    def open(self, skus: Sequence[str]) -> Subscriber:
-        sub = Subscriber(skus)
+    @property
+    def full(self) -> bool:
+        """True when this worker already serves its most streams."""
+        return len(self._subs) >= self.cfg.live_max_connections
+
+    def open(
+        self, skus: Sequence[str], transport: asyncio.BaseTransport | None = None
+    ) -> Subscriber:
+        sub = Subscriber(skus, transport)
         self._subs.add(sub)
         for sku in sub.skus:
             self._by_sku.setdefault(sku, set()).add(sub)
@@ -381,7 +413,18 @@ class LiveHub:
         if self.subscribed:
             sub.resync()  # else the (re)subscription will ask for it
         self._ensure_running()
+        if transport is not None and (self._reaper is None or self._reaper.done()):
+            self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="live-reap")
         return sub
+
+    async def _reap(self) -> None:
+        """Every :data:`WAKE_S` while streams are open: close those whose client left.
+        One task for every stream, so an idle stream costs no wake-up of its own."""
+        while self._subs and not self._stopping:
+            await asyncio.sleep(WAKE_S)
+            for sub in list(self._subs):
+                if sub.transport is not None and sub.transport.is_closing():
+                    sub.close()  # its handler wakes, ends and releases the slot
 
     def close(self, sub: Subscriber) -> None:
         sub.close()
@@ -427,26 +470,49 @@ class LiveHub:
     async def serve(self, request: aioweb.Request, skus: Sequence[str]) -> aioweb.StreamResponse:
         """Stream ``skus`` to ``request`` until the client leaves or the hub stops."""
         if self._stopping:
+            REFUSED.labels("stopping").inc()
             return aioweb.json_response({"error": "shutting down"}, status=503)
+        if self.full:
+            REFUSED.labels("capacity").inc()
+            return aioweb.json_response(
+                {
+                    "error": "too_many_streams",
+                    "detail": f"this worker serves its most live streams "
+                    f"({self.cfg.live_max_connections}); retry later or elsewhere",
+                },
+                status=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         state = StreamState(skus, decode_event_id(request.headers.get("Last-Event-ID"), skus))
         response = aioweb.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        sub = self.open(state.skus)
+        # the slot is taken before the first await, so concurrent requests cannot pass
+        # the cap together
+        sub = self.open(state.skus, request.transport)
         loop = asyncio.get_running_loop()
         retry_at: float | None = None
         retry_delay = 0.5
         try:
+            await response.prepare(request)
             await response.write(f"retry: {RETRY_MS}\n\n".encode())
             last_write = loop.time()
             while not sub.closed:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break  # the client left; aiohttp does not cancel the handler
-                if retry_at is not None and loop.time() >= retry_at:
+                now = loop.time()
+                if retry_at is not None and now >= retry_at:
                     retry_at = None
                     if self.subscribed:  # else the resubscription resyncs every stream
                         sub.resync()
-                item = await sub.next(WAKE_S)
+                # sleep until the heartbeat is due (or a snapshot retry); an update,
+                # a resync or a close (client gone: the hub's reaper) wakes it sooner
+                wait = last_write + HEARTBEAT_S - now
+                if retry_at is not None:
+                    wait = min(wait, retry_at - now)
+                item = await sub.next(max(0.0, wait))
+                WAKEUPS.labels(
+                    "closed" if sub.closed else "timer" if item is None else "item"
+                ).inc()
                 now = loop.time()
                 frames: list[bytes] = []
                 if isinstance(item, StockUpdate):
@@ -473,7 +539,7 @@ class LiveHub:
                 if frames:
                     await response.write(b"".join(frames))
                     last_write = loop.time()
-                elif loop.time() - last_write >= HEARTBEAT_S:
+                elif loop.time() - last_write >= HEARTBEAT_S - 0.01:  # timers may fire early
                     await response.write(b": keep-alive\n\n")
                     last_write = loop.time()
         except ConnectionError:
@@ -579,10 +645,11 @@ class LiveHub:
         self._stopping = True
         for sub in list(self._subs):
             sub.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._reader is not None:
             with contextlib.suppress(Exception):
                 await self._reader.aclose()

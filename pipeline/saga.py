@@ -169,6 +169,20 @@ class ExpireOrder:
 
 
 @dataclass(frozen=True)
+class PruneOrder:
+    """Internal: the saga sweeper saw, at ``occurred_at``, a finished order whose
+    retention was over; the agent deletes it if :func:`prune_due` agrees. On the wire a
+    ``CancelOrder`` with ``expire: true`` and reason :data:`PRUNE_REASON`."""
+
+    event_id: str
+    order_id: str
+    occurred_at: int
+
+
+PRUNE_REASON = "pruned"
+
+
+@dataclass(frozen=True)
 class LineResult:
     """A ledger ReservationResult for this order; ``at`` is its Kafka timestamp."""
 
@@ -183,7 +197,7 @@ class LineResult:
     duplicate: bool = False
 
 
-OrderCommand = PlaceOrder | CommitOrder | CancelOrder | ExpireOrder
+OrderCommand = PlaceOrder | CommitOrder | CancelOrder | ExpireOrder | PruneOrder
 SagaInput = OrderCommand | LineResult
 
 
@@ -246,6 +260,7 @@ class SagaDecision:
     result: OrderResult | None = None
     changed: bool = False  # the saga must be stored (it differs from the input state)
     unknown_order: bool = False  # a commit/cancel of an order never placed (dead-letter it)
+    prune: bool = False  # the finished order's retention is over: delete it (a tombstone)
     note: str = ""  # why nothing happened, for logs and metrics
 
 
@@ -311,8 +326,26 @@ def due_for_expiry(saga: Saga, now: int) -> bool:
 # the function
 
 
-def decide(saga: Saga | None, inp: SagaInput, *, grace_ms: int = DEFAULT_GRACE_MS) -> SagaDecision:
-    """Apply one input to one order's saga; see the module docstring."""
+def prune_due(saga: Saga, retention_ms: int) -> int | None:
+    """When a finished saga may be deleted: ``retention_ms`` after the latest of its
+    expiry, placement and last goal (times of its own commands, never a clock), so a
+    retry of its commands within the retention gets the same answer. None while it is
+    not final or when ``retention_ms`` is 0 (kept forever). After that a PlaceOrder with
+    its id is a new order and a CommitOrder/CancelOrder an unknown one."""
+    if retention_ms <= 0 or not saga.status.final:
+        return None
+    return max(saga.expires_at, saga.placed_at, saga.goal_at) + retention_ms
+
+
+def decide(
+    saga: Saga | None,
+    inp: SagaInput,
+    *,
+    grace_ms: int = DEFAULT_GRACE_MS,
+    retention_ms: int = 0,
+) -> SagaDecision:
+    """Apply one input to one order's saga; see the module docstring. ``retention_ms``
+    is how long a finished saga is kept (:func:`prune_due`; 0 = forever)."""
     if saga is not None and saga.order_id != inp.order_id:
         raise ValueError(f"input for {inp.order_id!r} applied to saga of {saga.order_id!r}")
     if isinstance(inp, PlaceOrder):
@@ -340,6 +373,11 @@ def decide(saga: Saga | None, inp: SagaInput, *, grace_ms: int = DEFAULT_GRACE_M
         return _commit(saga, inp)
     if isinstance(inp, CancelOrder):
         return _close(saga, inp, "cancelled")
+    if isinstance(inp, PruneOrder):
+        due = prune_due(saga, retention_ms)
+        if due is None or inp.occurred_at < due:
+            return SagaDecision(saga, note="not due for pruning")
+        return SagaDecision(saga, prune=True, note="pruned")
     assert isinstance(inp, ExpireOrder)
     if not due_for_expiry(saga, inp.occurred_at):
         return SagaDecision(saga, note="not expired")
@@ -685,6 +723,8 @@ def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
     if name == "CommitOrder":
         return CommitOrder(_event_id(r), _order_id(r), _time(r), r.get("channel") or "web")
     if r.get("expire"):
+        if r.get("reason") == PRUNE_REASON:
+            return PruneOrder(_event_id(r), _order_id(r), _time(r))
         return ExpireOrder(_event_id(r), _order_id(r), _time(r))
     return CancelOrder(
         _event_id(r),

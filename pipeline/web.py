@@ -40,7 +40,8 @@ class Health(View):
             return self.json({"status": "recovering"}, status=503)
         sinks = sink_states()
         # a failing projection target degrades the worker but the ledger still serves
-        status = "degraded" if "degraded" in sinks.values() else "ok"
+        # (so does one being re-applied after it lost data: it is not whole until done)
+        status = "ok" if all(s == "ok" for s in sinks.values()) else "degraded"
         return self.json({"status": status, "sinks": sinks})
 
 

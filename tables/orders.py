@@ -23,6 +23,7 @@ up to framing and the ledger answers it with the original outcome.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,3 +171,49 @@ class OpenSagas(LiveIndex[bytes]):
     def note(self, key: bytes, value: bytes, saga: sg.Saga) -> None:
         """Record the saga value just written under ``key``."""
         self.put(key, None if saga.status.final else value)
+
+
+PRUNE_PENDING_MAX = 100_000  # finished sagas remembered for pruning (about 150 bytes each)
+
+
+class FinishedSagas:
+    """Finished sagas of this worker's partitions and when each may be pruned
+    (:func:`pipeline.saga.prune_due`), for the sweeper: key -> due (epoch ms).
+
+    Noted by the agent when a saga it writes is final and by every full scan of the
+    table (the saga index's rebuild), at most :data:`PRUNE_PENDING_MAX` at once:
+    the others are found by a later scan once these are pruned, so memory stays
+    bounded however many orders finish within the retention."""
+
+    def __init__(self, limit: int = PRUNE_PENDING_MAX) -> None:
+        self.limit = limit
+        self._due: dict[bytes, int] = {}
+        self._heap: list[tuple[int, bytes]] = []  # (due, key); stale entries skipped
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def note(self, key: bytes, saga: sg.Saga, retention_ms: int) -> None:
+        due = sg.prune_due(saga, retention_ms)
+        if due is None:
+            self._due.pop(key, None)
+        elif self._due.get(key) != due and (key in self._due or len(self._due) < self.limit):
+            self._due[key] = due
+            heapq.heappush(self._heap, (due, key))
+
+    def forget(self, key: bytes) -> None:
+        self._due.pop(key, None)
+
+    def take_due(self, now: int, most: int) -> list[bytes]:
+        """Up to ``most`` keys due at ``now``, earliest first, forgotten here (a later
+        scan finds any whose prune did not happen)."""
+        out: list[bytes] = []
+        while self._heap and self._heap[0][0] <= now and len(out) < most:
+            due, key = heapq.heappop(self._heap)
+            if self._due.get(key) == due:
+                del self._due[key]
+                out.append(key)
+        if len(self._heap) > 2 * len(self._due) + 1000:  # stale entries: rebuild
+            self._heap = [(due, key) for key, due in self._due.items()]
+            heapq.heapify(self._heap)
+        return out

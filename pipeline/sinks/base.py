@@ -55,14 +55,25 @@ class Projection(ABC):
     async def close(self) -> None:
         """Release clients."""
 
-    async def intact(self) -> bool:
-        """False when the target may have lost what it held since :meth:`mark_intact`
-        (restarted empty, flushed, index deleted); the runner then re-applies the whole
-        changelog. Raise TargetUnavailable when it cannot tell. Default: never lost."""
-        return True
+    async def lost(self, partitions: Sequence[int]) -> set[int]:
+        """Which of ``partitions`` (of the ledger's changelog) the target may have lost
+        records of since :meth:`mark_intact` (restarted empty, flushed, a key evicted,
+        index deleted): the runner then re-applies those partitions from the beginning.
+        Per partition, because each sink of a target (one per worker) replays only the
+        partitions it is assigned. Raise TargetUnavailable when it cannot tell.
+        Default: nothing is ever lost."""
+        return set()
 
-    async def mark_intact(self) -> None:
-        """Record that the target now holds everything up to the changelog's end."""
+    async def repair(self, partitions: Sequence[int]) -> None:
+        """Before ``partitions`` are re-applied: make the target able to take them (a
+        deleted or wrongly mapped index created again) and remember what it is now, so
+        :meth:`mark_intact` names the target the replay went into. Raise
+        TargetUnavailable when it cannot now. Default: nothing to repair."""
+        return None
+
+    async def mark_intact(self, partitions: Sequence[int]) -> None:
+        """Record that the target now holds every record of ``partitions`` up to the
+        changelog's end (as the target was at :meth:`repair`)."""
         return None
 
     async def wipe(self) -> None:

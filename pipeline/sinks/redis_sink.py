@@ -126,6 +126,7 @@ class RedisProjection(Projection):
         # register_script only hashes the text; the server learns it in setup()
         # or on the first NOSCRIPT.
         self._script = self._client.register_script(APPLY_SCRIPT)
+        self._replay_from: dict[int, str] = {}  # per partition: server state at its replay
 
     def _unavailable(self, what: str, exc: BaseException) -> TargetUnavailable:
         detail = f"{type(exc).__name__}: {exc}"
@@ -143,28 +144,69 @@ class RedisProjection(Projection):
         except _UNAVAILABLE as exc:
             raise self._unavailable("SCRIPT LOAD", exc) from exc
 
-    @property
-    def _marker(self) -> str:
-        return f"{self._cfg.redis_key_prefix}sink-marker"
+    def _marker(self, partition: int) -> str:
+        return f"{self._cfg.redis_key_prefix}sink-marker:{partition}"
 
-    async def intact(self) -> bool:
-        """The marker key holds the server's ``run_id`` once a full apply is done: a
-        missing marker (FLUSHALL, eviction, a restart without persistence) or another
-        ``run_id`` (a restarted server) means keys may be gone."""
+    async def _server_state(self) -> str:
+        """``<run_id>:<evicted_keys>``: which server this is and how many keys it has
+        evicted since it started (``INFO server`` and ``INFO stats``, one round trip)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.info("server")
+            pipe.info("stats")
+            server, stats = await pipe.execute()
+        return f"{server['run_id']}:{int(stats.get('evicted_keys', 0))}"
+
+    async def lost(self, partitions: Sequence[int]) -> set[int]:
+        """Per changelog partition a marker key ``<prefix>sink-marker:<p>`` holds
+        ``<run_id>:<evicted_keys>`` of the server as it was when that partition's last
+        full apply began. A partition is lost when its marker is missing (FLUSHALL, a
+        restart without persistence, the marker itself evicted), names another
+        ``run_id`` (a restarted server), or the server has evicted keys since
+        (``maxmemory`` with an ``allkeys-*`` or ``volatile-*`` policy may have evicted a
+        single SKU's hash, which no marker would show; ``evicted_keys`` counts every
+        eviction of the server, so evictions of other applications' keys on a shared
+        Redis cause replays too: harmless, but give the sink's Redis ``noeviction``).
+        ``expired_keys`` is not watched: the sink sets no TTLs. ``CONFIG RESETSTAT``
+        causes one replay."""
+        wanted = list(partitions)
+        if not wanted:
+            return set()
         try:
-            run_id = (await self._client.info("server"))["run_id"]
-            marker = await self._client.get(self._marker)
+            state = await self._server_state()
+            markers = await self._client.mget([self._marker(p) for p in wanted])
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker check", exc) from exc
-        held = marker.decode() if isinstance(marker, bytes) else marker
-        return held == str(run_id)
+        held = [m.decode() if isinstance(m, bytes) else m for m in markers]
+        return {p for p, m in zip(wanted, held, strict=True) if m != state}
 
-    async def mark_intact(self) -> None:
+    async def repair(self, partitions: Sequence[int]) -> None:
+        """Nothing to repair; remembers the server's state as the replay begins, so a
+        loss during the replay still shows at the next check."""
         try:
-            run_id = (await self._client.info("server"))["run_id"]
-            await self._client.set(self._marker, str(run_id))
+            state = await self._server_state()
+        except _UNAVAILABLE as exc:
+            raise self._unavailable("marker check", exc) from exc
+        for p in partitions:
+            self._replay_from[p] = state
+
+    async def mark_intact(self, partitions: Sequence[int]) -> None:
+        """Write each partition's marker: the server state :meth:`repair` saw (or the
+        current one without a repair)."""
+        try:
+            current = None
+            values: dict[str, str] = {}
+            for p in partitions:
+                state = self._replay_from.get(p)
+                if state is None:
+                    current = current or await self._server_state()
+                    state = current
+                values[self._marker(p)] = state
+            if values:
+                await self._client.mset(values)
         except _UNAVAILABLE as exc:
             raise self._unavailable("marker write", exc) from exc
+        for p in partitions:
+            self._replay_from.pop(p, None)
 
     def _script_args(self, change: StockChange) -> tuple[str, list[str | bytes]]:
         sku = str(change["sku"])

@@ -40,6 +40,7 @@ an operator to replay or discard.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -92,13 +93,18 @@ class SinkRunner:
         self.codec = codec
         self.target = projection.name
         self.degraded = False
-        self.replaying = False  # re-applying the whole changelog after the target lost data
-        self.failing = False
+        # the partitions being re-applied from the beginning after the target lost data
+        self.replaying: set[TopicPartition] = set()
+        self.failing = False  # the target refuses writes now
         self.next_check = 0.0
         # while replaying: per partition, the committed offset when the replay began;
         # unreadable records below it were dead-lettered already
         self.dead_lettered_below: dict[TopicPartition, int] = {}
         self.backoff = Backoff(INITIAL_BACKOFF_S, cfg.sink_max_backoff_s)
+        self.consumer: AIOKafkaConsumer | None = None
+        # exported at 0 from the start, so an alert's increase() sees the first one
+        metrics.DEAD_LETTERS.labels(UNREADABLE)
+        metrics.SINK_REPLAYS.labels(self.target)
 
     def decode(self, records: Sequence[Any]) -> tuple[list[StockChange], list[tuple[Any, str]]]:
         """The current StockChanged of each SKU record of a fetched batch (reservation
@@ -136,6 +142,7 @@ class SinkRunner:
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
+        self.consumer = consumer  # for checks from outside (tests)
         await self._until_ready(consumer)
         producer: AIOKafkaProducer | None = None
         try:
@@ -162,6 +169,18 @@ class SinkRunner:
                 if changes:
                     latest = coalesce(changes)
                     report = await self._apply_until_done(consumer, latest)
+                    if report is None:
+                        # the target lost data while it refused the batch: the replay
+                        # that began re-reads this batch too (its dead letters are out);
+                        # the batch's other partitions are read again from where it began
+                        for tp, recs in batches.items():
+                            if tp not in self.replaying:
+                                consumer.seek(tp, recs[0].offset)
+                            elif unreadable:
+                                self.dead_lettered_below[tp] = max(
+                                    self.dead_lettered_below.get(tp, 0), offsets[tp]
+                                )
+                        continue
                     self._observe(latest, report, coalesced=len(changes) - len(latest))
                 await self._commit(consumer, offsets)
                 await self._update_lag(consumer)
@@ -233,44 +252,65 @@ class SinkRunner:
             part,
         )
 
-    async def _check_intact(self, consumer: AIOKafkaConsumer) -> None:
-        """Every ``sink_check_interval_s``: if the target lost what it held, read the
-        assigned partitions again from the beginning (degraded until caught up)."""
+    async def _check_intact(self, consumer: AIOKafkaConsumer) -> bool:
+        """Every ``sink_check_interval_s`` (not while replaying): if the target lost
+        records of assigned partitions, repair it (the search index re-created with its
+        mapping) and read those partitions again from the beginning (degraded, state
+        ``replaying``, until caught up). True when it started a replay. Also called
+        while a batch is held by a failing target: a wrongly mapped index refuses
+        every batch, so only the check gets the sink out of that."""
         if self.replaying or time.monotonic() < self.next_check:
-            return
+            return False
         self.next_check = time.monotonic() + self.cfg.sink_check_interval_s
+        assigned = sorted(consumer.assignment(), key=lambda tp: tp.partition)
+        if not assigned:
+            return False
         try:
-            if await self.projection.intact():
-                return
+            lost = await self.projection.lost([tp.partition for tp in assigned])
         except TargetUnavailable as exc:
             log.info("%s sink: cannot check the target now: %s", self.target, exc)
-            return
-        log.warning("%s sink: target lost data; re-applying the changelog", self.target)
+            return False
+        if not lost:
+            return False
+        try:
+            await self.projection.repair(sorted(lost))
+        except TargetUnavailable as exc:
+            # retried at the next check; meanwhile writes fail or land in what is there
+            log.warning("%s sink: target lost data, cannot repair it now: %s", self.target, exc)
+            return False
+        tps = [tp for tp in assigned if tp.partition in lost]
+        log.warning(
+            "%s sink: target lost data of partitions %s; re-applying them from the changelog",
+            self.target,
+            ", ".join(str(tp.partition) for tp in tps),
+        )
         metrics.SINK_REPLAYS.labels(self.target).inc()
-        self.replaying = True
+        self.replaying = set(tps)
         self._set_degraded(self.failing)
-        self.dead_lettered_below = {
-            tp: await consumer.committed(tp) or 0 for tp in consumer.assignment()
-        }
-        if consumer.assignment():
-            await consumer.seek_to_beginning(*consumer.assignment())
+        self.dead_lettered_below = {tp: await consumer.committed(tp) or 0 for tp in tps}
+        await consumer.seek_to_beginning(*tps)
+        return True
 
     async def _replay_done(self, consumer: AIOKafkaConsumer) -> None:
-        """Mark the target whole once every assigned partition is at its end."""
+        """Mark each replayed partition whole once it is at its end (a partition a
+        rebalance took away is its new owner's to check)."""
         if not self.replaying:
             return
-        for tp in consumer.assignment():
+        self.replaying &= consumer.assignment()
+        done = []
+        for tp in self.replaying:
             hw = consumer.highwater(tp)
-            if hw is None or await consumer.position(tp) < hw:
+            if hw is not None and await consumer.position(tp) >= hw:
+                done.append(tp)
+        if done:
+            try:
+                await self.projection.mark_intact(sorted(tp.partition for tp in done))
+            except TargetUnavailable:
                 return
-        try:
-            await self.projection.mark_intact()
-        except TargetUnavailable:
-            return
-        if self.replaying:
+            self.replaying -= set(done)
+        if not self.replaying:
             log.info("%s sink: re-applied the changelog; target whole again", self.target)
-        self.replaying = False
-        self.dead_lettered_below = {}
+            self.dead_lettered_below = {}
         self._set_degraded(self.failing)
 
     async def _until_ready(self, consumer: AIOKafkaConsumer) -> None:
@@ -285,11 +325,17 @@ class SinkRunner:
                 log.warning(
                     "%s sink: target not ready (%s); retry in %.1fs", self.target, exc, delay
                 )
+                # e.g. an index created with a wrong mapping while the sink was down: the
+                # repair re-creates it (no partition is marked: each is checked once running)
+                with contextlib.suppress(TargetUnavailable):
+                    await self.projection.repair([])
                 await asyncio.sleep(delay)
 
     async def _apply_until_done(
         self, consumer: AIOKafkaConsumer, changes: list[StockChange]
-    ) -> ApplyReport:
+    ) -> ApplyReport | None:
+        """Apply ``changes``, retrying while the target fails; None when a check found
+        meanwhile that the target lost data and a replay began instead."""
         paused = False
         while True:
             try:
@@ -300,6 +346,10 @@ class SinkRunner:
                 if not paused:
                     consumer.pause(*consumer.assignment())
                     paused = True
+                if await self._check_intact(consumer):
+                    consumer.resume(*consumer.assignment())
+                    self._set_degraded(False)
+                    return None
                 delay = self.backoff.next_delay()
                 log.warning(
                     "%s sink: %s; batch of %d held, retry in %.1fs",
@@ -344,10 +394,18 @@ class SinkRunner:
         for change in changes:
             hist.observe(max(0, report.applied_at_ms - change["occurred_at"]) / 1000)
 
+    @property
+    def state(self) -> str:
+        """For /healthz: ``degraded`` while the target fails, ``replaying`` while it is
+        re-applied from the changelog after it lost data, else ``ok``."""
+        if self.failing:
+            return "degraded"
+        return "replaying" if self.replaying else "ok"
+
     def _set_degraded(self, failing: bool) -> None:
         """Degraded while the target fails or while it is being re-applied."""
         self.failing = failing
-        self.degraded = failing or self.replaying
+        self.degraded = failing or bool(self.replaying)
         metrics.SINK_STATE.labels(self.target).set(1 if self.degraded else 0)
         metrics.SINK_REPLAYING.labels(self.target).set(1 if self.replaying else 0)
 

@@ -24,6 +24,10 @@ Storefront query, in-stock products only (``filter`` context: no scoring, cached
     await client.search(index=cfg.search_index, body={
         "query": {"bool": {"filter": [{"term": {"in_stock": True}}]}}})
 
+The sink's markers live in ``<index>-sink-markers`` (one document per changelog
+partition naming the uuid of the index it was fully applied to): a deleted or
+re-created index has another uuid, so the sink re-applies the changelog into it.
+
 Search sees a change after the next refresh (up to 1 s); ``GET``/``mget`` by id
 see it at once.
 """
@@ -39,11 +43,13 @@ from urllib.parse import urlsplit
 
 import orjson
 from opensearchpy import AsyncOpenSearch
-from opensearchpy.exceptions import OpenSearchException, TransportError
+from opensearchpy.exceptions import NotFoundError, OpenSearchException, TransportError
 
 from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
+
+log = logging.getLogger("inventory.sink")
 
 # the client logs every request at INFO: far too loud for a sink's steady state
 logging.getLogger("opensearch").setLevel(logging.WARNING)
@@ -69,6 +75,13 @@ MAPPING: dict[str, Any] = {
         "updated_at": {"type": "date", "format": "epoch_millis"},
         "occurred_at": {"type": "date", "format": "epoch_millis"},
     },
+}
+
+# the markers index: <index>-sink-markers, one document per changelog partition
+MARKERS_SUFFIX = "-sink-markers"
+MARKERS_MAPPING: dict[str, Any] = {
+    "dynamic": "strict",
+    "properties": {"index_uuid": {"type": "keyword"}},
 }
 
 # Item statuses that mean "try again later" rather than "this document can never go in".
@@ -115,6 +128,7 @@ class SearchProjection(Projection):
     def __init__(self, cfg: Settings, client: AsyncOpenSearch | None = None) -> None:
         self._cfg = cfg
         self._index = cfg.search_index
+        self._replay_into: dict[int, str] = {}  # per partition: the index uuid of its replay
         self._owns_client = client is None
         self._client: AsyncOpenSearch = client or AsyncOpenSearch(
             hosts=[cfg.opensearch_url],
@@ -169,6 +183,110 @@ class SearchProjection(Projection):
         problems = _mapping_problems(mappings)
         if problems:
             raise self._unavailable("setup", "; ".join(problems), SearchRejected)
+
+    @property
+    def markers_index(self) -> str:
+        """The small index of the sink's markers: one document per changelog partition,
+        ``_id`` = the partition, holding the uuid of the index it was fully applied to."""
+        return self._index + MARKERS_SUFFIX
+
+    async def _index_state(self) -> tuple[str, list[str]] | None:
+        """(uuid, mapping problems) of the index; None when it does not exist."""
+        try:
+            found = await self._client.indices.get(index=self._index)
+        except NotFoundError:
+            return None
+        entry = next(iter(found.values()), {})
+        uuid = str(entry.get("settings", {}).get("index", {}).get("uuid", ""))
+        return uuid, _mapping_problems(entry.get("mappings", {}))
+
+    async def lost(self, partitions: Sequence[int]) -> set[int]:
+        """Every partition when the index is missing or has a wrong mapping (an index
+        created again by a write after a delete has a dynamic one); else those whose
+        marker does not name the index's current uuid (the index was deleted and created
+        again, by anyone, or the partition was never fully applied to it)."""
+        wanted = list(partitions)
+        if not wanted:
+            return set()
+        try:
+            state = await self._index_state()
+            if state is None:
+                log.warning("search index %r is missing", self._index)
+                return set(wanted)
+            uuid, problems = state
+            if problems:
+                log.warning("search index %r has a wrong mapping: %s", self._index, problems)
+                return set(wanted)
+            response = await self._client.mget(
+                index=self.markers_index, body={"ids": [str(p) for p in wanted]}
+            )
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("marker check", exc) from exc
+        held: dict[str, str] = {}
+        for doc in response.get("docs", []):
+            if doc.get("found"):
+                held[doc["_id"]] = str(doc["_source"].get("index_uuid"))
+        return {p for p in wanted if held.get(str(p)) != uuid}
+
+    async def repair(self, partitions: Sequence[int]) -> None:
+        """Delete the index when its mapping is wrong (its documents cannot be trusted
+        or written), create it with :data:`MAPPING` if missing (:meth:`setup`), and
+        remember its uuid for the markers of ``partitions``."""
+        try:
+            state = await self._index_state()
+            if state is not None and state[1]:
+                log.warning("search sink: deleting index %r to re-create it", self._index)
+                await self._client.indices.delete(index=self._index, ignore_unavailable=True)
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("repair", exc) from exc
+        await self.setup()
+        try:
+            state = await self._index_state()
+            if not await self._client.indices.exists(index=self.markers_index):
+                try:
+                    await self._client.indices.create(
+                        index=self.markers_index,
+                        body={"settings": SETTINGS, "mappings": MARKERS_MAPPING},
+                    )
+                except TransportError as exc:
+                    if exc.status_code != 400 or exc.error != "resource_already_exists_exception":
+                        raise
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("repair", exc) from exc
+        if state is None:
+            raise self._unavailable("repair", "the index is gone again")
+        for p in partitions:
+            self._replay_into[p] = state[0]
+
+    async def mark_intact(self, partitions: Sequence[int]) -> None:
+        """Write each partition's marker: the uuid of the index :meth:`repair` saw (or
+        of the current one without a repair)."""
+        wanted = list(partitions)
+        if not wanted:
+            return
+        try:
+            current: str | None = None
+            lines: list[bytes] = []
+            for p in wanted:
+                uuid = self._replay_into.get(p)
+                if uuid is None:
+                    if current is None:
+                        state = await self._index_state()
+                        if state is None:
+                            raise self._unavailable("marker write", "the index is gone")
+                        current = state[0]
+                    uuid = current
+                lines.append(orjson.dumps({"index": {"_id": str(p)}}))
+                lines.append(orjson.dumps({"index_uuid": uuid}))
+            response = await self._client.bulk(
+                body=b"\n".join(lines) + b"\n", index=self.markers_index, filter_path="errors"
+            )
+        except _UNAVAILABLE as exc:
+            raise self._from_transport("marker write", exc) from exc
+        if response.get("errors"):
+            raise self._unavailable("marker write", "a marker was not written")
+        for p in wanted:
+            self._replay_into.pop(p, None)
 
     async def apply(self, changes: Sequence[StockChange]) -> ApplyReport:
         """Apply a batch with one bulk request; returns applied/stale counts.

@@ -23,5 +23,6 @@ if settings.sink_enabled:
 
 
 def sink_states() -> dict[str, str]:
-    """Per target: "ok" or "degraded" (failing and paused), for /healthz."""
-    return {r.target: "degraded" if r.degraded else "ok" for r in RUNNERS}
+    """Per target, for /healthz: "ok", "degraded" (the target fails; the sink is paused)
+    or "replaying" (the target lost data and is being re-applied from the changelog)."""
+    return {r.target: r.state for r in RUNNERS}

@@ -27,7 +27,7 @@ import pytest
 import redis
 
 from config.settings import Settings, settings
-from harness import OUT, Namespace, Worker, free_port, wait_for
+from harness import OUT, Namespace, Worker, free_port, metric_total, wait_for
 from pipeline.live import decode_event_id
 
 pytestmark = pytest.mark.integration
@@ -166,11 +166,19 @@ class FakeSink:
         self.r.close()
 
 
+CAP = 4
+
+
 @pytest.fixture
 def live(kafka, redis_service):
     """A worker with the sink off and its own Redis prefix, plus a fake sink on that prefix."""
     prefix = f"live-test-{uuid.uuid4().hex[:10]}:"
-    ns = Namespace.fresh("live", INVENTORY_REDIS_KEY_PREFIX=prefix, INVENTORY_SINK_ENABLED="0")
+    ns = Namespace.fresh(
+        "live",
+        INVENTORY_REDIS_KEY_PREFIX=prefix,
+        INVENTORY_SINK_ENABLED="0",
+        INVENTORY_LIVE_MAX_CONNECTIONS=str(CAP),  # no test here opens more but the cap's
+    )
     worker = Worker(ns).start()
     sink = FakeSink(replace(settings, redis_key_prefix=prefix))
     try:
@@ -322,6 +330,37 @@ def test_closed_streams_are_cleaned_up(live):
         return -1
 
     wait_for(lambda: open_streams() == 0, 10, "the closed streams to be released")
+
+
+def test_past_the_cap_a_stream_is_refused_503_until_one_closes(live):
+    worker, sink = live
+    clients = [SSEClient(worker, f"C{i}") for i in range(CAP)]
+    try:
+        assert all(c.response.status == 200 for c in clients)
+        wait_subscribed(sink)
+        conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
+        conn.request("GET", "/live/stock?sku=C9")
+        refused = conn.getresponse()
+        body = json.loads(refused.read())
+        conn.close()
+        assert refused.status == 503
+        assert refused.getheader("Content-Type", "").startswith("application/json")
+        assert refused.getheader("Retry-After") == "5"
+        assert body["error"] == "too_many_streams" and str(CAP) in body["detail"]
+        assert metric_total(worker.url, "inventory_live_refused_total") == 1
+        clients.pop().close()  # one leaves: its slot is free within about a second
+        wait_for(
+            lambda: metric_total(worker.url, "inventory_live_streams") == CAP - 1,
+            10,
+            "the slot to be freed",
+        )
+        clients.append(SSEClient(worker, "C9"))
+        assert clients[-1].response.status == 200
+        sink.change("C9", 1, 3)
+        assert clients[-1].next().data["sku"] == "C9"  # a stream like any other
+    finally:
+        for c in clients:
+            c.close()
 
 
 def http_get(worker: Worker, path: str) -> tuple[int, str, bytes]:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
 from hypothesis import given
 from hypothesis import strategies as st
 
 from config.settings import settings
+from pipeline import live
 from pipeline.live import (
     MAX_SKUS,
     QUEUE_LIMIT,
@@ -337,3 +341,94 @@ def test_the_product_page_ships_with_the_package_and_uses_the_live_stream():
     for marker in ('id="available"', 'id="status"', 'id="version"', "EventSource("):
         assert marker in html
     assert "http://" not in html and "https://" not in html  # no external resources
+
+
+# --- serving over real HTTP (aiohttp's test server; no Redis: nothing is subscribed) ---
+
+
+def sample(counter: object, *labels: str) -> float:
+    return counter.labels(*labels)._value.get()  # type: ignore[attr-defined]
+
+
+async def _hub_server(cap: int) -> tuple[LiveHub, TestServer]:
+    hub = LiveHub(replace(settings, live_max_connections=cap))
+    hub._ensure_running = lambda: None  # type: ignore[method-assign]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await hub.serve(request, parse_skus(request.query.getall("sku", [])))
+
+    application = web.Application()
+    application.router.add_get("/live/stock", handler)
+    server = TestServer(application)
+    await server.start_server()
+    return hub, server
+
+
+def test_past_the_cap_a_stream_is_refused_503_with_retry_after_until_one_closes() -> None:
+    async def scenario() -> None:
+        hub, server = await _hub_server(cap=2)
+        refused = sample(live.REFUSED, "capacity")
+        try:
+            async with ClientSession() as session:
+                url = server.make_url("/live/stock?sku=A")
+                first = await session.get(url)
+                second = await session.get(url)
+                for r in (first, second):
+                    assert r.status == 200
+                    assert await r.content.readline() == b"retry: 1000\n"
+                third = await session.get(url)
+                assert third.status == 503
+                assert third.headers["Retry-After"] == str(live.RETRY_AFTER_S)
+                body = await third.json()
+                assert body["error"] == "too_many_streams" and "2" in body["detail"]
+                assert sample(live.REFUSED, "capacity") == refused + 1
+                assert len(hub._subs) == 2
+                first.close()  # the client leaves: the reaper frees its slot
+                deadline = asyncio.get_running_loop().time() + 5
+                while hub.full:
+                    assert asyncio.get_running_loop().time() < deadline, "slot not freed"
+                    await asyncio.sleep(0.05)
+                fourth = await session.get(url)
+                assert fourth.status == 200
+                second.close()
+                fourth.close()
+        finally:
+            await hub.stop()
+            await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_stream_wakes_only_for_its_heartbeat_and_its_updates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, an idle stream woke every WAKE_S (1 s); now only when its heartbeat is
+    due, or for an update."""
+    monkeypatch.setattr(live, "HEARTBEAT_S", 2.5)
+
+    async def scenario() -> tuple[float, float, list[bytes]]:
+        hub, server = await _hub_server(cap=10)
+        timer, item = sample(live.WAKEUPS, "timer"), sample(live.WAKEUPS, "item")
+        lines: list[bytes] = []
+        try:
+            async with ClientSession() as session:
+                resp = await session.get(server.make_url("/live/stock?sku=A"))
+                assert await resp.content.readline() == b"retry: 1000\n"
+                await asyncio.sleep(0.3)
+                hub.dispatch(upd("A", 4))
+                async with asyncio.timeout(5):
+                    while not any(line.startswith(b"data:") for line in lines):
+                        lines.append(await resp.content.readline())
+                await asyncio.sleep(2.0)  # idle: less than a heartbeat since the event
+                assert sample(live.WAKEUPS, "timer") == timer
+                async with asyncio.timeout(5):
+                    while b": keep-alive\n" not in lines:
+                        lines.append(await resp.content.readline())
+                resp.close()
+        finally:
+            await hub.stop()
+            await server.close()
+        return sample(live.WAKEUPS, "timer") - timer, sample(live.WAKEUPS, "item") - item, lines
+
+    timers, items, lines = asyncio.run(scenario())
+    assert (timers, items) == (1, 1), lines

@@ -636,3 +636,73 @@ def test_the_largest_valid_place_order_fits_the_pre_decode_bound() -> None:
     # and the bound is not loose enough to let a many-times-larger order through
     assert bound < 2 * size
     assert sg.max_checkout_bytes(replace(limits, max_lines=1000)) > 9 * bound // 2
+
+
+# --------------------------------------------------------------------------- pruning
+
+RETAIN = 5_000
+
+
+def _finished() -> sg.Saga:
+    s = _reserved()
+    d = sg.decide(s, sg.CommitOrder("c1", "o1", T0 + 100))
+    d = run(
+        d.saga,
+        answer(s, "A", "COMMITTED", action="commit"),
+        answer(s, "B", "COMMITTED", action="commit"),
+    )
+    assert d.saga.status is OrderStatus.COMMITTED
+    return d.saga
+
+
+def test_a_finished_saga_is_pruned_only_once_its_retention_is_over():
+    s = _finished()
+    due = sg.prune_due(s, RETAIN)
+    assert due == max(s.expires_at, s.placed_at, s.goal_at) + RETAIN
+    early = sg.decide(s, sg.PruneOrder("o1:prune", "o1", due - 1), retention_ms=RETAIN)
+    assert not early.prune and early.saga == s and early.result is None
+    d = sg.decide(s, sg.PruneOrder("o1:prune", "o1", due), retention_ms=RETAIN)
+    assert d.prune and d.result is None and d.sends == ()
+
+
+def test_an_open_saga_an_unknown_one_or_retention_zero_is_never_pruned():
+    s = _reserved()
+    assert sg.prune_due(s, RETAIN) is None
+    d = sg.decide(s, sg.PruneOrder("o1:prune", "o1", T0 + 10**9), retention_ms=RETAIN)
+    assert not d.prune and d.saga == s
+    assert sg.prune_due(_finished(), 0) is None
+    d = sg.decide(_finished(), sg.PruneOrder("o1:prune", "o1", T0 + 10**9), retention_ms=0)
+    assert not d.prune
+    # no saga: nothing, and no unknown-order answer (the sweeper may send it twice)
+    d = sg.decide(None, sg.PruneOrder("o1:prune", "o1", T0 + 10**9), retention_ms=RETAIN)
+    assert not d.prune and not d.unknown_order and d.result is None
+
+
+def test_the_prune_command_is_a_cancel_order_with_expire_and_reason_pruned():
+    limits = sg.Limits(max_lines=10, max_qty=100, default_ttl_ms=TTL)
+    rec = {"event_id": "o1:prune", "order_id": "o1", "occurred_at": T0, "channel": "system"}
+    cmd = sg.to_order_command(
+        b"o1", "CancelOrder", {**rec, "expire": True, "reason": "pruned"}, limits
+    )
+    assert cmd == sg.PruneOrder("o1:prune", "o1", T0)
+    expire = sg.to_order_command(b"o1", "CancelOrder", {**rec, "expire": True}, limits)
+    assert isinstance(expire, sg.ExpireOrder)
+    cancel = sg.to_order_command(b"o1", "CancelOrder", {**rec, "reason": "pruned"}, limits)
+    assert isinstance(cancel, sg.CancelOrder)
+
+
+def test_finished_sagas_are_taken_earliest_first_bounded_and_once():
+    from tables.orders import FinishedSagas
+
+    f = FinishedSagas(limit=3)
+    done = _finished()
+    due = sg.prune_due(done, RETAIN)
+    assert due is not None
+    for i, shift in enumerate((30, 10, 20, 0)):
+        f.note(b"k%d" % i, replace(done, expires_at=done.expires_at + shift), RETAIN)
+    assert len(f) == 3  # the fourth waits for a later scan
+    f.note(b"k0", _reserved(), RETAIN)  # open again: not prunable
+    assert len(f) == 2
+    assert f.take_due(due + 15, 10) == [b"k1"]
+    assert f.take_due(due + 100, 10) == [b"k2"]
+    assert f.take_due(due + 100, 10) == []
