@@ -141,6 +141,10 @@ class PartitionWriter:
             **{
                 "transactional.id": transactional_id(self.cfg, self.partition),
                 "transaction.timeout.ms": int(self.cfg.transaction_timeout_s * 1000),
+                # what a transactional id implies anyway, stated: idempotent, and every
+                # write on min.insync.replicas brokers before it is acknowledged
+                "enable.idempotence": True,
+                "acks": "all",
                 "linger.ms": 0,
                 "batch.size": 1_000_000,
                 "message.max.bytes": self.cfg.max_record_bytes,

@@ -15,7 +15,10 @@ shared OpenSearch node and an index of its own. Each round:
    its own thread (they may overlap): ``kill9`` (SIGKILL a worker, restart it:
    two rebalances), ``broker`` (``scripts/stack.sh down kafka`` then ``up
    kafka``; a worker that dies or hangs because of it is recorded as an
-   incident and restarted), ``redis`` (the private redis-server stopped, then
+   incident and restarted), ``leader_kill`` (on the 3-node cluster only,
+   ``ChaosConfig.cluster``: SIGKILL the broker that leads the hot SKU's partition,
+   restart it after a few seconds, wait until every replica is back in sync),
+   ``redis`` (the private redis-server stopped, then
    started), ``search_refuse`` / ``search_blackhole`` (the OpenSearch proxy
    refuses connections or accepts and never answers), ``dupes`` (a burst of
    verbatim re-sends of commands that were already answered, from any round);
@@ -67,8 +70,10 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import cluster
 from config.settings import Settings
 from config.settings import settings as base
+from crashload import audit_changelog
 from faults import PrivateRedis, TcpProxy
 from harness import OUT, REPO, Namespace, Worker
 from pipeline.clients import confluent_config
@@ -79,7 +84,19 @@ from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec, DecodeError
 
 STACK = REPO / "scripts" / "stack.sh"
-FAULT_KINDS = ("kill9", "broker", "redis", "search_refuse", "search_blackhole", "dupes")
+FAULT_KINDS = (
+    "kill9",
+    "broker",
+    "leader_kill",
+    "redis",
+    "search_refuse",
+    "search_blackhole",
+    "dupes",
+)
+# ``broker`` restarts the shared single broker, ``leader_kill`` crashes one node of the
+# 3-node cluster: each only in its own mode (ChaosConfig.cluster)
+SINGLE_BROKER_ONLY = ("broker",)
+CLUSTER_ONLY = ("leader_kill",)
 INVARIANTS = ("I1", "I2", "I3", "I4", "I5", "I6")
 TERMINAL = ("COMMITTED", "RELEASED", "EXPIRED")
 ORDER_TYPES = ("ReserveStock", "CommitReservation", "ReleaseReservation")
@@ -116,6 +133,15 @@ class ChaosConfig:
     fault_window: tuple[float, float] = (0.1, 0.8)  # when faults start, share of traffic_s
     outage_s: tuple[float, float] = (3.0, 7.0)  # redis/search outage length
     kill_down_s: tuple[float, float] = (0.5, 3.0)  # dead time of a killed worker
+    # run on the local 3-node cluster (tests/cluster.py: RF 3, min ISR 2, 1 standby)
+    # instead of the shared single broker; its own fault: leader_kill
+    cluster: bool = False
+    # dead time of a killed leader broker: past the cluster's broker.session.timeout.ms
+    # (6 s), so the controller fences it and its leaderships move before it is back
+    leader_down_s: tuple[float, float] = (7.0, 10.0)
+    # after each round, also audit the committed changelog's version chain
+    # (crashload.audit_changelog: no gap, no version written twice)
+    audit_changelog: bool = False
     # checks
     expiry_slack_s: float = 10.0
     drain_timeout_s: float = 180.0
@@ -135,14 +161,20 @@ def round_plan(cfg: ChaosConfig) -> list[list[str]]:
     rng = random.Random(cfg.seed * 7919 + 1)
     plan = []
     restarts = 0
+    excluded = SINGLE_BROKER_ONLY if cfg.cluster else CLUSTER_ONLY
     for _ in range(cfg.rounds):
-        kinds = [k for k in FAULT_KINDS if k != "broker" or restarts < cfg.broker_restarts]
+        kinds = [
+            k
+            for k in FAULT_KINDS
+            if k not in excluded
+            and (k not in ("broker", "leader_kill") or restarts < cfg.broker_restarts)
+        ]
         if "search_refuse" in kinds and "search_blackhole" in kinds:
             # one search fault per round: they act on the same proxy
             kinds.remove(rng.choice(["search_refuse", "search_blackhole"]))
         n = rng.randint(*cfg.faults_per_round)
         chosen = rng.sample(kinds, min(n, len(kinds)))
-        restarts += "broker" in chosen
+        restarts += "broker" in chosen or "leader_kill" in chosen
         plan.append(sorted(chosen, key=FAULT_KINDS.index))
     return plan
 
@@ -720,6 +752,8 @@ class ChaosRun:
         self.disruptions: list[tuple[float, float]] = []
         self.incidents: list[str] = []
         self.broker_restarted = False
+        self.killed_nodes: set[int] = set()  # cluster nodes a leader_kill left down
+        self._rnd: RoundCtx | None = None
         self.t0 = time.monotonic()
         self.worker_locks: dict[str, threading.Lock] = {}
         self.workers: list[Worker] = []
@@ -741,6 +775,7 @@ class ChaosRun:
         self.ns = Namespace.fresh(
             "chaos",
             partitions=self.cfg.partitions,
+            base=cluster.cluster_settings() if self.cfg.cluster else None,
             INVENTORY_REDIS_URL=self.redis.url,
             INVENTORY_OPENSEARCH_URL=f"http://127.0.0.1:{self.proxy.port}",
             INVENTORY_SEARCH_INDEX=self.index,
@@ -783,6 +818,8 @@ class ChaosRun:
     def _broker_up_at_end(self) -> None:
         if self.broker_restarted:
             subprocess.run([str(STACK), "up", "kafka"], capture_output=True, timeout=600)
+        for node in sorted(self.killed_nodes):
+            cluster.start_node(node)
 
     def _delete_topics(self) -> None:
         s = self.ns.settings
@@ -941,6 +978,52 @@ class ChaosRun:
             f"caught up after {time.time() - fr.start:.0f}s"
         )
 
+    def fault_leader_kill(self, fr: FaultRecord, rng: random.Random) -> None:
+        """SIGKILL the broker leading the hot SKU's partition (the node that leads most
+        of the namespace's topics at that partition: inputs, ledger changelogs, results),
+        restart it after ``leader_down_s``, wait until every replica is in sync again."""
+        if not self.cfg.cluster:
+            raise RuntimeError("leader_kill needs the cluster (ChaosConfig.cluster / --cluster)")
+        s = self.ns.settings
+        assert self._rnd is not None
+        hot = self._rnd.hot[0]
+        part = partition_for(hot.encode(), s.partitions)
+        names = [
+            t
+            for t in AdminClient(confluent_config(s)).list_topics(timeout=20).topics
+            if t.startswith((s.topic_prefix, s.app_id + "-"))
+        ]
+        leaders = cluster.partition_leaders(s, names, part)
+        counts = Counter(n for n in leaders.values() if n >= 0)
+        node = max(counts, key=lambda n: (counts[n], leaders.get(changelog_topic(s)) == n))
+        led = sorted(t.removeprefix(s.topic_prefix) for t, n in leaders.items() if n == node)
+        fr.disruptive = True
+        fr.start = time.time()
+        cluster.kill_node(node)
+        self.killed_nodes.add(node)
+        self.say(
+            f"leader kill: kafka-{node} SIGKILLed; it led partition {part} ({hot}) of "
+            f"{len(led)}/{len(leaders)} topics: {', '.join(led)}"
+        )
+        time.sleep(rng.uniform(*self.cfg.leader_down_s))
+        moved = cluster.partition_leaders(s, names, part)
+        t1 = time.time()
+        t_up = cluster.start_node(node)
+        self.killed_nodes.discard(node)
+        self.say(f"leader kill: kafka-{node} back after {t1 - fr.start:.1f}s (start {t_up:.1f}s)")
+        self.wait_workers("leader kill", timeout=180)
+        healthy = time.time() - fr.start
+        in_sync = cluster.wait_in_sync(s, (s.topic_prefix, s.app_id + "-"))
+        self.wait_backlog(fr.start, time.time())
+        still = sorted(t for t, n in moved.items() if n == node)
+        if still:  # the killed node kept a leadership while down: nothing moved
+            self.incident(f"leader kill: kafka-{node} still led {still} while down")
+        fr.detail = (
+            f"kafka-{node}, led {len(led)} topics at p{part}, down {t1 - fr.start:.0f}s, "
+            f"workers healthy after {healthy:.0f}s, in sync {in_sync:.0f}s later, "
+            f"caught up after {time.time() - fr.start:.0f}s"
+        )
+
     def fault_redis(self, fr: FaultRecord, rng: random.Random) -> None:
         fr.start = time.time()
         self.redis.stop()
@@ -1029,6 +1112,7 @@ class ChaosRun:
             self.ledger.sku_round[sku] = n
         old = [s for s in self.ledger.sku_round if s not in rnd.skus]
         self.sampler.skus = rnd.skus + rng.sample(old, min(2, len(old)))
+        self._rnd = rnd
         self.say(f"round {n}: faults {kinds}; hot {rnd.hot}, cold {rnd.cold}")
 
         p = QuietProducer(self.ns.settings, on_delivery=self.ledger.on_delivery)
@@ -1045,6 +1129,7 @@ class ChaosRun:
         for s in shoppers:
             s.start()
         traffic_start = time.monotonic()
+        traffic_wall = time.time()
         threads = []
         for fr, off in sorted(zip(faults, offsets, strict=True), key=lambda x: x[1]):
             frng = random.Random(rng.randrange(1 << 30))
@@ -1060,6 +1145,7 @@ class ChaosRun:
             time.sleep(0.5)
             self._watchdog()
         rnd.stop_traffic.set()
+        traffic_wall_end = time.time()
         self.say(f"round {n}: traffic stopped; draining")
         for t in threads:
             while t.is_alive():
@@ -1078,6 +1164,12 @@ class ChaosRun:
             if fr.error:
                 notes.append(f"fault {fr.kind} failed: {fr.error.splitlines()[-1]}")
         violations, stats = self.settle_and_check(rnd, shoppers)
+        stats["traffic"] = (traffic_wall, traffic_wall_end)  # time.time() of the sale
+        if cfg.audit_changelog:
+            try:
+                stats["changelog_skus"] = len(audit_changelog(self.ns.settings))
+            except AssertionError as exc:
+                violations["I4"].append(f"changelog version chain: {exc}")
         for s in shoppers:
             if s.error:
                 violations["I6"].append(f"shopper {s.name} crashed:\n{s.error}")
