@@ -83,7 +83,8 @@ def start_node(node: int) -> float:
 
 
 def _admin(s: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": s.kafka_bootstrap, "log_level": 3})
+    # log_level 2: not the "connection refused" of the broker a test just killed
+    return AdminClient({"bootstrap.servers": s.kafka_bootstrap, "log_level": 2})
 
 
 def partition_leaders(s: Settings, topics: list[str], partition: int) -> dict[str, int]:

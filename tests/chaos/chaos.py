@@ -979,9 +979,10 @@ class ChaosRun:
         )
 
     def fault_leader_kill(self, fr: FaultRecord, rng: random.Random) -> None:
-        """SIGKILL the broker leading the hot SKU's partition (the node that leads most
-        of the namespace's topics at that partition: inputs, ledger changelogs, results),
-        restart it after ``leader_down_s``, wait until every replica is in sync again."""
+        """SIGKILL the broker leading the hot SKU's partition of the ledger's changelog
+        (where the ledger writes that SKU's state in transactions; the node usually leads
+        that partition of other topics too, inputs and results: logged), restart it after
+        ``leader_down_s``, wait until every replica is in sync again."""
         if not self.cfg.cluster:
             raise RuntimeError("leader_kill needs the cluster (ChaosConfig.cluster / --cluster)")
         s = self.ns.settings
@@ -994,8 +995,9 @@ class ChaosRun:
             if t.startswith((s.topic_prefix, s.app_id + "-"))
         ]
         leaders = cluster.partition_leaders(s, names, part)
-        counts = Counter(n for n in leaders.values() if n >= 0)
-        node = max(counts, key=lambda n: (counts[n], leaders.get(changelog_topic(s)) == n))
+        node = leaders.get(changelog_topic(s), -1)
+        if node < 0:
+            raise RuntimeError(f"{changelog_topic(s)}[{part}] has no leader: {leaders}")
         led = sorted(t.removeprefix(s.topic_prefix) for t, n in leaders.items() if n == node)
         fr.disruptive = True
         fr.start = time.time()

@@ -5,10 +5,11 @@ it when it is down) with the production durability settings, replication factor 
 ``min.insync.replicas`` 2 (every producer writes with acks=all) and 1 standby replica,
 two workers run the chaos flash sale (tests/chaos/chaos.py: concurrent shoppers,
 reserves, checkouts, abandoned carts that must expire, producer re-sends, client
-retries). Mid-sale the broker that leads the hot SKU's partition (of most of the
-namespace's topics: inputs, the ledger's transactional changelogs, results) is killed
-with SIGKILL and started again after 7-10 s, past the cluster's 6 s broker session
-timeout, so its leaderships really move to the other two in-sync replicas and back.
+retries). Mid-sale the broker that leads the hot SKU's partition of the ledger's
+changelog (the ledger commits that SKU's state there in transactions; the node usually
+leads that partition of inputs and results too) is killed with SIGKILL and started
+again after 7-10 s, past the cluster's 6 s broker session timeout, so its leaderships
+really move to the other two in-sync replicas and back.
 
 Then, over every SKU: I1..I6 of DESIGN.md section 4 (no oversell, conservation, every
 command applied exactly once: 0 lost, 0 double-applied, versions 1..V without a gap,
