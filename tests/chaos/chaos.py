@@ -1007,23 +1007,48 @@ class ChaosRun:
             f"leader kill: kafka-{node} SIGKILLed; it led partition {part} ({hot}) of "
             f"{len(led)}/{len(leaders)} topics: {', '.join(led)}"
         )
-        time.sleep(rng.uniform(*self.cfg.leader_down_s))
+        # down until the controller has fenced it and its leaderships moved to the
+        # other in-sync replicas (the sale goes on against them), and at least
+        # leader_down_s; the fencing takes at least the cluster's 6 s broker session
+        # timeout (one run here: still not moved 10 s after the kill, so a fixed sleep
+        # is not enough)
+        target = rng.uniform(*self.cfg.leader_down_s)
+        moved_after: float | None = None
+        moved: dict[str, int] = {}
+        while time.time() - fr.start < 60:
+            try:
+                moved = cluster.partition_leaders(s, names, part)
+            except Exception:  # noqa: BLE001 - metadata while leaderships move: retry
+                moved = {}
+            if moved.get(changelog_topic(s), node) not in (node, -1):
+                moved_after = time.time() - fr.start
+                break
+            time.sleep(0.5)
+        if moved_after is None:
+            self.incident(
+                f"leader kill: {changelog_topic(s)}[{part}] still on kafka-{node} 60 s on"
+            )
+        time.sleep(max(2.0, target - (time.time() - fr.start)))
         moved = cluster.partition_leaders(s, names, part)
         t1 = time.time()
         t_up = cluster.start_node(node)
         self.killed_nodes.discard(node)
-        self.say(f"leader kill: kafka-{node} back after {t1 - fr.start:.1f}s (start {t_up:.1f}s)")
+        self.say(
+            f"leader kill: kafka-{node} back after {t1 - fr.start:.1f}s (start {t_up:.1f}s); "
+            f"p{part} of the changelog led by kafka-{moved.get(changelog_topic(s))} "
+            f"{moved_after or -1:.1f}s after the kill"
+        )
         self.wait_workers("leader kill", timeout=180)
         healthy = time.time() - fr.start
         in_sync = cluster.wait_in_sync(s, (s.topic_prefix, s.app_id + "-"))
         self.wait_backlog(fr.start, time.time())
         still = sorted(t for t, n in moved.items() if n == node)
-        if still:  # the killed node kept a leadership while down: nothing moved
+        if still:  # a leadership the dead node kept: nothing moved it
             self.incident(f"leader kill: kafka-{node} still led {still} while down")
         fr.detail = (
-            f"kafka-{node}, led {len(led)} topics at p{part}, down {t1 - fr.start:.0f}s, "
-            f"workers healthy after {healthy:.0f}s, in sync {in_sync:.0f}s later, "
-            f"caught up after {time.time() - fr.start:.0f}s"
+            f"kafka-{node}, led {len(led)} topics at p{part}, moved after {moved_after or -1:.0f}s, "
+            f"down {t1 - fr.start:.0f}s, workers healthy after {healthy:.0f}s, "
+            f"in sync {in_sync:.0f}s later, caught up after {time.time() - fr.start:.0f}s"
         )
 
     def fault_redis(self, fr: FaultRecord, rng: random.Random) -> None:

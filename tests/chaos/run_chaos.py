@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = {k for r in plan for k in r} - set(chaos.FAULT_KINDS)
         if bad:
             ap.error(f"unknown faults {sorted(bad)}")
-        wrong = chaos.SINGLE_BROKER_ONLY if args.cluster else chaos.CLUSTER_ONLY
-        if {k for r in plan for k in r} & set(wrong):
-            ap.error(f"faults {list(wrong)} need {'no ' if args.cluster else ''}--cluster")
+        asked = {k for r in plan for k in r}
+        if args.cluster and asked & set(chaos.SINGLE_BROKER_ONLY):
+            ap.error("fault broker restarts the single broker: not with --cluster (leader_kill)")
+        if not args.cluster and asked & set(chaos.CLUSTER_ONLY):
+            ap.error("fault leader_kill kills a node of the 3-node cluster: needs --cluster")
     if args.cluster and not cluster.cluster_running():
         print("chaos: starting the 3-node cluster (scripts/stack.sh cluster-up)", flush=True)
         cluster.stack("cluster-up", timeout=600)
