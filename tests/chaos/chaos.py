@@ -17,7 +17,7 @@ shared OpenSearch node and an index of its own. Each round:
    kafka``; a worker that dies or hangs because of it is recorded as an
    incident and restarted), ``leader_kill`` (on the 3-node cluster only,
    ``ChaosConfig.cluster``: SIGKILL the broker that leads the hot SKU's partition,
-   restart it after a few seconds, wait until every replica is back in sync),
+   restart it once that leadership has moved, wait until every replica is in sync),
    ``redis`` (the private redis-server stopped, then
    started), ``search_refuse`` / ``search_blackhole`` (the OpenSearch proxy
    refuses connections or accepts and never answers), ``dupes`` (a burst of
@@ -136,8 +136,8 @@ class ChaosConfig:
     # run on the local 3-node cluster (tests/cluster.py: RF 3, min ISR 2, 1 standby)
     # instead of the shared single broker; its own fault: leader_kill
     cluster: bool = False
-    # dead time of a killed leader broker: past the cluster's broker.session.timeout.ms
-    # (6 s), so the controller fences it and its leaderships move before it is back
+    # dead time of a killed leader broker (at least; and until its leadership of the hot
+    # partition has moved): past the cluster's broker.session.timeout.ms (6 s)
     leader_down_s: tuple[float, float] = (7.0, 10.0)
     # after each round, also audit the committed changelog's version chain
     # (crashload.audit_changelog: no gap, no version written twice)
@@ -981,8 +981,9 @@ class ChaosRun:
     def fault_leader_kill(self, fr: FaultRecord, rng: random.Random) -> None:
         """SIGKILL the broker leading the hot SKU's partition of the ledger's changelog
         (where the ledger writes that SKU's state in transactions; the node usually leads
-        that partition of other topics too, inputs and results: logged), restart it after
-        ``leader_down_s``, wait until every replica is in sync again."""
+        that partition of other topics too, inputs and results: logged), keep it down
+        until that leadership has moved to another in-sync replica and at least
+        ``leader_down_s``, start it again, wait until every replica is in sync again."""
         if not self.cfg.cluster:
             raise RuntimeError("leader_kill needs the cluster (ChaosConfig.cluster / --cluster)")
         s = self.ns.settings
