@@ -82,6 +82,7 @@ class Namespace:
             INVENTORY_PARTITIONS=str(self.partitions),
             INVENTORY_DATA_DIR=str(data_dir),
             INVENTORY_KAFKA_BOOTSTRAP=self.base.kafka_bootstrap,
+            INVENTORY_KAFKA_SECURITY_PROTOCOL=self.base.kafka_security_protocol,
             INVENTORY_REPLICATION_FACTOR=str(self.base.replication_factor),
             INVENTORY_MIN_INSYNC_REPLICAS=str(self.base.min_insync_replicas),
             INVENTORY_TABLE_STANDBY_REPLICAS=str(self.base.table_standby_replicas),

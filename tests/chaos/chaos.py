@@ -546,6 +546,7 @@ class RoundCtx:
     hot: list[str]
     cold: list[str]
     stop_traffic: threading.Event = field(default_factory=threading.Event)
+    stopped_at: float = 0.0  # time.time() when the sale stopped
 
     @property
     def skus(self) -> list[str]:
@@ -1046,11 +1047,25 @@ class ChaosRun:
         still = sorted(t for t, n in moved.items() if n == node)
         if still:  # a leadership the dead node kept: nothing moved it
             self.incident(f"leader kill: kafka-{node} still led {still} while down")
+        stall = self.longest_gap(s.stock_changes_topic, part, fr.start, self._rnd.stopped_at or t1)
         fr.detail = (
             f"kafka-{node}, led {len(led)} topics at p{part}, moved after {moved_after or -1:.0f}s, "
+            f"p{part} changes stalled {stall:.0f}s, "
             f"down {t1 - fr.start:.0f}s, workers healthy after {healthy:.0f}s, "
             f"in sync {in_sync:.0f}s later, caught up after {time.time() - fr.start:.0f}s"
         )
+
+    def longest_gap(self, topic: str, part: int, start: float, end: float) -> float:
+        """The longest time between ``start`` and ``end`` (time.time()) in which no record
+        arrived in ``topic[part]`` (by record timestamp): how long a fault stalled it."""
+        with self.tail.lock:
+            ts = sorted(
+                r.ts / 1000
+                for (t, p, _), r in self.tail.seen.items()
+                if t == topic and p == part and start <= r.ts / 1000 <= end
+            )
+        points = [start, *ts, max(start, end)]
+        return max(b - a for a, b in zip(points, points[1:], strict=False))
 
     def fault_redis(self, fr: FaultRecord, rng: random.Random) -> None:
         fr.start = time.time()
@@ -1172,8 +1187,8 @@ class ChaosRun:
         while time.monotonic() - traffic_start < cfg.traffic_s:
             time.sleep(0.5)
             self._watchdog()
+        traffic_wall_end = rnd.stopped_at = time.time()
         rnd.stop_traffic.set()
-        traffic_wall_end = time.time()
         self.say(f"round {n}: traffic stopped; draining")
         for t in threads:
             while t.is_alive():
