@@ -7,7 +7,7 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv constraints run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos bench clean
+.PHONY: help venv constraints run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos cluster-up cluster-down cluster-status cluster-test chaos-cluster bench clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
@@ -16,6 +16,9 @@ help:
 	@echo "make stack-up | stack-down | stack-status | stack-reset"
 	@echo "make kill-rounds  many rounds of kill -9 against a worker (ROUNDS=50)"
 	@echo "make chaos        N rounds of flash sales under faults, I1..I6 checked (CHAOS_ROUNDS=10, CHAOS_SEED=)"
+	@echo "make cluster-up | cluster-down | cluster-status   the local 3-node Kafka cluster (ports 19092-19094)"
+	@echo "make cluster-test the leader of the hot partition killed mid-sale on the cluster (RF 3, min ISR 2)"
+	@echo "make chaos-cluster  chaos rounds on the cluster, with the leader_kill fault (CHAOS_ROUNDS=5)"
 	@echo "make bench        benchmarks vs PostgreSQL, Redis and bare Kafka; writes bench/REPORT.md"
 	@echo "make lint | format"
 
@@ -77,6 +80,24 @@ CHAOS_ROUNDS ?= 10
 CHAOS_SEED ?=
 chaos: venv stack-up
 	CHAOS_ROUNDS=$(CHAOS_ROUNDS) CHAOS_SEED=$(CHAOS_SEED) $(PY) tests/chaos/run_chaos.py
+
+# A real Kafka cluster beside the single broker: 3 KRaft nodes (scripts/stack.sh cluster-*)
+cluster-up:
+	@scripts/stack.sh cluster-up
+
+cluster-down:
+	@scripts/stack.sh cluster-down
+
+cluster-status:
+	@scripts/stack.sh cluster-status
+
+# marked `cluster`, so not in `make test`; the test starts the cluster itself when it is down
+cluster-test: venv stack-up
+	$(PY) -m pytest tests/integration/test_cluster_leader_kill.py -m cluster -s $(PYTEST_ARGS)
+
+CHAOS_CLUSTER_ROUNDS ?= 5
+chaos-cluster: venv stack-up cluster-up
+	CHAOS_ROUNDS=$(CHAOS_CLUSTER_ROUNDS) CHAOS_SEED=$(CHAOS_SEED) $(PY) tests/chaos/run_chaos.py --cluster
 
 ROUNDS ?= 50
 kill-rounds: venv stack-up

@@ -45,6 +45,23 @@ from tables.stock import StoredStock, is_stock_key
 log = logging.getLogger("inventory.relay")
 
 
+def relay_producer_config(cfg: Settings) -> dict[str, Any]:
+    """librdkafka settings of the relay's producer."""
+    # librdkafka: ~1 us a record from C (aiokafka's send is ~4 us of Python); the
+    # murmur2 partitioner puts each key where Java and aiokafka clients would
+    return confluent_config(
+        cfg,
+        **{
+            "partitioner": "murmur2_random",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 2,
+            "batch.size": 1_000_000,
+            "queue.buffering.max.messages": 1_000_000,
+        },
+    )
+
+
 class ChangelogRelay:
     """Consume the stock changelog, publish each record's effects, commit."""
 
@@ -90,21 +107,7 @@ class ChangelogRelay:
             session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
             heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
         )
-        # librdkafka: ~1 us a record from C (aiokafka's send is ~4 us of Python); the
-        # murmur2 partitioner puts each key where Java and aiokafka clients would
-        producer = Producer(
-            confluent_config(
-                self.cfg,
-                **{
-                    "partitioner": "murmur2_random",
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "linger.ms": 2,
-                    "batch.size": 1_000_000,
-                    "queue.buffering.max.messages": 1_000_000,
-                },
-            )
-        )
+        producer = Producer(relay_producer_config(self.cfg))
         loop = asyncio.get_running_loop()
         failures: list[str] = []
         counted: dict[str, Any] = {}

@@ -627,6 +627,12 @@ cmd_cluster_down() {
   local n pid
   cluster_nodes_arg "$@"
   cluster_lock
+  # TERM every node first, then wait for each: stopped one after the other, the last
+  # node has lost its controller quorum and waits out STACK_STOP_TIMEOUT for a
+  # controlled shutdown no controller answers any more
+  for n in "${NODES[@]}"; do
+    if pid=$(node_pid "$n"); then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
   for n in "${NODES[@]}"; do
     if pid=$(node_pid "$n"); then stop_pid "kafka-$n" "$pid"; fi
     rm -f "$(node_dir "$n")/kafka.pid"

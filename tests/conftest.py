@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,24 @@ def opensearch() -> None:
     err = _opensearch_error()
     if err:
         pytest.fail(err, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster() -> Iterator[str]:
+    """The local 3-node Kafka cluster (scripts/stack.sh cluster-up, ports 19092-19094,
+    beside the shared broker on 9092); started here when it is down, and then stopped
+    again at the end of the session. Yields its bootstrap servers."""
+    import cluster
+
+    started = False
+    if not cluster.cluster_running():
+        try:
+            cluster.stack("cluster-up", timeout=600)
+        except RuntimeError as exc:
+            pytest.fail(f"could not start the 3-node Kafka cluster: {exc}", pytrace=False)
+        started = True
+    try:
+        yield cluster.bootstrap()
+    finally:
+        if started:
+            cluster.stack("cluster-down", timeout=300)

@@ -44,20 +44,26 @@ def free_port() -> int:
 
 @dataclass
 class Namespace:
-    """A fresh set of topics and a fresh app id on the shared broker."""
+    """A fresh set of topics and a fresh app id on the shared broker (or, with ``base``,
+    on the Kafka that ``base`` names: the 3-node cluster of tests/cluster.py)."""
 
     name: str
     partitions: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
+    # the settings the namespace starts from: its Kafka (bootstrap, replication factor,
+    # min ISR, standby replicas) reaches the workers' environment too
+    base: Settings = field(default_factory=lambda: base_settings)
 
     @classmethod
-    def fresh(cls, label: str, partitions: int = 4, **env: str) -> Namespace:
-        return cls(f"{label}-{uuid.uuid4().hex[:8]}", partitions, dict(env))
+    def fresh(
+        cls, label: str, partitions: int = 4, *, base: Settings | None = None, **env: str
+    ) -> Namespace:
+        return cls(f"{label}-{uuid.uuid4().hex[:8]}", partitions, dict(env), base or base_settings)
 
     @property
     def settings(self) -> Settings:
         return replace(
-            base_settings,
+            self.base,
             app_id=f"inv-{self.name}",
             topic_prefix=f"{self.name}.",
             partitions=self.partitions,
@@ -75,7 +81,11 @@ class Namespace:
             INVENTORY_TOPIC_PREFIX=self.settings.topic_prefix,
             INVENTORY_PARTITIONS=str(self.partitions),
             INVENTORY_DATA_DIR=str(data_dir),
-            INVENTORY_KAFKA_BOOTSTRAP=base_settings.kafka_bootstrap,
+            INVENTORY_KAFKA_BOOTSTRAP=self.base.kafka_bootstrap,
+            INVENTORY_KAFKA_SECURITY_PROTOCOL=self.base.kafka_security_protocol,
+            INVENTORY_REPLICATION_FACTOR=str(self.base.replication_factor),
+            INVENTORY_MIN_INSYNC_REPLICAS=str(self.base.min_insync_replicas),
+            INVENTORY_TABLE_STANDBY_REPLICAS=str(self.base.table_standby_replicas),
             PYTHONUNBUFFERED="1",
             # the broker's minimum: a killed worker's partitions move on within seconds
             INVENTORY_SESSION_TIMEOUT_S="6",

@@ -68,6 +68,27 @@ def transactional_id(cfg: Settings, partition: int) -> str:
     return f"{cfg.app_id}-ledger-{partition}"
 
 
+def writer_config(cfg: Settings, partition: int) -> dict[str, Any]:
+    """librdkafka settings of the transactional producer of ledger partition ``partition``."""
+    return confluent_config(
+        cfg,
+        **{
+            "transactional.id": transactional_id(cfg, partition),
+            "transaction.timeout.ms": int(cfg.transaction_timeout_s * 1000),
+            # what a transactional id implies anyway, stated: idempotent, and every
+            # write on min.insync.replicas brokers before it is acknowledged
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 0,
+            "batch.size": 1_000_000,
+            "message.max.bytes": cfg.max_record_bytes,
+            "retry.backoff.ms": 2,
+            "retry.backoff.max.ms": 50,
+            "queue.buffering.max.messages": 1_000_000,
+        },
+    )
+
+
 class BrokerQueries:
     """A confluent-kafka consumer of the app's group that never joins it, kept for the
     process: the group metadata ``send_offsets_to_transaction`` needs, committed offsets
@@ -136,20 +157,7 @@ class PartitionWriter:
     async def open(self) -> None:
         """Start a fresh producer and fence every earlier owner of the partition."""
         await self.close()
-        conf = confluent_config(
-            self.cfg,
-            **{
-                "transactional.id": transactional_id(self.cfg, self.partition),
-                "transaction.timeout.ms": int(self.cfg.transaction_timeout_s * 1000),
-                "linger.ms": 0,
-                "batch.size": 1_000_000,
-                "message.max.bytes": self.cfg.max_record_bytes,
-                "retry.backoff.ms": 2,
-                "retry.backoff.max.ms": 50,
-                "queue.buffering.max.messages": 1_000_000,
-            },
-        )
-        producer = Producer(conf)
+        producer = Producer(writer_config(self.cfg, self.partition))
         try:
             await self._run(producer.init_transactions, self.timeout_s)
         except KafkaException as exc:

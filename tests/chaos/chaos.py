@@ -15,7 +15,10 @@ shared OpenSearch node and an index of its own. Each round:
    its own thread (they may overlap): ``kill9`` (SIGKILL a worker, restart it:
    two rebalances), ``broker`` (``scripts/stack.sh down kafka`` then ``up
    kafka``; a worker that dies or hangs because of it is recorded as an
-   incident and restarted), ``redis`` (the private redis-server stopped, then
+   incident and restarted), ``leader_kill`` (on the 3-node cluster only,
+   ``ChaosConfig.cluster``: SIGKILL the broker that leads the hot SKU's partition,
+   restart it once that leadership has moved, wait until every replica is in sync),
+   ``redis`` (the private redis-server stopped, then
    started), ``search_refuse`` / ``search_blackhole`` (the OpenSearch proxy
    refuses connections or accepts and never answers), ``dupes`` (a burst of
    verbatim re-sends of commands that were already answered, from any round);
@@ -67,8 +70,10 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+import cluster
 from config.settings import Settings
 from config.settings import settings as base
+from crashload import audit_changelog
 from faults import PrivateRedis, TcpProxy
 from harness import OUT, REPO, Namespace, Worker
 from pipeline.clients import confluent_config
@@ -79,7 +84,19 @@ from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec, DecodeError
 
 STACK = REPO / "scripts" / "stack.sh"
-FAULT_KINDS = ("kill9", "broker", "redis", "search_refuse", "search_blackhole", "dupes")
+FAULT_KINDS = (
+    "kill9",
+    "broker",
+    "leader_kill",
+    "redis",
+    "search_refuse",
+    "search_blackhole",
+    "dupes",
+)
+# ``broker`` restarts the shared single broker, ``leader_kill`` crashes one node of the
+# 3-node cluster: each only in its own mode (ChaosConfig.cluster)
+SINGLE_BROKER_ONLY = ("broker",)
+CLUSTER_ONLY = ("leader_kill",)
 INVARIANTS = ("I1", "I2", "I3", "I4", "I5", "I6")
 TERMINAL = ("COMMITTED", "RELEASED", "EXPIRED")
 ORDER_TYPES = ("ReserveStock", "CommitReservation", "ReleaseReservation")
@@ -116,6 +133,15 @@ class ChaosConfig:
     fault_window: tuple[float, float] = (0.1, 0.8)  # when faults start, share of traffic_s
     outage_s: tuple[float, float] = (3.0, 7.0)  # redis/search outage length
     kill_down_s: tuple[float, float] = (0.5, 3.0)  # dead time of a killed worker
+    # run on the local 3-node cluster (tests/cluster.py: RF 3, min ISR 2, 1 standby)
+    # instead of the shared single broker; its own fault: leader_kill
+    cluster: bool = False
+    # dead time of a killed leader broker (at least; and until its leadership of the hot
+    # partition has moved): past the cluster's broker.session.timeout.ms (6 s)
+    leader_down_s: tuple[float, float] = (7.0, 10.0)
+    # after each round, also audit the committed changelog's version chain
+    # (crashload.audit_changelog: no gap, no version written twice)
+    audit_changelog: bool = False
     # checks
     expiry_slack_s: float = 10.0
     drain_timeout_s: float = 180.0
@@ -135,14 +161,20 @@ def round_plan(cfg: ChaosConfig) -> list[list[str]]:
     rng = random.Random(cfg.seed * 7919 + 1)
     plan = []
     restarts = 0
+    excluded = SINGLE_BROKER_ONLY if cfg.cluster else CLUSTER_ONLY
     for _ in range(cfg.rounds):
-        kinds = [k for k in FAULT_KINDS if k != "broker" or restarts < cfg.broker_restarts]
+        kinds = [
+            k
+            for k in FAULT_KINDS
+            if k not in excluded
+            and (k not in ("broker", "leader_kill") or restarts < cfg.broker_restarts)
+        ]
         if "search_refuse" in kinds and "search_blackhole" in kinds:
             # one search fault per round: they act on the same proxy
             kinds.remove(rng.choice(["search_refuse", "search_blackhole"]))
         n = rng.randint(*cfg.faults_per_round)
         chosen = rng.sample(kinds, min(n, len(kinds)))
-        restarts += "broker" in chosen
+        restarts += "broker" in chosen or "leader_kill" in chosen
         plan.append(sorted(chosen, key=FAULT_KINDS.index))
     return plan
 
@@ -514,6 +546,7 @@ class RoundCtx:
     hot: list[str]
     cold: list[str]
     stop_traffic: threading.Event = field(default_factory=threading.Event)
+    stopped_at: float = 0.0  # time.time() when the sale stopped
 
     @property
     def skus(self) -> list[str]:
@@ -720,6 +753,8 @@ class ChaosRun:
         self.disruptions: list[tuple[float, float]] = []
         self.incidents: list[str] = []
         self.broker_restarted = False
+        self.killed_nodes: set[int] = set()  # cluster nodes a leader_kill left down
+        self._rnd: RoundCtx | None = None
         self.t0 = time.monotonic()
         self.worker_locks: dict[str, threading.Lock] = {}
         self.workers: list[Worker] = []
@@ -741,6 +776,7 @@ class ChaosRun:
         self.ns = Namespace.fresh(
             "chaos",
             partitions=self.cfg.partitions,
+            base=cluster.cluster_settings() if self.cfg.cluster else None,
             INVENTORY_REDIS_URL=self.redis.url,
             INVENTORY_OPENSEARCH_URL=f"http://127.0.0.1:{self.proxy.port}",
             INVENTORY_SEARCH_INDEX=self.index,
@@ -783,6 +819,8 @@ class ChaosRun:
     def _broker_up_at_end(self) -> None:
         if self.broker_restarted:
             subprocess.run([str(STACK), "up", "kafka"], capture_output=True, timeout=600)
+        for node in sorted(self.killed_nodes):
+            cluster.start_node(node)
 
     def _delete_topics(self) -> None:
         s = self.ns.settings
@@ -941,6 +979,94 @@ class ChaosRun:
             f"caught up after {time.time() - fr.start:.0f}s"
         )
 
+    def fault_leader_kill(self, fr: FaultRecord, rng: random.Random) -> None:
+        """SIGKILL the broker leading the hot SKU's partition of the ledger's changelog
+        (where the ledger writes that SKU's state in transactions; the node usually leads
+        that partition of other topics too, inputs and results: logged), keep it down
+        until that leadership has moved to another in-sync replica and at least
+        ``leader_down_s``, start it again, wait until every replica is in sync again."""
+        if not self.cfg.cluster:
+            raise RuntimeError("leader_kill needs the cluster (ChaosConfig.cluster / --cluster)")
+        s = self.ns.settings
+        assert self._rnd is not None
+        hot = self._rnd.hot[0]
+        part = partition_for(hot.encode(), s.partitions)
+        names = [
+            t
+            for t in AdminClient(confluent_config(s)).list_topics(timeout=20).topics
+            if t.startswith((s.topic_prefix, s.app_id + "-"))
+        ]
+        leaders = cluster.partition_leaders(s, names, part)
+        node = leaders.get(changelog_topic(s), -1)
+        if node < 0:
+            raise RuntimeError(f"{changelog_topic(s)}[{part}] has no leader: {leaders}")
+        led = sorted(t.removeprefix(s.topic_prefix) for t, n in leaders.items() if n == node)
+        fr.disruptive = True
+        fr.start = time.time()
+        cluster.kill_node(node)
+        self.killed_nodes.add(node)
+        self.say(
+            f"leader kill: kafka-{node} SIGKILLed; it led partition {part} ({hot}) of "
+            f"{len(led)}/{len(leaders)} topics: {', '.join(led)}"
+        )
+        # down until the controller has fenced it and its leaderships moved to the
+        # other in-sync replicas (the sale goes on against them), and at least
+        # leader_down_s; the fencing takes at least the cluster's 6 s broker session
+        # timeout (one run here: still not moved 10 s after the kill, so a fixed sleep
+        # is not enough)
+        target = rng.uniform(*self.cfg.leader_down_s)
+        moved_after: float | None = None
+        moved: dict[str, int] = {}
+        while time.time() - fr.start < 60:
+            try:
+                moved = cluster.partition_leaders(s, names, part)
+            except Exception:  # noqa: BLE001 - metadata while leaderships move: retry
+                moved = {}
+            if moved.get(changelog_topic(s), node) not in (node, -1):
+                moved_after = time.time() - fr.start
+                break
+            time.sleep(0.5)
+        if moved_after is None:
+            self.incident(
+                f"leader kill: {changelog_topic(s)}[{part}] still on kafka-{node} 60 s on"
+            )
+        time.sleep(max(2.0, target - (time.time() - fr.start)))
+        moved = cluster.partition_leaders(s, names, part)
+        t1 = time.time()
+        t_up = cluster.start_node(node)
+        self.killed_nodes.discard(node)
+        self.say(
+            f"leader kill: kafka-{node} back after {t1 - fr.start:.1f}s (start {t_up:.1f}s); "
+            f"p{part} of the changelog led by kafka-{moved.get(changelog_topic(s))} "
+            f"{moved_after or -1:.1f}s after the kill"
+        )
+        self.wait_workers("leader kill", timeout=180)
+        healthy = time.time() - fr.start
+        in_sync = cluster.wait_in_sync(s, (s.topic_prefix, s.app_id + "-"))
+        self.wait_backlog(fr.start, time.time())
+        still = sorted(t for t, n in moved.items() if n == node)
+        if still:  # a leadership the dead node kept: nothing moved it
+            self.incident(f"leader kill: kafka-{node} still led {still} while down")
+        stall = self.longest_gap(s.stock_changes_topic, part, fr.start, self._rnd.stopped_at or t1)
+        fr.detail = (
+            f"kafka-{node}, led {len(led)} topics at p{part}, moved after {moved_after or -1:.0f}s, "
+            f"p{part} changes stalled {stall:.0f}s, "
+            f"down {t1 - fr.start:.0f}s, workers healthy after {healthy:.0f}s, "
+            f"in sync {in_sync:.0f}s later, caught up after {time.time() - fr.start:.0f}s"
+        )
+
+    def longest_gap(self, topic: str, part: int, start: float, end: float) -> float:
+        """The longest time between ``start`` and ``end`` (time.time()) in which no record
+        arrived in ``topic[part]`` (by record timestamp): how long a fault stalled it."""
+        with self.tail.lock:
+            ts = sorted(
+                r.ts / 1000
+                for (t, p, _), r in self.tail.seen.items()
+                if t == topic and p == part and start <= r.ts / 1000 <= end
+            )
+        points = [start, *ts, max(start, end)]
+        return max(b - a for a, b in zip(points, points[1:], strict=False))
+
     def fault_redis(self, fr: FaultRecord, rng: random.Random) -> None:
         fr.start = time.time()
         self.redis.stop()
@@ -1029,6 +1155,7 @@ class ChaosRun:
             self.ledger.sku_round[sku] = n
         old = [s for s in self.ledger.sku_round if s not in rnd.skus]
         self.sampler.skus = rnd.skus + rng.sample(old, min(2, len(old)))
+        self._rnd = rnd
         self.say(f"round {n}: faults {kinds}; hot {rnd.hot}, cold {rnd.cold}")
 
         p = QuietProducer(self.ns.settings, on_delivery=self.ledger.on_delivery)
@@ -1045,6 +1172,7 @@ class ChaosRun:
         for s in shoppers:
             s.start()
         traffic_start = time.monotonic()
+        traffic_wall = time.time()
         threads = []
         for fr, off in sorted(zip(faults, offsets, strict=True), key=lambda x: x[1]):
             frng = random.Random(rng.randrange(1 << 30))
@@ -1059,6 +1187,7 @@ class ChaosRun:
         while time.monotonic() - traffic_start < cfg.traffic_s:
             time.sleep(0.5)
             self._watchdog()
+        traffic_wall_end = rnd.stopped_at = time.time()
         rnd.stop_traffic.set()
         self.say(f"round {n}: traffic stopped; draining")
         for t in threads:
@@ -1078,6 +1207,12 @@ class ChaosRun:
             if fr.error:
                 notes.append(f"fault {fr.kind} failed: {fr.error.splitlines()[-1]}")
         violations, stats = self.settle_and_check(rnd, shoppers)
+        stats["traffic"] = (traffic_wall, traffic_wall_end)  # time.time() of the sale
+        if cfg.audit_changelog:
+            try:
+                stats["changelog_skus"] = len(audit_changelog(self.ns.settings))
+            except AssertionError as exc:
+                violations["I4"].append(f"changelog version chain: {exc}")
         for s in shoppers:
             if s.error:
                 violations["I6"].append(f"shopper {s.name} crashed:\n{s.error}")

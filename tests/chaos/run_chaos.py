@@ -2,8 +2,16 @@
 
     .venv/bin/python tests/chaos/run_chaos.py --rounds 10 [--seed 7] [--faults kill9,dupes]
     .venv/bin/python -m tests.chaos.run_chaos --rounds 3        (from the repository root)
+    .venv/bin/python tests/chaos/run_chaos.py --cluster --rounds 5   (the 3-node cluster)
 
-Environment: CHAOS_ROUNDS and CHAOS_SEED give the defaults of --rounds and --seed.
+--cluster runs against the local 3-node Kafka cluster (scripts/stack.sh cluster-up; started
+here if it is down) with replication factor 3, min.insync.replicas 2 and 1 standby
+replica: its broker fault is ``leader_kill`` (SIGKILL the leader of the hot SKU's
+partition, restart it) instead of ``broker`` (a restart of the single broker), and each
+round also audits the changelog's version chain.
+
+Environment: CHAOS_ROUNDS and CHAOS_SEED give the defaults of --rounds and --seed,
+CHAOS_CLUSTER=1 the default of --cluster.
 Exit status 0 when every round had 0 violations, 1 otherwise (details printed).
 """
 
@@ -21,6 +29,7 @@ for path in (HERE, HERE.parent, HERE.parent.parent):  # chaos.py, harness/faults
         sys.path.insert(0, str(path))
 
 import chaos  # noqa: E402
+import cluster  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--traffic-s", type=float, default=chaos.ChaosConfig.traffic_s)
     ap.add_argument("--rate", type=float, default=chaos.ChaosConfig.rate)
     ap.add_argument("--broker-restarts", type=int, default=chaos.ChaosConfig.broker_restarts)
+    ap.add_argument(
+        "--cluster",
+        action="store_true",
+        default=os.environ.get("CHAOS_CLUSTER", "") not in ("", "0"),
+        help="run on the local 3-node Kafka cluster (RF 3, min ISR 2); fault leader_kill",
+    )
     ap.add_argument(
         "--faults",
         default="",
@@ -43,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = {k for r in plan for k in r} - set(chaos.FAULT_KINDS)
         if bad:
             ap.error(f"unknown faults {sorted(bad)}")
+        asked = {k for r in plan for k in r}
+        if args.cluster and asked & set(chaos.SINGLE_BROKER_ONLY):
+            ap.error("fault broker restarts the single broker: not with --cluster (leader_kill)")
+        if not args.cluster and asked & set(chaos.CLUSTER_ONLY):
+            ap.error("fault leader_kill kills a node of the 3-node cluster: needs --cluster")
+    if args.cluster and not cluster.cluster_running():
+        print("chaos: starting the 3-node cluster (scripts/stack.sh cluster-up)", flush=True)
+        cluster.stack("cluster-up", timeout=600)
     cfg = chaos.ChaosConfig(
         rounds=args.rounds,
         seed=args.seed,
@@ -50,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         rate=args.rate,
         broker_restarts=args.broker_restarts,
         plan=plan,
+        cluster=args.cluster,
+        audit_changelog=args.cluster,
     )
     print(f"chaos: {cfg.rounds} rounds, seed {cfg.seed}, plan {chaos.round_plan(cfg)}", flush=True)
     results = chaos.run_chaos(cfg, log=lambda m: print(m, flush=True))

@@ -225,3 +225,31 @@ def test_checker_passes_a_consistent_history():
 def test_checker_catches_planted_violation(name, mutate, invariant):
     found = _planted(mutate)
     assert invariant in found, (name, found)
+
+
+def test_round_plan_faults_fit_the_kafka_mode():
+    """``broker`` restarts the single broker, ``leader_kill`` kills a cluster node: a
+    random plan picks each only in its own mode, and no more than ``broker_restarts``."""
+    for cluster_mode, own, other in (
+        (False, "broker", "leader_kill"),
+        (True, "leader_kill", "broker"),
+    ):
+        seen = Counter()
+        for seed in range(40):
+            cfg = chaos.ChaosConfig(rounds=10, seed=seed, cluster=cluster_mode)
+            plan = chaos.round_plan(cfg)
+            kinds = [k for r in plan for k in r]
+            assert other not in kinds, (cluster_mode, plan)
+            assert kinds.count(own) <= cfg.broker_restarts, (cluster_mode, plan)
+            seen.update(kinds)
+        assert seen[own] > 0 and seen["kill9"] > 0, seen
+
+
+def test_round_plan_of_the_single_broker_is_unchanged():
+    """Adding the cluster's fault changed no seed's plan on the single broker."""
+    assert chaos.round_plan(chaos.ChaosConfig(rounds=4, seed=3)) == [
+        ["kill9", "dupes"],
+        ["kill9", "broker", "redis"],
+        ["broker", "search_blackhole"],
+        ["search_refuse"],
+    ]

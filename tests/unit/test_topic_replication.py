@@ -147,3 +147,34 @@ def test_fausts_assignor_topic_is_created_by_us_with_the_min_insync_replicas():
     cfg = Settings(app_id="app-x", replication_factor=3, min_insync_replicas=2)
     spec = next(s for s in topics.topic_specs(cfg) if s.name == "app-x-__assignor-__leader")
     assert (spec.partitions, spec.config["min.insync.replicas"]) == (1, "2")
+
+
+def test_every_producer_waits_for_the_in_sync_replicas():
+    """acks=all everywhere (with min.insync.replicas 2 an acknowledged write is on two
+    brokers): the CLI/command producer, the ledger's transactional writers, the relay;
+    Faust's producer (the saga, the sweepers) is checked in the worker's own conf; the
+    order relay and the sinks' dead-letter producer are aiokafka ones built with
+    ``acks="all"`` (agents/orders.py, pipeline/sinks/runner.py)."""
+    from pipeline.kafka.transactions import writer_config
+    from pipeline.produce import producer_config
+    from pipeline.relay import relay_producer_config
+
+    cfg = Settings.from_env({})
+    for name, conf in (
+        ("command producer", producer_config(cfg)),
+        ("ledger writer", writer_config(cfg, 3)),
+        ("relay", relay_producer_config(cfg)),
+    ):
+        assert conf["acks"] == "all", name
+        assert conf["enable.idempotence"] is True, name
+    assert writer_config(cfg, 3)["transactional.id"] == f"{cfg.app_id}-ledger-3"
+    for path in ("agents/orders.py", "pipeline/sinks/runner.py"):
+        source = (REPO / path).read_text()
+        assert source.count("AIOKafkaProducer(") == source.count('acks="all"') >= 1, path
+    code = "from pipeline.app import app; print(app.conf.producer_acks)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-1] == "-1"
