@@ -67,10 +67,12 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(kafka: None) -> Iterator[Cluster]:
     ns = Namespace.fresh("rapi", partitions=PARTITIONS)
-    w1 = Worker(ns, "w1").start()
+    w1 = Worker(ns, "w1").start(wait=False)  # the environment is taken at start
     ns.extra_env["INVENTORY_RESERVE_API_TIMEOUT_MS"] = "1"
-    w2 = Worker(ns, "w2").start()
+    w2 = Worker(ns, "w2").start(wait=False)
     try:
+        w1.wait_healthy()
+        w2.wait_healthy()
         wait_for(
             lambda: w1.status("/healthz") == 200 and w2.status("/healthz") == 200,
             60,
@@ -78,9 +80,9 @@ def cluster(kafka: None) -> Iterator[Cluster]:
         )
         c = Cluster(ns, w1, w2)
         yield c
-    finally:
-        w2.stop()
-        w1.stop()
+    finally:  # nothing to check after: no clean shutdown needed
+        w2.kill()
+        w1.kill()
 
 
 def test_reserve_reject_retry_commit_cancel_on_every_partition(cluster: Cluster) -> None:
