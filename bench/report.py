@@ -231,6 +231,7 @@ class _Writer:
         self.loadgen()
         self.p2p3()
         self.p6()
+        self.p7()
         self.recovery()
         self.stages()
         self.profile_section()
@@ -838,6 +839,39 @@ class _Writer:
             "counts in the CPU section, against 1 write and 1 read for the passthrough.",
             "",
         )
+
+    # ------------------------------------------------------------ P7
+    def p7(self) -> None:
+        got = self.r.get("reserve_http", {})
+        self.add("## P7: synchronous reserve API (`POST /reservations`) beside the Kafka path", "")
+        why = _not_run(got)
+        if why:
+            self.add(f"Not measured: {why}.", "")
+            return
+        n, c = got.get("n", 0), got.get("concurrency", 0)
+        self.add(
+            f"One worker, every reserve granted. Closed loop: each client has one request in "
+            f"flight ({n} per client). Kafka path: send ReserveStock and read "
+            "reservation-results until its answer (what `docs/asyncapi.yaml` tells a checkout "
+            "to do); HTTP: `POST /reservations` on a kept-alive connection, which does the same "
+            f"inside the worker (`pipeline/reserve_api.py`). Then {c} clients of each at once.",
+            "",
+            "| path | clients | p50 ms | p99 ms | answers/s |",
+            "|---|---|---|---|---|",
+        )
+        rows = (
+            ("Kafka", 1, "kafka_ms", None),
+            ("HTTP", 1, "http_ms", None),
+            ("Kafka", c, "kafka_concurrent_ms", "kafka_concurrent_per_s"),
+            ("HTTP", c, "http_concurrent_ms", "http_concurrent_per_s"),
+        )
+        for label, clients, key, rate in rows:
+            per_s = fmt(got.get(rate, float("nan"))) if rate else "—"
+            self.add(
+                f"| {label} | {clients} | {fmt(_get(got, key, 'p50'), 1)} | "
+                f"{fmt(_get(got, key, 'p99'), 1)} | {per_s} |"
+            )
+        self.add("")
 
     # ------------------------------------------------------------ P6
     def p6(self) -> None:

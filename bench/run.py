@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import baselines, ingest, machine, micro, profile
+from bench import baselines, ingest, machine, micro, profile, reserve_http
 from bench.common import (
     OUT,
     REPO,
@@ -88,6 +88,8 @@ class Sizes:
     profile_seconds: float = 15.0
     profile_attempts: int = 200_000
     ingest_records: int = 200_000
+    # P7: closed-loop reserves over HTTP and over Kafka (per client, 8 clients at once)
+    reserve_http_n: int = 500
     levers: list[str] = field(default_factory=lambda: ["uvloop"])
     lever_pairs: int = 2
     mix_attempts: int = 20_000
@@ -111,6 +113,7 @@ QUICK = Sizes(
     profile_seconds=4.0,
     profile_attempts=20_000,
     ingest_records=10_000,
+    reserve_http_n=50,
     levers=["uvloop"],
     lever_pairs=1,
     mix_attempts=1000,
@@ -997,7 +1000,17 @@ def memory_and_restore(sizes: Sizes, profile_to: Path | None) -> dict[str, Any]:
 # ---------------------------------------------------------------- main
 
 
-PARTS = ("throughput", "latency", "memory", "profile", "levers", "mix", "micro", "ingest")
+PARTS = (
+    "throughput",
+    "latency",
+    "reserve_http",
+    "memory",
+    "profile",
+    "levers",
+    "mix",
+    "micro",
+    "ingest",
+)
 TOPOLOGY_LEVERS = {"split", "relay_out", "sink_off"}  # measured against one process
 
 
@@ -1045,6 +1058,10 @@ def run(sizes: Sizes, quick: bool, skip: set[str]) -> dict[str, Any]:
             pg.__exit__(None, None, None)
 
     step("latency", lambda: undisturbed("P6", lambda: latency_run(sizes), log=log))
+    step(
+        "reserve_http",
+        lambda: undisturbed("P7", lambda: reserve_http.measure(sizes.reserve_http_n), log=log),
+    )
     step(
         "memory",
         lambda: undisturbed(

@@ -343,6 +343,10 @@ class Settings:
     live_max_connections: int = 1000
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
     stock_changes_retention_ms: int = -1
+    # the synchronous reserve API (pipeline.reserve_api): how long a request waits for the
+    # ledger's or the saga's answer before it is answered 202, and the largest body it reads
+    reserve_api_timeout_ms: int = 2000
+    reserve_api_max_body_bytes: int = 65536
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -478,6 +482,12 @@ class Settings:
             ),
             stock_changes_retention_ms=_int(
                 e, "INVENTORY_STOCK_CHANGES_RETENTION_MS", d.stock_changes_retention_ms, -1
+            ),
+            reserve_api_timeout_ms=_int(
+                e, "INVENTORY_RESERVE_API_TIMEOUT_MS", d.reserve_api_timeout_ms, 1, 600_000
+            ),
+            reserve_api_max_body_bytes=_int(
+                e, "INVENTORY_RESERVE_API_MAX_BODY_BYTES", d.reserve_api_max_body_bytes, 1024
             ),
         )
 

@@ -220,6 +220,7 @@ import agents.stock  # noqa: E402,F401
 import pipeline.expiry  # noqa: E402,F401
 import pipeline.faust_commands  # noqa: E402,F401
 import pipeline.live  # noqa: E402,F401
+import pipeline.reserve_api  # noqa: E402,F401
 import pipeline.sinks.worker  # noqa: E402,F401
 import pipeline.web  # noqa: E402,F401
 
