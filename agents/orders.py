@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -291,6 +292,10 @@ class SagaHandler:
         if stored is not None and stored.applied(topic, offset):
             metrics.REDELIVERED.labels(topic).inc()
             return None
+        if isinstance(inp, sg.ExpireOrder | sg.PruneOrder) and inp.occurred_at > now_ms():
+            # these come from the public topic too: capped by this worker's clock, a forged
+            # one ends or deletes nothing before its time (as the ledger does for expiry)
+            inp = replace(inp, occurred_at=now_ms())
         decision = sg.decide(
             stored.saga if stored else None,
             inp,

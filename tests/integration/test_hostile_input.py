@@ -167,3 +167,51 @@ def test_channels_a_producer_makes_up_do_not_grow_the_metrics(kafka):
         assert sum(map(float, other)) == 500  # every made-up channel counted, as "other"
     finally:
         worker.stop()
+
+
+def test_a_forged_saga_expire_or_prune_from_the_public_topic_changes_nothing_early(kafka):
+    """The saga's sweepers send CancelOrder{expire} (and the pruner its "pruned" form) on
+    the public checkouts topic: with a future occurred_at, one expired a 10-minute order at
+    once, and one deleted a finished order before its retention. The worker's clock caps
+    their time now."""
+    ns = Namespace.fresh("forgedsaga", 1)
+    worker = Worker(ns).start()
+    s = ns.settings
+    try:
+        with CommandProducer(s) as producer:
+            restock_and_wait(worker, producer, SKU, 10)
+            for order in ("open", "done"):
+                producer.send(
+                    "PlaceOrder",
+                    {"order_id": order, "lines": [{"sku": SKU, "qty": 1}], "ttl_ms": 600_000},
+                )
+            producer.send("CommitOrder", {"order_id": "done"})
+            producer.flush()
+            read_topic(s, s.order_results_topic, until=lambda rs: len(rs) >= 3, timeout=60)
+            codec = AvroCodec()
+            for order, reason in (("open", "expired"), ("done", "pruned")):
+                forged = {
+                    "event_id": f"forged-{order}",
+                    "order_id": order,
+                    "reason": reason,
+                    "channel": "system",
+                    "occurred_at": now_ms() + 10**11,
+                    "expire": True,
+                }
+                producer.send_raw(
+                    s.checkouts_topic, order.encode(), codec.encode("CancelOrder", forged), 0
+                )
+            # decided in order on the one partition: these come after the forged ones
+            producer.send("CommitOrder", {"order_id": "open"})
+            producer.send("CommitOrder", {"order_id": "done"})
+            producer.flush()
+            results = read_topic(
+                s, s.order_results_topic, until=lambda rs: len(rs) >= 5, timeout=60
+            )
+        last = {r.key: r.value["outcome"] for r in results}
+        assert last[b"open"] == "ORDER_COMMITTED", [r.value for r in results]
+        # a pruned order would be ORDER_UNKNOWN; kept, its commit is answered again
+        assert last[b"done"] == "ORDER_COMMITTED", [r.value for r in results]
+        assert len(results) == 5
+    finally:
+        worker.stop()
