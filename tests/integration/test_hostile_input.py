@@ -215,3 +215,36 @@ def test_a_forged_saga_expire_or_prune_from_the_public_topic_changes_nothing_ear
         assert len(results) == 5
     finally:
         worker.stop()
+
+
+def test_a_multi_line_order_with_the_longest_ttl_is_answered(kafka):
+    """Issue 14 item 4: a 7-day order's line holds last ttl + grace, past the ledger's
+    7-day limit, so each line was dead-lettered and the saga re-sent it for ever; the
+    order was never answered. The ledger takes the saga's holds up to ttl + grace now."""
+    from pipeline.validation import MAX_TTL_MS
+
+    ns = Namespace.fresh("longttl", 1)
+    s = ns.settings
+    worker = Worker(ns).start()
+    try:
+        with CommandProducer(s) as producer:
+            restock_and_wait(worker, producer, SKU, 10)
+            restock_and_wait(worker, producer, "HOSTILE-2", 10)
+            producer.send(
+                "PlaceOrder",
+                {
+                    "order_id": "week",
+                    "lines": [{"sku": SKU, "qty": 2}, {"sku": "HOSTILE-2", "qty": 3}],
+                    "ttl_ms": MAX_TTL_MS,
+                },
+            )
+            producer.flush()
+            results = read_topic(
+                s, s.order_results_topic, until=lambda rs: len(rs) >= 1, timeout=60
+            )
+        assert [r.value["outcome"] for r in results] == ["ORDER_RESERVED"]
+        wait_stock(worker, SKU, reserved=2)
+        wait_stock(worker, "HOSTILE-2", reserved=3)
+        assert read_topic(s, s.dead_letters_topic, timeout=1.0) == []
+    finally:
+        worker.stop()
