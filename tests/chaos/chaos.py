@@ -47,6 +47,14 @@ Unanswered commands get a diagnosis: their offsets in the input topic and
 whether the table's changelog ever applied them.
 
 CLI: ``tests/chaos/run_chaos.py`` (``make chaos``); tests: ``test_chaos.py``.
+
+This module holds :class:`ChaosRun` (setup, rounds, workers, teardown) and
+:func:`run_chaos`, and re-exports the names its users import; the rest lives beside
+it: ``chaos_plan.py`` (fault kinds, :class:`ChaosConfig`, the round plan, the records),
+``chaos_observe.py`` (ledger of what was sent, topic tail, projections),
+``chaos_workload.py`` (the shoppers), ``chaos_faults.py`` (the faults, a mixin of
+ChaosRun), ``chaos_settle.py`` (settling and checking a round, a mixin),
+``chaos_checks.py`` (the invariants I1..I6) and ``chaos_report.py`` (the table).
 """
 
 from __future__ import annotations
