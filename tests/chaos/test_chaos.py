@@ -5,7 +5,8 @@ refusing and black-holed, duplicate bursts and a ``kill -9`` of one of the two
 workers (a rebalance both ways); broker restarts are left to ``make chaos``
 (one takes about 90 s here);
 ``test_chaos_rounds`` (slow) runs ``CHAOS_ROUNDS`` random rounds, like
-``make chaos``. See ``chaos.py`` for the workload and the exact checks.
+``make chaos``. See ``chaos_workload.py`` for the workload and ``chaos_checks.py``
+for the exact checks.
 """
 
 from __future__ import annotations
