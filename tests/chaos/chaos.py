@@ -66,6 +66,9 @@ import time
 import uuid
 from collections.abc import Callable
 
+from confluent_kafka.admin import AdminClient
+
+import cluster
 from chaos_checks import LedgerView, check_invariants
 from chaos_faults import FaultsMixin
 from chaos_observe import (
@@ -92,9 +95,6 @@ from chaos_plan import (
 from chaos_report import format_row, format_table, violation_report
 from chaos_settle import SettleMixin
 from chaos_workload import RoundCtx, Shopper, pick_skus
-from confluent_kafka.admin import AdminClient
-
-import cluster
 from config.settings import settings as base
 from crashload import audit_changelog
 from faults import PrivateRedis, TcpProxy

@@ -8,11 +8,11 @@ import subprocess
 import time
 import traceback
 
-from chaos_observe import QuietProducer, flush
-from chaos_plan import STACK, FaultRecord
 from confluent_kafka.admin import AdminClient
 
 import cluster
+from chaos_observe import QuietProducer, flush
+from chaos_plan import STACK, FaultRecord
 from pipeline.clients import confluent_config
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic

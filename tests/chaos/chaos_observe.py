@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from chaos_plan import TERMINAL, OrderInfo
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
+from chaos_plan import TERMINAL, OrderInfo
 from config.settings import Settings
 from config.settings import settings as base
 from pipeline.clients import confluent_config

@@ -3,7 +3,7 @@
 On the local 3-node KRaft cluster (``scripts/stack.sh cluster-up``; the fixture starts
 it when it is down) with the production durability settings, replication factor 3,
 ``min.insync.replicas`` 2 (every producer writes with acks=all) and 1 standby replica,
-two workers run the chaos flash sale (tests/chaos/chaos.py: concurrent shoppers,
+two workers run the chaos flash sale (tests/chaos/chaos.py and chaos_workload.py: concurrent shoppers,
 reserves, checkouts, abandoned carts that must expire, producer re-sends, client
 retries). Mid-sale the broker that leads the hot SKU's partition of the ledger's
 changelog (the ledger commits that SKU's state there in transactions; the node usually
