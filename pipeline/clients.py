@@ -52,6 +52,10 @@ def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
         # librdkafka's own log lines go through Python logging (JSON in workers)
         "logger": logging.getLogger("inventory.librdkafka"),
         "error_cb": _on_kafka_error,
+        # librdkafka refreshes the metadata of topics it does not consume or produce only
+        # this often (its default is 5 min): a broker's death left a long-lived query
+        # client without the partition's leader for minutes (see watermarks())
+        "topic.metadata.refresh.interval.ms": 10_000,
     }
     if uses_sasl(cfg):
         conf.update(
@@ -65,6 +69,25 @@ def confluent_config(cfg: Settings, **extra: Any) -> dict[str, Any]:
         conf["ssl.ca.location"] = cfg.kafka_ssl_cafile
     conf.update(extra)
     return conf
+
+
+def watermarks(consumer: Any, topic: str, partition: int, timeout_s: float) -> tuple[int, int]:
+    """(log start, log end) of a partition, asked of its leader now, from a confluent-kafka
+    consumer. When the client's metadata has lost the partition's leader (a broker died;
+    librdkafka says "Local: Unknown partition") it asks the cluster for the topic's
+    metadata and tries once more, instead of failing until the periodic refresh: after a
+    leader kill, a worker's every check of its changelog failed for 3 minutes."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    tp = TopicPartition(topic, partition)
+    try:
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+    except KafkaException as exc:
+        if exc.args[0].code() != KafkaError._UNKNOWN_PARTITION:
+            raise
+        consumer.list_topics(topic, timeout=timeout_s)
+        low, high = consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
+    return int(low), int(high)
 
 
 def aiokafka_kwargs(cfg: Settings) -> dict[str, Any]:

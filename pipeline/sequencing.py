@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple
 
 from pipeline import metrics
+from pipeline.clients import watermarks
 
 log = logging.getLogger("inventory.sequencing")
 
@@ -406,7 +407,7 @@ def confluent_offsets(
         (got,) = client[0].committed([tp], timeout=10.0)
         if got.error is not None:
             raise RuntimeError(f"committed offset of {topic}/{partition}: {got.error}")
-        low, high = client[0].get_watermark_offsets(tp, timeout=10.0, cached=False)
+        low, high = watermarks(client[0], topic, partition, 10.0)
         committed = int(got.offset) if got.offset >= 0 else None
         return PartitionOffsets(committed, int(low), int(high))
 

@@ -36,7 +36,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from config.settings import Settings
-from pipeline.clients import confluent_config
+from pipeline.clients import confluent_config, watermarks
 
 log = logging.getLogger("inventory.transactions")
 
@@ -120,12 +120,7 @@ class BrokerQueries:
         self, tps: Iterable[tuple[str, int]], timeout_s: float = 10.0
     ) -> dict[tuple[str, int], tuple[int, int]]:
         """(log start, log end) of each (topic, partition), asked of the broker now."""
-        return {
-            (t, p): self._consumer.get_watermark_offsets(
-                TopicPartition(t, p), timeout=timeout_s, cached=False
-            )
-            for t, p in tps
-        }
+        return {(t, p): watermarks(self._consumer, t, p, timeout_s) for t, p in tps}
 
     def close(self) -> None:
         self._consumer.close()
