@@ -437,19 +437,7 @@ async def sweep_sagas() -> None:
             continue
         _resent[key] = now
         if expire:
-            record = {
-                "event_id": f"{saga.order_id}:expire",
-                "order_id": saga.order_id,
-                "reason": "expired",
-                "channel": "system",
-                "occurred_at": now,
-                "expire": True,
-            }
-            await checkouts_topic.send(
-                key=key,
-                value=handler.codec.encode("CancelOrder", record),
-                partition=partition_for(key, settings.partitions),
-            )
+            await _send_internal_cancel(key, saga.order_id, "expire", "expired", now)
             SAGA_EXPIRY_SENT.inc()
         if pending and now - stored.updated_at >= RESEND_AFTER_MS:
             log.info("re-sending %d ledger commands of order %s", len(pending), saga.order_id)
@@ -459,6 +447,24 @@ async def sweep_sagas() -> None:
     for key, at in list(_resent.items()):
         if now - at > 10 * RESEND_AFTER_MS:
             del _resent[key]
+
+
+async def _send_internal_cancel(key: bytes, order_id: str, tag: str, reason: str, now: int) -> None:
+    """The sweepers' CancelOrder{expire} (an expiry, or a prune when ``reason`` says so),
+    stamped with the time seen; its event id is per order and purpose, so re-sends dedupe."""
+    record = {
+        "event_id": f"{order_id}:{tag}",
+        "order_id": order_id,
+        "reason": reason,
+        "channel": "system",
+        "occurred_at": now,
+        "expire": True,
+    }
+    await checkouts_topic.send(
+        key=key,
+        value=handler.codec.encode("CancelOrder", record),
+        partition=partition_for(key, settings.partitions),
+    )
 
 
 @app.timer(interval=settings.expiry_scan_interval_s)
@@ -473,20 +479,7 @@ async def prune_sagas() -> None:
         return
     now = now_ms()
     for key in finished_sagas.take_due(now, PRUNE_STEP):
-        order_id = key.decode("utf-8")
-        record = {
-            "event_id": f"{order_id}:prune",
-            "order_id": order_id,
-            "reason": sg.PRUNE_REASON,
-            "channel": "system",
-            "occurred_at": now,
-            "expire": True,
-        }
-        await checkouts_topic.send(
-            key=key,
-            value=handler.codec.encode("CancelOrder", record),
-            partition=partition_for(key, settings.partitions),
-        )
+        await _send_internal_cancel(key, key.decode("utf-8"), "prune", sg.PRUNE_REASON, now)
         SAGA_PRUNE_SENT.inc()
 
 
