@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 
 from config.settings import Settings
-from harness import Namespace, Worker, read_topic
+from harness import Namespace, Worker, read_topic, wait_stock
 from pipeline.kafka.reading import read_to_end
 from pipeline.produce import CommandProducer
 from pipeline.topics import changelog_topic
@@ -137,8 +137,7 @@ def check_invariants(ns: Namespace, worker: Worker, load: Workload) -> dict[str,
         by_sku[v["sku"]][v["version"]] = v
 
     for sku in SKUS:
-        status, body = worker.get_json(f"/stock/{sku}")
-        assert status == 200, body
+        body = wait_stock(worker, sku)
         expected_on_hand = load.restocked[sku] - committed[sku]
         assert body["on_hand"] == expected_on_hand, (sku, body, expected_on_hand)
         assert body["reserved"] == open_units[sku], (sku, body, open_units[sku])
@@ -149,7 +148,7 @@ def check_invariants(ns: Namespace, worker: Worker, load: Workload) -> dict[str,
         assert (last["on_hand"], last["reserved"]) == (body["on_hand"], body["reserved"])
     audit = audit_changelog(s)
     for sku in SKUS:
-        status, body = worker.get_json(f"/stock/{sku}")
+        body = wait_stock(worker, sku)
         assert audit.get(sku) == body["version"], (sku, audit.get(sku), body)
     return {"orders": len(orders), "results": len(results), "changes": len(changes)}
 
