@@ -60,21 +60,10 @@ case $APICURIO_VERSION in
 esac
 
 # ---------------------------------------------------------------- output ---
-say() { printf '%s\n' "$*"; }
-warn() { printf 'registry: warning: %s\n' "$*" >&2; }
-die() { printf 'registry: error: %s\n' "$*" >&2; exit 1; }
-is_root() { [ "$(id -u)" = 0 ]; }
+SCRIPT_TAG=registry
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 url() { printf 'http://%s:%s%s\n' "$HOST" "$SCHEMA_REGISTRY_PORT" "$CCOMPAT_PATH"; }
-
-tail_log() { # title file...: the last 30 lines of each existing, non-empty file
-  local f
-  for f in "${@:2}"; do
-    [ -s "$f" ] || continue
-    printf -- '----- last 30 lines of %s (%s) -----\n' "$f" "$1" >&2
-    tail -n 30 "$f" >&2
-  done
-  printf -- '-----\n' >&2
-}
 
 # --------------------------------------------------------------- packages ---
 apt_install() { # pkg...: install Debian packages as root, or say how to
@@ -94,19 +83,7 @@ apt_install() { # pkg...: install Debian packages as root, or say how to
   fi
 }
 
-need_cmd() { # command package
-  command -v "$1" >/dev/null 2>&1 && return 0
-  apt_install "$2"
-  command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
-}
-
 # ------------------------------------------------------------------- java ---
-java_major() { # java binary -> major version (8 for 1.8), empty if it does not run
-  local v
-  v=$("$1" -version 2>&1 | sed -n 's/.*version "\([^"]*\)".*/\1/p' | head -n1) || true
-  case $v in 1.*) v=${v#1.} ;; esac
-  printf '%s' "${v%%[.+-]*}"
-}
 
 java_fits() { [ -n "$1" ] && [ "$1" -ge "$JAVA_MIN" ] && [ "$1" -le "$JAVA_MAX" ]; }
 
@@ -150,20 +127,6 @@ find_java() { # sets JAVA_HOME_SEL to a Java that runs Apicurio $APICURIO_VERSIO
 }
 
 # -------------------------------------------------------------- processes ---
-pid_alive() { # pid: running and not a zombie
-  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
-  local st
-  st=$(sed -n 's/^[0-9]* (.*) \([A-Z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || true
-  [ "$st" != Z ]
-}
-
-pid_cmdline() { # pid: its command line, long ones cut in the middle
-  local c
-  c=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || true
-  c=${c% }
-  if [ ${#c} -gt 170 ]; then c="${c:0:60} ... ${c: -100}"; fi
-  printf '%s' "$c"
-}
 
 pid_is_ours() { # pid: an Apicurio started from this $STACK_DIR (its command line or cwd)
   local cmd cwd
@@ -172,54 +135,6 @@ pid_is_ours() { # pid: an Apicurio started from this $STACK_DIR (its command lin
   case "$cmd" in *"$STACK_DIR/apicurio-"*) return 0 ;; esac
   case "$cwd/" in "$SR_RUN/"*) return 0 ;; esac
   return 1
-}
-
-port_open() { # port: something accepts TCP connections on 127.0.0.1:port
-  timeout 3 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
-}
-
-port_pids() { # port: pids of the processes listening on it (any address)
-  local out
-  if command -v ss >/dev/null 2>&1; then
-    out=$(ss -Htlnp "( sport = :$1 )" 2>/dev/null) || true
-    printf '%s\n' "$out" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -un
-    return 0
-  fi
-  local hex inodes p fd
-  hex=$(printf '%04X' "$1")
-  inodes=$(awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { print $10 }' \
-    /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u)
-  [ -n "$inodes" ] || return 0
-  for p in /proc/[0-9]*; do
-    for fd in "$p"/fd/*; do
-      case " ${inodes//$'\n'/ } " in *" $(readlink "$fd" 2>/dev/null | sed -n 's/^socket:\[\([0-9]*\)\]$/\1/p') "*)
-        echo "${p#/proc/}"; break ;;
-      esac
-    done 2>/dev/null
-  done | sort -un
-}
-
-describe_port() { # port: who holds it, for error messages
-  local p out=""
-  for p in $(port_pids "$1"); do out="$out${out:+,} pid $p ($(pid_cmdline "$p"))"; done
-  printf '%s' "${out:- a process this user cannot see (try: sudo ss -ltnp 'sport = :$1')}"
-}
-
-stop_pid() { # pid: TERM, wait, then KILL
-  local pid=$1 waited=0
-  pid_alive "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  while pid_alive "$pid"; do
-    if [ "$waited" -ge $((STACK_STOP_TIMEOUT * 2)) ]; then
-      warn "$NAME (pid $pid) still running ${STACK_STOP_TIMEOUT}s after TERM: sending KILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
-      break
-    fi
-    sleep 0.5; waited=$((waited + 1))
-  done
-  pid_alive "$pid" && die "$NAME (pid $pid) survived KILL"
-  return 0
 }
 
 sr_ports() {
@@ -331,13 +246,13 @@ sr_wait() { # since launcher-pid: wait for it to answer, or fail with its log
 
 sr_stop() { # our process, then anything of ours still on its ports
   local pid p port foreign=""
-  if pid=$(sr_pid); then stop_pid "$pid"; fi
+  if pid=$(sr_pid); then stop_pid "$NAME" "$pid"; fi
   rm -f "$SR_PIDFILE" "$SR_STATE"
   for port in $(sr_ports); do
     for p in $(port_pids "$port"); do
       if pid_is_ours "$p"; then
         warn "pid $p of this stack still listens on $port: stopping it"
-        stop_pid "$p"
+        stop_pid "$NAME" "$p"
       else
         foreign="$foreign port $port: pid $p ($(pid_cmdline "$p"))"
       fi

@@ -99,21 +99,10 @@ REDIS_RUN=$STACK_DIR/redis
 OS_BASE_FILE=$STACK_DIR/opensearch.base
 
 # ---------------------------------------------------------------- output ---
-say() { printf '%s\n' "$*"; }
-warn() { printf 'stack: warning: %s\n' "$*" >&2; }
-die() { printf 'stack: error: %s\n' "$*" >&2; exit 1; }
+SCRIPT_TAG=stack
+# shellcheck source=scripts/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 row() { printf '%-10s %-16s %s\n' "$1" "$2" "$3"; }
-is_root() { [ "$(id -u)" = 0 ]; }
-
-tail_log() { # title file...: the last 30 lines of each existing, non-empty file
-  local f
-  for f in "${@:2}"; do
-    [ -s "$f" ] || continue
-    printf -- '----- last 30 lines of %s (%s) -----\n' "$f" "$1" >&2
-    tail -n 30 "$f" >&2
-  done
-  printf -- '-----\n' >&2
-}
 
 # --------------------------------------------------------------- packages ---
 POLICY_RC_CREATED=
@@ -144,19 +133,7 @@ apt_install() { # pkg...: install Debian packages as root, or say how to
   cleanup; POLICY_RC_CREATED=
 }
 
-need_cmd() { # command package
-  command -v "$1" >/dev/null 2>&1 && return 0
-  apt_install "$2"
-  command -v "$1" >/dev/null 2>&1 || die "$1 still missing after installing $2"
-}
-
 # ------------------------------------------------------------------- java ---
-java_major() { # java binary -> major version (8 for 1.8), empty if it does not run
-  local v
-  v=$("$1" -version 2>&1 | sed -n 's/.*version "\([^"]*\)".*/\1/p' | head -n1) || true
-  case $v in 1.*) v=${v#1.} ;; esac
-  printf '%s' "${v%%[.+-]*}"
-}
 
 JAVA_HOME_SEL=
 find_java() { # sets JAVA_HOME_SEL to a Java 17..23 (Kafka 4.1 needs >= 17; OpenSearch 2.19 < 24)
@@ -200,20 +177,6 @@ find_java() { # sets JAVA_HOME_SEL to a Java 17..23 (Kafka 4.1 needs >= 17; Open
 }
 
 # -------------------------------------------------------------- processes ---
-pid_alive() { # pid: running and not a zombie
-  [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
-  local st
-  st=$(sed -n 's/^[0-9]* (.*) \([A-Z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null) || true
-  [ "$st" != Z ]
-}
-
-pid_cmdline() { # pid: its command line, long ones cut in the middle
-  local c
-  c=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || true
-  c=${c% }
-  if [ ${#c} -gt 170 ]; then c="${c:0:60} ... ${c: -100}"; fi
-  printf '%s' "$c"
-}
 
 os_base() { # where OpenSearch's install and runtime dirs are (see os_locate)
   if [ -s "$OS_BASE_FILE" ]; then cat "$OS_BASE_FILE"; else printf '%s' "$STACK_DIR"; fi
@@ -228,55 +191,6 @@ pid_is_ours() { # pid: started from this stack (its command line or cwd is under
     case "$cwd/" in "$d/"*) return 0 ;; esac
   done
   return 1
-}
-
-port_open() { # port: something accepts TCP connections on 127.0.0.1:port
-  timeout 3 bash -c "exec 3<>/dev/tcp/$HOST/$1" 2>/dev/null
-}
-
-port_pids() { # port: pids of the processes listening on it (any address)
-  local out
-  if command -v ss >/dev/null 2>&1; then
-    out=$(ss -Htlnp "( sport = :$1 )" 2>/dev/null) || true
-    printf '%s\n' "$out" | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -un
-    return 0
-  fi
-  # No ss (iproute2): find the listening sockets' inodes in /proc/net.
-  local hex inodes p fd
-  hex=$(printf '%04X' "$1")
-  inodes=$(awk -v h=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == h { print $10 }' \
-    /proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u)
-  [ -n "$inodes" ] || return 0
-  for p in /proc/[0-9]*; do
-    for fd in "$p"/fd/*; do
-      case " ${inodes//$'\n'/ } " in *" $(readlink "$fd" 2>/dev/null | sed -n 's/^socket:\[\([0-9]*\)\]$/\1/p') "*)
-        echo "${p#/proc/}"; break ;;
-      esac
-    done 2>/dev/null
-  done | sort -un
-}
-
-describe_port() { # port: who holds it, for error messages
-  local p out=""
-  for p in $(port_pids "$1"); do out="$out${out:+,} pid $p ($(pid_cmdline "$p"))"; done
-  printf '%s' "${out:- a process this user cannot see (try: sudo ss -ltnp 'sport = :$1')}"
-}
-
-stop_pid() { # name pid: TERM, wait, then KILL
-  local name=$1 pid=$2 waited=0
-  pid_alive "$pid" || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  while pid_alive "$pid"; do
-    if [ "$waited" -ge $((STACK_STOP_TIMEOUT * 2)) ]; then
-      warn "$name (pid $pid) still running ${STACK_STOP_TIMEOUT}s after TERM: sending KILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
-      break
-    fi
-    sleep 0.5; waited=$((waited + 1))
-  done
-  pid_alive "$pid" && die "$name (pid $pid) survived KILL"
-  return 0
 }
 
 LAUNCH_PID=
