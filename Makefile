@@ -60,7 +60,7 @@ run: venv stack-up
 	  $(VENV)/bin/faust -A pipeline.app --datadir $(DATA_DIR) worker --web-port $(WEB_PORT) -l info
 
 # pytest exit 5 (no test collected) is a failure here, not a pass
-test: venv stack-up
+test: venv lint stack-up
 	@scripts/stack.sh test-deps
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	  if [ $$rc = 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
@@ -106,6 +106,8 @@ kill-rounds: venv stack-up
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: venv
 	$(VENV)/bin/ruff format .
