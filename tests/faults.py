@@ -35,25 +35,10 @@ class PrivateRedis:
         if exe is None:
             raise AssertionError("redis-server is not installed: apt-get install -y redis-server")
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.dir),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ],
-            stdout=open(self.dir / "redis.log", "ab"),
-            stderr=subprocess.STDOUT,
-        )
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        with open(self.dir / "redis.log", "ab") as log:  # the child keeps its own copy
+            self.proc = subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import http.client
 import json
 import queue
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -27,7 +24,8 @@ import pytest
 import redis
 
 from config.settings import Settings, settings
-from harness import OUT, Namespace, Worker, free_port, metric_total, wait_for
+from faults import PrivateRedis
+from harness import OUT, Namespace, Worker, metric_total, wait_for
 from pipeline.live import decode_event_id
 
 pytestmark = pytest.mark.integration
@@ -411,46 +409,8 @@ def test_a_stopping_worker_ends_its_open_streams_at_once(live):
         client.close()
 
 
-class RedisServer:
-    """A private redis-server (append-only, so a restart keeps the hashes)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.dir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        exe = shutil.which("redis-server")
-        assert exe is not None, "redis-server is not installed: apt-get install -y redis-server"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-        with open(self.dir / "redis.log", "ab") as log:
-            self.proc = subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT)
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        wait_for(lambda: _pings(client), 10, f"redis-server on {self.port}", interval=0.1)
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
 def test_streams_stay_open_while_redis_is_down_and_catch_up_when_it_returns(kafka):
-    server = RedisServer(OUT / f"live-redis-{uuid.uuid4().hex[:8]}").start()
+    server = PrivateRedis(OUT / f"live-redis-{uuid.uuid4().hex[:8]}").start()
     ns = Namespace.fresh("live", INVENTORY_REDIS_URL=server.url, INVENTORY_SINK_ENABLED="0")
     sink = FakeSink(replace(settings, redis_url=server.url))
     worker = None
