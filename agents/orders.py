@@ -50,7 +50,11 @@ from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import core, metrics
 from pipeline import saga as sg
-from pipeline.app import (
+from pipeline.clients import aiokafka_kwargs
+from pipeline.dead_letters import dead_letter
+from pipeline.indexing import IndexRefresher, settled
+from pipeline.partitioning import partition_for
+from pipeline.runtime import (
     _raw_topic,
     app,
     dead_letters_topic,
@@ -58,10 +62,6 @@ from pipeline.app import (
     orders_topic,
     table_options,
 )
-from pipeline.clients import aiokafka_kwargs
-from pipeline.dead_letters import dead_letter
-from pipeline.indexing import IndexRefresher, settled
-from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic, durability_config
 from pipeline.validation import Invalid
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down

@@ -14,7 +14,7 @@ from typing import Any
 
 from agents.ledger import LedgerEngine
 from config.settings import settings
-from pipeline.app import INPUT_TOPICS, app, ledger_feed, open_reservations
+from pipeline.runtime import INPUT_TOPICS, app, ledger_feed, open_reservations
 from schemas.codec import codec_from_settings
 
 log = logging.getLogger("inventory.agents")

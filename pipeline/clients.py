@@ -95,7 +95,7 @@ def aiokafka_kwargs(cfg: Settings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "bootstrap_servers": cfg.kafka_bootstrap,
         "security_protocol": cfg.kafka_security_protocol,
-        # see consumer_metadata_max_age_ms in pipeline.app: a consumer that joined
+        # see consumer_metadata_max_age_ms in pipeline.runtime: a consumer that joined
         # before a just-started broker listed its topics rejoins within 10 s
         "metadata_max_age_ms": 10_000,
     }

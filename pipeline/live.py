@@ -70,8 +70,8 @@ from redis.exceptions import RedisError
 
 from config.settings import Settings, settings
 from pipeline import metrics
-from pipeline.app import app
 from pipeline.clients import redis_kwargs
+from pipeline.runtime import app
 from pipeline.validation import Invalid, check_sku
 
 log = logging.getLogger("inventory.live")

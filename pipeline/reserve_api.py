@@ -42,9 +42,9 @@ from agents.stock import engine
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline import reserve_rules as rr
-from pipeline.app import app, orders_topic
 from pipeline.clients import aiokafka_kwargs
 from pipeline.partitioning import partition_for
+from pipeline.runtime import app, orders_topic
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.stock import StoredReservation, reservation_key
 

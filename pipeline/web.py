@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.stock import engine
 from pipeline import metrics
-from pipeline.app import app, orders_topic
 from pipeline.health import liveness, readiness
+from pipeline.runtime import app, orders_topic
 from pipeline.sinks.worker import sink_states
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from config.settings import settings
-from pipeline.app import app
+from pipeline.runtime import app
 from pipeline.sinks.runner import SinkRunner, build_projections, run_forever
 from schemas.codec import codec_from_settings
 

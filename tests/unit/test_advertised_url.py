@@ -81,7 +81,7 @@ def conf(host: str, port: int) -> SimpleNamespace:
 
 
 def test_advertise_puts_the_setting_in_fausts_canonical_url():
-    from pipeline.app import advertise
+    from pipeline.runtime import advertise
 
     c = conf("0.0.0.0", 6066)
     advertise(c, Settings(web_host="0.0.0.0", advertised_url="http://inventory-1.inv:6066"))
@@ -92,7 +92,7 @@ def test_advertise_puts_the_setting_in_fausts_canonical_url():
 
 
 def test_advertising_a_bind_address_is_warned_about(caplog):
-    from pipeline.app import advertise
+    from pipeline.runtime import advertise
 
     with caplog.at_level("WARNING", logger="inventory.app"):
         advertise(conf("0.0.0.0", 6066), Settings(web_host="0.0.0.0"))
@@ -105,7 +105,8 @@ def test_the_app_advertises_the_setting_when_it_starts_after_the_cli_reset_it(
     """The worker command sets canonical_url from --web-host/--web-port after the app
     module built the app; the app's start must put the advertised URL back before it
     joins the group (here it stops right after, at the topic check)."""
-    import pipeline.app as appmod
+    import pipeline.app  # noqa: F401 - the whole app, as the CLI loads it
+    import pipeline.runtime as appmod
     from pipeline.topics import KafkaUnreachable
 
     app = appmod.app

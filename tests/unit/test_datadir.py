@@ -27,7 +27,8 @@ try:
 except SystemExit as exc:
     assert not exc.code, exc.code
 import pipeline.app as m
-m.ensure_topics = lambda cfg: None  # no Kafka in unit tests
+import pipeline.runtime
+pipeline.runtime.ensure_topics = lambda cfg: None  # no Kafka in unit tests
 asyncio.run(m.app.on_first_start())
 print("DATADIR=" + str(m.app.conf.datadir))
 print("TABLEDIR=" + str(m.app.conf.tabledir))
