@@ -89,16 +89,16 @@ def _put(
 ) -> tuple[LocationStock, ...]:
     """The locations with ``location``'s fields moved by ``changes`` (added, not set);
     a location seen for the first time is created. Sorted by name."""
-    out: list[LocationStock] = []
-    seen = False
-    for loc in locations:
-        if loc.location == location:
-            loc = replace(loc, **{k: getattr(loc, k) + v for k, v in changes.items()})
-            seen = True
-        out.append(loc)
-    if not seen:
-        out.append(replace(LocationStock(location), **changes))
-        out.sort(key=lambda loc: loc.location)
+    out = list(locations)
+    names = [x.location for x in out]
+    if location not in names:
+        out.append(LocationStock(location))
+        out.sort(key=lambda x: x.location)
+        names = [x.location for x in out]
+    i = names.index(location)
+    loc = out[i]
+    moved: dict[str, int] = {k: getattr(loc, k) + v for k, v in changes.items()}
+    out[i] = replace(loc, **moved)  # type: ignore[arg-type]  # only the int fields move
     return tuple(out)
 
 
