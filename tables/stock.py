@@ -81,6 +81,7 @@ class StoredStock:
             "occurred_at": self.version_at,
             "processed_at": self.version_at,
             "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
+            "damaged": r.damaged,
         }
 
     def latest_change(self) -> dict[str, Any]:
@@ -145,6 +146,7 @@ class StoredStock:
             "reserved": r.reserved,
             "safety_stock": r.safety_stock,
             "available": r.available,
+            "damaged": r.damaged,
             "version": r.version,
             "shared_available": r.shared_available,
             "channels": {
