@@ -89,6 +89,10 @@ class StoredStock:
         (with its cause) when this record made it, else :meth:`as_change`."""
         changes = self.effects.get("StockChanged")
         if changes and changes[-1]["version"] == self.record.version:
+            if "damaged" not in changes[-1]:
+                # written before StockChanged carried it: the record's count is the one of
+                # this version (a damaged return changed no version then)
+                return {**changes[-1], "damaged": self.record.damaged}
             return changes[-1]
         return self.as_change()
 
