@@ -375,6 +375,7 @@ _COLUMNS = (
     ("reserved", "reserved", ">"),
     ("safety", "safety_stock", ">"),
     ("available", "available", ">"),
+    ("damaged", "damaged", ">"),
     ("", "note", "<"),
 )
 

@@ -18,10 +18,13 @@ invariant, a ``kind`` and the evidence. The checks (``invariant`` label values):
   it was forgotten (else it is where the chain starts, like ``inventory-audit``).
 * ``conservation`` (I1, I2), per StockChanged: no count negative, ``available`` =
   max(0, on_hand - reserved - safety_stock), channel numbers within the SKU's; and
-  against the previous version, the change fits its cause (only restocks and returns
-  add to on_hand, only a commit takes from it - with the same units from reserved -,
-  a count sets it; a reserve adds to reserved and leaves ``available`` >= 0, a
-  release, expiry or commit takes from it; safety stock changes only by its command).
+  against the previous version, the change fits its cause (only restocks, returns and
+  restocked damaged units add to on_hand, only a commit takes from it - with the same
+  units from reserved -, a count sets it; a reserve adds to reserved and leaves
+  ``available`` >= 0, a release, expiry or commit takes from it; safety stock changes
+  only by its command; ``damaged`` grows only by a return that cannot be resold, which
+  leaves on_hand alone, and shrinks only by a ``DamagedStockResolved``, whose RESTOCK
+  adds the same units to on_hand and whose WRITE_OFF leaves on_hand alone).
   Each changelog record's state too: nothing negative.
 * ``changelog_agreement``: the latest published version of each SKU equals the
   changelog's (the relay publishes what the ledger stored, and nothing else), with the
@@ -76,7 +79,7 @@ _DIGEST = 8  # bytes per digest
 
 VERSION_CHAIN, CONSERVATION, CHANGELOG, PROJECTION = metrics.INVARIANTS
 
-Counts = tuple[int, int, int, int]  # on_hand, reserved, safety_stock, available
+Counts = tuple[int, int, int, int, int]  # on_hand, reserved, safety_stock, available, damaged
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ def counts_of(change: Mapping[str, Any]) -> Counts:
         int(change["reserved"]),
         int(change["safety_stock"]),
         int(change["available"]),
+        int(change.get("damaged") or 0),  # 0 in StockChanged v1/v2 (its default)
     )
 
 
@@ -107,7 +111,7 @@ def digest(change: Mapping[str, Any]) -> bytes:
 
 def check_counts(change: Mapping[str, Any]) -> list[str]:
     """What is wrong with one StockChanged's counts on their own ([] = nothing)."""
-    on_hand, reserved, safety, available = counts_of(change)
+    on_hand, reserved, safety, available, damaged = counts_of(change)
     problems = [
         f"{name} is {value}"
         for name, value in (
@@ -115,6 +119,7 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
             ("reserved", reserved),
             ("safety_stock", safety),
             ("available", available),
+            ("damaged", damaged),
         )
         if value < 0
     ]
@@ -138,25 +143,32 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
 def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
     """What is wrong with the change from the previous version's counts to ``change``,
     given its cause ([] = nothing; an unknown cause is not judged)."""
-    on_hand, reserved, safety, available = counts_of(change)
+    on_hand, reserved, safety, available, damaged = counts_of(change)
     d_on, d_res, d_safe = on_hand - prev[0], reserved - prev[1], safety - prev[2]
+    d_dmg = damaged - prev[4]
     cause = str(change.get("cause_type", ""))
+    # damaged units come only from returns that cannot be resold and leave only by a
+    # DamagedStockResolved: back on hand (RESTOCK, the same units) or written off
     rules: dict[str, bool] = {
-        "RestockReceived": d_on > 0 and d_res == 0 and d_safe == 0,
-        "ReturnReceived": d_on > 0 and d_res == 0 and d_safe == 0,
-        "StockCounted": d_res == 0 and d_safe == 0,
-        "SafetyStockSet": d_on == 0 and d_res == 0,
-        "ChannelAllocationSet": d_on == 0 and d_res == 0 and d_safe == 0,
-        "ReserveStock": d_on == 0 and d_res > 0 and d_safe == 0,
-        "ReleaseReservation": d_on == 0 and d_res < 0 and d_safe == 0,
-        "ExpireReservation": d_on == 0 and d_res < 0 and d_safe == 0,
+        "RestockReceived": d_on > 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "ReturnReceived": d_res == 0
+        and d_safe == 0
+        and ((d_on > 0 and d_dmg == 0) or (d_on == 0 and d_dmg > 0)),
+        "DamagedStockResolved": d_dmg < 0 and d_on in (-d_dmg, 0) and d_res == 0 and d_safe == 0,
+        "StockCounted": d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "SafetyStockSet": d_on == 0 and d_res == 0 and d_dmg == 0,
+        "ChannelAllocationSet": d_on == 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "ReserveStock": d_on == 0 and d_res > 0 and d_safe == 0 and d_dmg == 0,
+        "ReleaseReservation": d_on == 0 and d_res < 0 and d_safe == 0 and d_dmg == 0,
+        "ExpireReservation": d_on == 0 and d_res < 0 and d_safe == 0 and d_dmg == 0,
         # a commit after the expiry releases instead (on_hand unchanged)
-        "CommitReservation": d_res < 0 and d_on in (d_res, 0) and d_safe == 0,
+        "CommitReservation": d_res < 0 and d_on in (d_res, 0) and d_safe == 0 and d_dmg == 0,
     }
     problems = []
     if cause in rules and not rules[cause]:
         problems.append(
-            f"{cause} changed on_hand by {d_on}, reserved by {d_res}, safety_stock by {d_safe}"
+            f"{cause} changed on_hand by {d_on}, reserved by {d_res}, safety_stock by {d_safe}, "
+            f"damaged by {d_dmg}"
         )
     if cause == "ReserveStock" and on_hand - reserved - safety < 0:
         problems.append(
@@ -325,7 +337,7 @@ class Auditor:
         if negative:
             self._violate(CONSERVATION, r.sku, "ledger_state", version=r.version, negative=negative)
         state.cl_version = r.version
-        state.cl_counts = (r.on_hand, r.reserved, r.safety_stock, r.available)
+        state.cl_counts = (r.on_hand, r.reserved, r.safety_stock, r.available, r.damaged)
         self._agree(r.sku, state, now)
 
     def _agree(self, sku: str, state: SkuState, now: float) -> None:
@@ -485,8 +497,9 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def redis_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tuple[int, Any]]:
-    """(version, counts) of each SKU's hash; (0, None) when it has none."""
-    fields = ("version", "on_hand", "reserved", "safety_stock", "available")
+    """(version, counts) of each SKU's hash; (0, None) when it has none. A hash without
+    ``damaged`` (written before it existed) holds 0 of them."""
+    fields = ("version", "on_hand", "reserved", "safety_stock", "available", "damaged")
     pipe = client.pipeline(transaction=False)
     for sku in skus:
         pipe.hmget(cfg.redis_stock_key(sku), fields)
@@ -496,7 +509,7 @@ def redis_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tup
         if nums[0] is None:
             out[sku] = (0, None)
         else:
-            out[sku] = (nums[0], tuple(nums[1:]))
+            out[sku] = (nums[0], (*nums[1:5], 0 if values[5] is None else nums[5]))
     return out
 
 
@@ -516,9 +529,12 @@ def search_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tu
             continue
         out[doc["_id"]] = (
             int(src.get("version", 0)),
-            tuple(
-                _int_or_none(src.get(k))
-                for k in ("on_hand", "reserved", "safety_stock", "available")
+            (
+                *(
+                    _int_or_none(src.get(k))
+                    for k in ("on_hand", "reserved", "safety_stock", "available")
+                ),
+                _int_or_none(src.get("damaged", 0)),  # absent in documents written before it
             ),
         )
     return out

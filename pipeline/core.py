@@ -70,6 +70,9 @@ class Outcome(str, Enum):
     SAFETY_STOCK_SET = "SAFETY_STOCK_SET"
     ALLOCATION_SET = "ALLOCATION_SET"
     LIMIT_EXCEEDED = "LIMIT_EXCEEDED"  # refused: a count or the channel list would overflow
+    DAMAGED_RESTOCKED = "DAMAGED_RESTOCKED"  # damaged units judged sellable: back on hand
+    DAMAGED_WRITTEN_OFF = "DAMAGED_WRITTEN_OFF"  # damaged units removed from stock
+    INSUFFICIENT_DAMAGED = "INSUFFICIENT_DAMAGED"  # refused: fewer damaged units than asked
 
 
 class ReservationStatus(str, Enum):
@@ -118,8 +121,9 @@ class StockRecord:
     allocations (sorted by name); the shared pool is ``available`` minus the
     allocations' free units, and :meth:`available_for` is what one channel can
     reserve. ``damaged`` counts returned units that cannot be sold (never on
-    hand). ``version`` rises by exactly one for every change of the sellable
-    numbers or the allocations.
+    hand) until a ``DamagedStockResolved`` puts them back on hand or writes them
+    off. ``version`` rises by exactly one for every change of the published
+    numbers (:func:`_published`: the sellable ones, ``damaged`` and the allocations).
     """
 
     sku: str
@@ -265,6 +269,29 @@ class ReturnReceived:
     channel: str = "web"
 
 
+class DamagedAction(str, Enum):
+    """What a :class:`DamagedStockResolved` does with the damaged units."""
+
+    RESTOCK = "RESTOCK"  # inspected and sellable after all: damaged -> on_hand
+    WRITE_OFF = "WRITE_OFF"  # scrapped or sent back to the vendor: they leave damaged
+
+
+@dataclass(frozen=True)
+class DamagedStockResolved:
+    """``qty`` damaged (quality-control) units of ``sku`` resolved by ``action``.
+
+    Refused (``INSUFFICIENT_DAMAGED``, nothing changes) when the SKU holds fewer than
+    ``qty`` damaged units. Per SKU today; a location field can narrow it later."""
+
+    event_id: str
+    sku: str
+    qty: int
+    action: DamagedAction
+    occurred_at: int
+    reason: str = ""
+    channel: str = "warehouse"
+
+
 @dataclass(frozen=True)
 class SafetyStockSet:
     event_id: str
@@ -288,7 +315,12 @@ class ChannelAllocationSet:
 
 OrderCommand = ReserveStock | CommitReservation | ReleaseReservation | ExpireReservation
 StockCommand = (
-    RestockReceived | StockCounted | ReturnReceived | SafetyStockSet | ChannelAllocationSet
+    RestockReceived
+    | StockCounted
+    | ReturnReceived
+    | SafetyStockSet
+    | ChannelAllocationSet
+    | DamagedStockResolved
 )
 Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
@@ -313,6 +345,7 @@ class StockChanged:
     occurred_at: int
     processed_at: int
     channels: tuple[ChannelStock, ...] = ()
+    damaged: int = 0
 
 
 @dataclass(frozen=True)
@@ -680,6 +713,30 @@ def _decide_stock(
         new, outcome = _evolve(base, safety_stock=cmd.qty), Outcome.SAFETY_STOCK_SET
     elif isinstance(cmd, ChannelAllocationSet):
         new, outcome = _set_allocation(base, cmd), Outcome.ALLOCATION_SET
+    elif isinstance(cmd, DamagedStockResolved):
+        if cmd.qty > base.damaged:
+            # refused, and final like a rejected reserve: the id is remembered (``base``),
+            # so a re-send is a DUPLICATE and never applies later when units came in since
+            why = f"{cmd.qty} damaged units asked, {base.damaged} held"
+            return Decision(
+                record=base,
+                events=(
+                    CommandApplied(
+                        cmd.event_id,
+                        cmd.sku,
+                        ctype,
+                        Outcome.INSUFFICIENT_DAMAGED,
+                        cmd.channel,
+                        why,
+                    ),
+                ),
+            )
+        new = _evolve(base, damaged=base.damaged - cmd.qty)
+        if cmd.action is DamagedAction.RESTOCK:
+            new, outcome = _evolve(new, on_hand=new.on_hand + cmd.qty), Outcome.DAMAGED_RESTOCKED
+        else:
+            outcome = Outcome.DAMAGED_WRITTEN_OFF
+        reason = cmd.reason
     else:  # pragma: no cover - the Command union is closed
         raise TypeError(f"not a command: {cmd!r}")
     limit = _over_limit(base, new)
@@ -694,7 +751,7 @@ def _decide_stock(
         )
 
     events: list[Event] = []
-    if _sellable(new) != _sellable(record):
+    if _published(new) != _published(record):
         new = _evolve(new, version=record.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=getattr(cmd, "order_id", "")))
     events.extend(extra)
@@ -737,8 +794,9 @@ def _set_allocation(record: StockRecord, cmd: ChannelAllocationSet) -> StockReco
     return _evolve(record, channels=tuple(sorted(others, key=lambda a: a.channel)))
 
 
-def _sellable(r: StockRecord) -> tuple[Any, ...]:
-    return (r.on_hand, r.reserved, r.safety_stock, r.channels)
+def _published(r: StockRecord) -> tuple[Any, ...]:
+    """The numbers a StockChanged publishes: a change of any of them is a new version."""
+    return (r.on_hand, r.reserved, r.safety_stock, r.damaged, r.channels)
 
 
 def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
@@ -756,6 +814,7 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
         occurred_at=cmd.occurred_at,
         processed_at=now,
         channels=channel_stock(new),
+        damaged=new.damaged,
     )
 
 
@@ -770,7 +829,7 @@ def _changed(
     reason: str,
 ) -> Decision:
     events: list[Event] = []
-    if _sellable(new) != _sellable(old):
+    if _published(new) != _published(old):
         new = _evolve(new, version=old.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=cmd.order_id))
     events.append(

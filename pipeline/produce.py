@@ -51,6 +51,7 @@ _TOPIC_OF_TYPE = {
     "SafetyStockSet": "restocks_topic",
     "ChannelAllocationSet": "restocks_topic",
     "ReturnReceived": "returns_topic",
+    "DamagedStockResolved": "returns_topic",
     "PlaceOrder": "checkouts_topic",
     "CommitOrder": "checkouts_topic",
     "CancelOrder": "checkouts_topic",

@@ -25,7 +25,7 @@ changelog and metric labels, so none may make a record larger than the broker ta
 
 ORDER_RECORDS = ("ReserveStock", "CommitReservation", "ReleaseReservation", "ExpireReservation")
 RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet", "ChannelAllocationSet")
-RETURN_RECORDS = ("ReturnReceived",)
+RETURN_RECORDS = ("ReturnReceived", "DamagedStockResolved")
 
 
 class Invalid(ValueError):
@@ -196,6 +196,23 @@ def _return(r: Mapping[str, Any], s: Settings) -> core.Command:
     )
 
 
+def _damaged(r: Mapping[str, Any], s: Settings) -> core.Command:
+    try:
+        action = core.DamagedAction(r["action"])
+    except ValueError:
+        choices = ", ".join(a.value for a in core.DamagedAction)
+        raise Invalid("invalid_action", f"action {r['action']!r} is not one of {choices}") from None
+    return core.DamagedStockResolved(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=False),
+        action,
+        _time(r),
+        reason=r.get("reason") or "",
+        channel=r.get("channel") or "warehouse",
+    )
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "ReserveStock": _reserve,
     "CommitReservation": _commit,
@@ -206,6 +223,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "SafetyStockSet": _safety,
     "ChannelAllocationSet": _allocation,
     "ReturnReceived": _return,
+    "DamagedStockResolved": _damaged,
 }
 
 

@@ -81,6 +81,7 @@ class StoredStock:
             "occurred_at": self.version_at,
             "processed_at": self.version_at,
             "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
+            "damaged": r.damaged,
         }
 
     def latest_change(self) -> dict[str, Any]:
@@ -88,6 +89,10 @@ class StoredStock:
         (with its cause) when this record made it, else :meth:`as_change`."""
         changes = self.effects.get("StockChanged")
         if changes and changes[-1]["version"] == self.record.version:
+            if "damaged" not in changes[-1]:
+                # written before StockChanged carried it: the record's count is the one of
+                # this version (a damaged return changed no version then)
+                return {**changes[-1], "damaged": self.record.damaged}
             return changes[-1]
         return self.as_change()
 
@@ -145,6 +150,7 @@ class StoredStock:
             "reserved": r.reserved,
             "safety_stock": r.safety_stock,
             "available": r.available,
+            "damaged": r.damaged,
             "version": r.version,
             "shared_available": r.shared_available,
             "channels": {

@@ -4,8 +4,9 @@ Layout (all names come from :class:`config.settings.Settings`):
 
 * ``cfg.redis_stock_key(sku)`` (``<prefix>stock:<sku>``) is a hash with the fields
   ``on_hand``, ``reserved``, ``safety_stock``, ``available``, ``in_stock`` (``1``/``0``),
-  ``version``, ``updated_at``, ``occurred_at`` and ``shared_available`` (what a channel
-  without an allocation can reserve), plus, per channel with an allocation,
+  ``version``, ``updated_at``, ``occurred_at``, ``shared_available`` (what a channel
+  without an allocation can reserve) and ``damaged`` (returned units that cannot be
+  sold; 0 for a change published before StockChanged carried it), plus, per channel with an allocation,
   ``channel:<name>:available``, ``channel:<name>:allocated`` and
   ``channel:<name>:reserved``; all are decimal integers, times in
   epoch milliseconds. ``updated_at`` is the Redis server's clock (``TIME``) at the
@@ -49,7 +50,8 @@ SOCKET_TIMEOUT_S = 2.0
 # KEYS[1] = the SKU's hash.
 # ARGV = version, on_hand, reserved, safety_stock, available, in_stock (1/0), occurred_at,
 #        channel, message head (JSON up to and including '"updated_at":'), message tail
-#        (',"occurred_at":N}'), shared_available, then field/value pairs of the channels.
+#        (',"occurred_at":N}'), shared_available, damaged, then field/value pairs of the
+#        channels.
 # Returns {1, now_ms} when applied, {0, now_ms} when the stored version is >= ARGV[1].
 APPLY_SCRIPT = """
 local held = tonumber(redis.call('HGET', KEYS[1], 'version'))
@@ -62,12 +64,13 @@ end
 redis.call('HSET', KEYS[1],
   'on_hand', ARGV[2], 'reserved', ARGV[3], 'safety_stock', ARGV[4],
   'available', ARGV[5], 'in_stock', ARGV[6], 'version', ARGV[1],
-  'updated_at', now, 'occurred_at', ARGV[7], 'shared_available', ARGV[11])
+  'updated_at', now, 'occurred_at', ARGV[7], 'shared_available', ARGV[11],
+  'damaged', ARGV[12])
 -- the channel fields are replaced as a whole: a removed allocation leaves none behind
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(f, 1, 8) == 'channel:' then redis.call('HDEL', KEYS[1], f) end
 end
-for i = 12, #ARGV, 2 do
+for i = 13, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('PUBLISH', ARGV[8], ARGV[9] .. now .. ARGV[10])
@@ -247,6 +250,7 @@ class RedisProjection(Projection):
         channels = change.get("channels") or []
         free = sum(max(0, int(c["allocated"]) - int(c["reserved"])) for c in channels)
         args.append(str(max(0, available - free)))
+        args.append(str(int(change.get("damaged") or 0)))
         for c in channels:
             name = str(c["channel"])
             for field in ("available", "allocated", "reserved"):

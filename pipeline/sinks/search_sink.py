@@ -71,6 +71,7 @@ MAPPING: dict[str, Any] = {
         "on_hand": {"type": "integer"},
         "reserved": {"type": "integer"},
         "safety_stock": {"type": "integer"},
+        "damaged": {"type": "integer"},
         "version": {"type": "long"},
         "updated_at": {"type": "date", "format": "epoch_millis"},
         "occurred_at": {"type": "date", "format": "epoch_millis"},
@@ -180,6 +181,20 @@ class SearchProjection(Projection):
             raise self._from_transport("setup", exc) from exc
         # get_mapping on a name resolves aliases, so take the one entry it returns.
         mappings = next(iter(found.values()), {}).get("mappings", {})
+        missing = _missing_fields(mappings)
+        if missing and str(mappings.get("dynamic")) == "strict":
+            # an index of an earlier version of the sink (e.g. before ``damaged``): a strict
+            # mapping takes new fields in place, so its documents and uuid stay (no replay;
+            # a document gets the field with its SKU's next change or a rebuild)
+            try:
+                await self._client.indices.put_mapping(
+                    index=self._index, body={"properties": missing}
+                )
+                found = await self._client.indices.get_mapping(index=self._index)
+            except _UNAVAILABLE as exc:
+                raise self._from_transport("setup", exc) from exc
+            log.info("search index %r: added fields %s", self._index, sorted(missing))
+            mappings = next(iter(found.values()), {}).get("mappings", {})
         problems = _mapping_problems(mappings)
         if problems:
             raise self._unavailable("setup", "; ".join(problems), SearchRejected)
@@ -320,6 +335,7 @@ class SearchProjection(Projection):
                 "on_hand": int(change["on_hand"]),
                 "reserved": int(change["reserved"]),
                 "safety_stock": int(change["safety_stock"]),
+                "damaged": int(change.get("damaged") or 0),
                 "version": version,
                 "updated_at": now,
                 "occurred_at": int(change["occurred_at"]),
@@ -419,6 +435,12 @@ class SearchProjection(Projection):
         """Close the HTTP session (only when this projection created the client)."""
         if self._owns_client:
             await self._client.close()
+
+
+def _missing_fields(mappings: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of :data:`MAPPING` an existing index's mapping does not have."""
+    have = mappings.get("properties", {})
+    return {f: want for f, want in MAPPING["properties"].items() if f not in have}
 
 
 def _mapping_problems(mappings: Mapping[str, Any]) -> list[str]:

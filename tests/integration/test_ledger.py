@@ -215,8 +215,9 @@ def test_returns_resellable_go_on_hand_damaged_do_not(worker, ns, producer):
     producer.send("ReturnReceived", {"order_id": "r-2", "sku": sku, "qty": 4, "resellable": False})
     producer.send("SafetyStockSet", {"sku": sku, "qty": 1})
     producer.flush()
-    body = wait_stock(worker, sku, version=3)
+    body = wait_stock(worker, sku, version=4)  # a damaged return is a published change too
     assert (body["on_hand"], body["safety_stock"], body["available"]) == (5, 1, 4)
+    assert body["damaged"] == 4
 
 
 def test_count_below_reserved_emits_a_shortfall(worker, ns, producer):

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 
-NUMBERS = ("on_hand", "reserved", "safety_stock", "available", "version", "occurred_at")
+NUMBERS = ("on_hand", "reserved", "safety_stock", "available", "damaged", "version", "occurred_at")
 MESSAGE_FIELDS = {
     "sku",
     "version",
@@ -51,6 +51,7 @@ def change(
     on_hand: int | None = None,
     reserved: int = 0,
     safety_stock: int = 0,
+    damaged: int = 0,
 ) -> dict[str, Any]:
     """A StockChanged record; by default the numbers differ per version."""
     on_hand = 10 * version if on_hand is None else on_hand
@@ -61,6 +62,7 @@ def change(
         "reserved": reserved,
         "safety_stock": safety_stock,
         "available": max(on_hand - reserved - safety_stock, 0),
+        "damaged": damaged,
         "cause_type": "RestockReceived",
         "cause_event_id": f"ev-{sku}-{version}",
         "order_id": "",
@@ -259,7 +261,7 @@ def test_empty_batch_and_unknown_skus(projection: Target) -> None:
 
 def test_record_layout_and_updated_at(projection: Target) -> None:
     sku = 'SKU "quoted" /ü/ 1'
-    c = change(sku, 3, on_hand=9, reserved=2, safety_stock=1)
+    c = change(sku, 3, on_hand=9, reserved=2, safety_stock=1, damaged=4)
     start = int(time.time() * 1000)
     report = projection.apply([c])
     end = int(time.time() * 1000)
@@ -268,12 +270,14 @@ def test_record_layout_and_updated_at(projection: Target) -> None:
     assert raw is not None
     stored = projection.stored(sku)
     if projection.kind == "redis":
-        assert set(raw) == MESSAGE_FIELDS - {"sku"} | {"shared_available"}
+        assert set(raw) == MESSAGE_FIELDS - {"sku"} | {"shared_available", "damaged"}
         assert raw["in_stock"] == "1" and raw["shared_available"] == "6"
+        assert raw["damaged"] == "4"
     else:
         assert set(raw) == set(MAPPING["properties"])
+        assert raw["damaged"] == 4
         assert raw["sku"] == sku and raw["in_stock"] is True
-    assert stored["available"] == 6
+    assert stored["available"] == 6 and stored["damaged"] == 4
     # clocks of a local target: allow a little skew either way
     assert start - 1000 <= stored["updated_at"] <= end + 1000
     assert report.applied_at_ms == stored["updated_at"]
@@ -330,6 +334,35 @@ def test_search_index_mapping_is_strict_single_shard(search_target: Target) -> N
     projection.run(projection.projection.setup())
 
 
+def test_an_index_of_an_earlier_sink_gets_the_new_fields_in_place(search_target: Target) -> None:
+    """An index created before ``damaged`` existed: setup adds the field to its (strict)
+    mapping and keeps the index, its uuid and its documents, so no replay is needed."""
+    projection = search_target
+    assert projection.search is not None
+    index = projection.cfg.search_index + "-old"
+    old = {
+        **MAPPING,
+        "properties": {k: v for k, v in MAPPING["properties"].items() if k != "damaged"},
+    }
+    projection.search.indices.create(index=index, body={"mappings": old})
+    try:
+        projection.search.index(
+            index=index, id="OLD-1", body={"sku": "OLD-1", "available": 2, "version": 1}
+        )
+        uuid_before = projection.search.indices.get(index=index)[index]["settings"]["index"]["uuid"]
+        upgraded = SearchProjection(replace(projection.cfg, search_index=index))
+        projection.run(upgraded.setup())
+        got = projection.search.indices.get(index=index)[index]
+        assert got["mappings"]["properties"]["damaged"] == {"type": "integer"}
+        assert got["settings"]["index"]["uuid"] == uuid_before
+        assert projection.search.get(index=index, id="OLD-1")["found"]
+        projection.run(upgraded.apply([change("OLD-1", 2, on_hand=5, damaged=3)]))
+        assert projection.search.get(index=index, id="OLD-1")["_source"]["damaged"] == 3
+        projection.run(upgraded.close())
+    finally:
+        projection.search.indices.delete(index=index, ignore_unavailable=True)
+
+
 # ---- Redis only ----------------------------------------------------------------
 
 
@@ -370,7 +403,9 @@ def test_redis_publishes_one_message_per_applied_change(redis_target: Target) ->
     for m, c in zip(messages, applied, strict=True):
         assert set(m) == MESSAGE_FIELDS
         assert m["sku"] == c["sku"]
-        assert {k: m[k] for k in (*NUMBERS, "in_stock")} == expected(c)
+        # the live message keeps its fields (the product page's); damaged is in the hash
+        want = {k: v for k, v in expected(c).items() if k != "damaged"}
+        assert {k: m[k] for k in (*NUMBERS, "in_stock") if k != "damaged"} == want
         assert isinstance(m["in_stock"], bool) and isinstance(m["updated_at"], int)
         assert start - 1000 <= m["updated_at"] <= end + 1000
     # the message of a SKU's last change carries the hash's updated_at

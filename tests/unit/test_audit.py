@@ -353,3 +353,15 @@ def test_kafka_failure_exits_3(monkeypatch):
     err = io.StringIO()
     assert audit.main(["A"], out=io.StringIO(), err=err) == 3
     assert "timed out" in err.getvalue()
+
+
+def test_the_table_shows_damaged_units_and_resolutions():
+    recs = records(
+        ("StockChanged", change(1, damaged=4, cause_type="ReturnReceived")),
+        ("StockChanged", change(2, on_hand=13, damaged=1, cause_type="DamagedStockResolved")),
+    )
+    lines = audit.render_table(doc_for(recs)).splitlines()
+    header = lines[1].split()
+    assert header[-1] == "damaged"
+    assert lines[2].split()[-1] == "4" and "ReturnReceived" in lines[2]
+    assert lines[3].split()[-1] == "1" and "DamagedStockResolved" in lines[3]

@@ -27,6 +27,7 @@ def change(version: int, on_hand: int, reserved: int = 0, safety: int = 0, **kw:
         "occurred_at": 1,
         "processed_at": 2,
         "channels": kw.pop("channels", []),
+        "damaged": kw.pop("damaged", 0),
     }
 
 
@@ -79,7 +80,7 @@ def test_counts_and_transitions():
     assert check_counts(
         change(1, 5, 1, channels=[{"channel": "m", "allocated": 2, "reserved": 2, "available": 0}])
     )
-    prev = (10, 2, 0, 8)
+    prev = (10, 2, 0, 8, 0)
     assert check_transition(prev, change(2, 10, 3, cause="ReserveStock")) == []
     assert check_transition(prev, change(2, 15, 2, cause="ReserveStock"))  # units from nowhere
     assert check_transition(prev, change(2, 10, 11, cause="ReserveStock"))  # oversell
@@ -89,6 +90,25 @@ def test_counts_and_transitions():
     assert check_transition(prev, change(2, 10, 2, 1, cause="RestockReceived"))
     assert check_transition(prev, change(2, 10, 2, 3, cause="SafetyStockSet")) == []
     assert check_transition(prev, change(2, 99, 5, cause="SomethingNew")) == []  # not judged
+
+
+def test_damaged_counts_and_transitions():
+    assert check_counts(change(1, 5, damaged=-1))
+    prev = (10, 2, 0, 8, 4)
+    ret = "ReturnReceived"
+    assert check_transition(prev, change(2, 10, 2, damaged=6, cause=ret)) == []  # damaged return
+    assert check_transition(prev, change(2, 12, 2, damaged=4, cause=ret)) == []  # resellable
+    assert check_transition(prev, change(2, 12, 2, damaged=6, cause=ret))  # both at once
+    ok = "DamagedStockResolved"
+    assert check_transition(prev, change(2, 13, 2, damaged=1, cause=ok)) == []  # RESTOCK 3
+    assert check_transition(prev, change(2, 10, 2, damaged=1, cause=ok)) == []  # WRITE_OFF 3
+    assert check_transition(prev, change(2, 14, 2, damaged=1, cause=ok))  # a unit from nowhere
+    assert check_transition(prev, change(2, 10, 2, damaged=5, cause=ok))  # damaged grew
+    assert check_transition(prev, change(2, 10, 3, damaged=1, cause=ok))  # reserved moved
+    # nothing else moves damaged units
+    assert check_transition(prev, change(2, 11, 2, damaged=3, cause="RestockReceived"))
+    assert check_transition(prev, change(2, 10, 3, damaged=0, cause="ReserveStock"))
+    assert check_transition(prev, change(2, 3, 2, damaged=0, cause="StockCounted"))
 
 
 def stored(version: int, on_hand: int, reserved: int = 0) -> StoredStock:
@@ -115,19 +135,19 @@ def test_projection_behind_after_the_grace_and_at_once_for_other_counts():
     a = Auditor(grace_s=10, max_skus=10)  # the history starts at 2 (FROM=LATEST)
     a.observe_change(0, change(2, 10), 0.0)
     a.observe_stock(0, stored(2, 10), 0.0)
-    a.compare_projection("redis", "S", (2, (10, 0, 0, 10)), 0.0)
-    a.compare_projection("search", "S", (2, (10, 0, 0, 9)), 0.0)
+    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0)), 0.0)
+    a.compare_projection("search", "S", (2, (10, 0, 0, 9, 0)), 0.0)
     assert kinds(a) == [("projection_agreement", "counts")]
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10)), 1.0)  # behind: suspected
+    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 1.0)  # behind: suspected
     (sus,) = a.due(11.0)
     sus.snapshot = {}
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10)), 5.0, judged=True)  # not due yet
+    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 5.0, judged=True)  # not due yet
     assert len(a.violations) == 1
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10)), 11.0, judged=True)
+    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 11.0, judged=True)
     assert kinds(a)[1:] == [("projection_agreement", "behind")]
     # a projection that caught up is no violation
     a.compare_projection("redis", "S", (0, None), 20.0)
-    a.compare_projection("redis", "S", (2, (10, 0, 0, 10)), 31.0)
+    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0)), 31.0)
     assert len(a.violations) == 2
 
 
@@ -148,3 +168,17 @@ def test_memory_is_bounded_by_max_skus():
     # forgetting SKUs means a later first sighting is where a chain starts, not a gap
     a.observe_change(0, change(9, 19, sku="SKU-000000"), 0.0)
     assert a.violations == []
+
+
+def test_damaged_units_the_ledger_holds_must_be_published_and_projected():
+    a = Auditor(grace_s=10, max_skus=10, complete={0})
+    a.observe_change(0, change(1, 10, damaged=2), 0.0)
+    a.observe_stock(0, StoredStock(core.StockRecord("S", 10, 0, 0, 3, 1)), 0.0)
+    assert kinds(a) == [("changelog_agreement", "counts")]
+    b = Auditor(grace_s=10, max_skus=10, complete={0})
+    b.observe_change(0, change(1, 10, damaged=3), 0.0)
+    b.observe_stock(0, StoredStock(core.StockRecord("S", 10, 0, 0, 3, 1)), 0.0)
+    b.compare_projection("redis", "S", (1, (10, 0, 0, 10, 3)), 0.0)
+    assert b.violations == []
+    b.compare_projection("search", "S", (1, (10, 0, 0, 10, 0)), 0.0)  # lost the damaged units
+    assert kinds(b) == [("projection_agreement", "counts")]

@@ -52,10 +52,24 @@ def _command(kind: str, sku: str, order: int, qty: int, t: int, n: int) -> tuple
         return RESTOCKS, core.SafetyStockSet(eid, sku, qty % 3, t)
     if kind == "alloc":
         return RESTOCKS, core.ChannelAllocationSet(eid, sku, "store", qty % 4, t)
+    if kind == "resolve":  # a damaged-unit resolution: some refused (qty above damaged)
+        action = core.DamagedAction.RESTOCK if qty % 2 else core.DamagedAction.WRITE_OFF
+        return RETURNS, core.DamagedStockResolved(eid, sku, 1 + qty // 3, action, t)
     return RETURNS, core.ReturnReceived(eid, oid, sku, qty, qty % 2 == 0, t)
 
 
-KINDS = ("reserve", "commit", "release", "expire", "restock", "count", "safety", "alloc", "return")
+KINDS = (
+    "reserve",
+    "commit",
+    "release",
+    "expire",
+    "restock",
+    "count",
+    "safety",
+    "alloc",
+    "return",
+    "resolve",
+)
 
 steps = st.lists(
     st.tuples(

@@ -137,6 +137,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "occurred_at": T,
         "channel": "web",
     },
+    "DamagedStockResolved": {
+        "event_id": "e8a",
+        "sku": "SKU-1",
+        "qty": 1,
+        "action": "WRITE_OFF",
+        "reason": "crushed box",
+        "occurred_at": T,
+        "channel": "warehouse",
+    },
     "StockChanged": {
         "sku": "SKU-1",
         "version": 7,
@@ -159,6 +168,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
                 "use_shared": False,
             }
         ],
+        "damaged": 3,
     },
     "ReservationResult": {
         "event_id": "e1",
@@ -346,6 +356,15 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("occurred_at", L, NO_DEFAULT),
         ("channel", S, "web"),
     ],
+    "DamagedStockResolved": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("qty", INT, NO_DEFAULT),
+        ("action", S, NO_DEFAULT),
+        ("reason", S, ""),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "warehouse"),
+    ],
     "StockChanged": [
         ("sku", S, NO_DEFAULT),
         ("version", L, NO_DEFAULT),
@@ -360,6 +379,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("occurred_at", L, NO_DEFAULT),
         ("processed_at", L, NO_DEFAULT),
         ("channels", CHANNEL_STOCK, []),
+        ("damaged", INT, 0),
     ],
     "ReservationResult": [
         ("event_id", S, NO_DEFAULT),

@@ -219,11 +219,73 @@ def test_resellable_return_goes_back_on_hand():
     assert changes_of(d)[0].order_id == "o9"
 
 
-def test_damaged_return_is_counted_not_sold():
+def test_damaged_return_is_counted_not_sold_and_published():
     rec = stocked(10)
     d = core.decide(rec, core.ReturnReceived("t1", "o9", "A", 2, False, T0), T0)
     assert (d.record.on_hand, d.record.damaged) == (10, 2)
-    assert d.record.version == rec.version and d.outcome is Outcome.RETURN_DAMAGED
+    assert d.record.available == 10  # never sellable
+    assert d.record.version == rec.version + 1 and d.outcome is Outcome.RETURN_DAMAGED
+    (change,) = changes_of(d)
+    assert (change.damaged, change.on_hand, change.available, change.version) == (2, 10, 10, 2)
+    assert change.order_id == "o9" and change.cause_type == "ReturnReceived"
+
+
+def damaged(n: int = 5, on_hand: int = 10) -> core.StockRecord:
+    """A SKU with ``on_hand`` sellable and ``n`` damaged units."""
+    return core.decide(
+        stocked(on_hand), core.ReturnReceived("d0", "o0", "A", n, False, T0), T0
+    ).record
+
+
+def resolve(qty: int, action: str, eid: str = "q1") -> core.DamagedStockResolved:
+    return core.DamagedStockResolved(eid, "A", qty, core.DamagedAction(action), T0, reason="qc")
+
+
+def test_restocking_damaged_units_makes_them_sellable():
+    rec = damaged(5)
+    d = core.decide(rec, resolve(3, "RESTOCK"), T0 + 1)
+    assert (d.record.on_hand, d.record.damaged, d.record.available) == (13, 2, 13)
+    assert d.outcome is Outcome.DAMAGED_RESTOCKED and d.record.version == rec.version + 1
+    (change,) = changes_of(d)
+    assert (change.on_hand, change.damaged, change.cause_type) == (13, 2, "DamagedStockResolved")
+    applied = d.events[-1]
+    assert isinstance(applied, core.CommandApplied) and applied.reason == "qc"
+
+
+def test_writing_off_damaged_units_removes_them_and_leaves_on_hand():
+    rec = damaged(5)
+    d = core.decide(rec, resolve(5, "WRITE_OFF"), T0)
+    assert (d.record.on_hand, d.record.damaged) == (10, 0)
+    assert d.outcome is Outcome.DAMAGED_WRITTEN_OFF and d.record.version == rec.version + 1
+    assert changes_of(d)[0].damaged == 0
+
+
+def test_resolving_more_than_damaged_is_refused_and_stays_refused():
+    rec = damaged(2)
+    d = core.decide(rec, resolve(3, "RESTOCK"), T0)
+    assert d.outcome is Outcome.INSUFFICIENT_DAMAGED and changes_of(d) == []
+    assert (d.record.on_hand, d.record.damaged, d.record.version) == (10, 2, rec.version)
+    assert "3 damaged units asked, 2 held" in d.events[-1].reason
+    # more damaged units arrive; the refused command sent again is a duplicate, not applied
+    more = core.decide(d.record, core.ReturnReceived("d1", "o1", "A", 5, False, T0), T0).record
+    again = core.decide(more, resolve(3, "RESTOCK"), T0)
+    assert again.outcome is Outcome.DUPLICATE and again.record == more
+    # a SKU never seen has no damaged units
+    assert core.decide(None, resolve(1, "WRITE_OFF"), T0).outcome is Outcome.INSUFFICIENT_DAMAGED
+
+
+def test_a_resolve_redelivered_is_applied_once():
+    first = core.decide(damaged(5), resolve(2, "WRITE_OFF", eid="w"), T0)
+    second = core.decide(first.record, resolve(2, "WRITE_OFF", eid="w"), T0)
+    assert second.outcome is Outcome.DUPLICATE and second.record == first.record
+    stored = core.decide(damaged(5), resolve(2, "WRITE_OFF", eid="w"), T0, applied_before=True)
+    assert stored.outcome is Outcome.DUPLICATE and stored.record.damaged == 5
+
+
+def test_restocking_damaged_units_past_the_count_limit_is_refused():
+    rec = core.StockRecord("A", on_hand=core.MAX_COUNT, damaged=1, version=3)
+    d = core.decide(rec, resolve(1, "RESTOCK"), T0)
+    assert d.outcome is Outcome.LIMIT_EXCEEDED and d.record == rec
 
 
 def test_versions_rise_by_exactly_one_per_change():

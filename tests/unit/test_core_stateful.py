@@ -1,7 +1,8 @@
 """The core against a deliberately simple model, over random command sequences.
 
 Hypothesis drives reserves, commits, releases, expiries (by moving the clock),
-restocks, counts, returns, safety stock and re-sends of earlier commands, and
+restocks, counts, returns (resellable or damaged), damaged units put back on hand
+or written off, safety stock and re-sends of earlier commands, and
 checks after every step that the core agrees with the model and that the
 invariants of DESIGN.md s.4 hold.
 """
@@ -35,6 +36,11 @@ class Model:
     returned: int = 0
     committed: int = 0
     shortfall_seen: bool = False
+    damaged: int = 0
+    damaged_in: int = 0  # units returned not resellable (never reset: a count is of on_hand)
+    damaged_restocked: int = 0  # of them, put back on hand since the last count
+    damaged_restocked_total: int = 0
+    written_off: int = 0
 
     @property
     def available(self) -> int:
@@ -71,16 +77,18 @@ class LedgerMachine(RuleBasedStateMachine):
         for e in d.events:
             if isinstance(e, core.StockChanged):
                 self.versions.append(e.version)
-                assert (e.on_hand, e.reserved, e.available) == (
+                assert (e.on_hand, e.reserved, e.available, e.damaged) == (
                     d.record.on_hand,
                     d.record.reserved,
                     d.record.available,
+                    d.record.damaged,
                 )
         if before is not None and d.record.version == before.version:
-            assert (before.on_hand, before.reserved, before.safety_stock) == (
+            assert (before.on_hand, before.reserved, before.safety_stock, before.damaged) == (
                 d.record.on_hand,
                 d.record.reserved,
                 d.record.safety_stock,
+                d.record.damaged,
             )
         self.sent.append(cmd)
         return d
@@ -107,7 +115,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert d.outcome is Outcome.SHORTFALL
         self.model.on_hand = on_hand
         self.model.baseline, self.model.restocked = on_hand, 0
-        self.model.returned = self.model.committed = 0
+        self.model.returned = self.model.committed = self.model.damaged_restocked = 0
 
     @rule(qty=st.integers(1, 5), resellable=st.booleans())
     def return_units(self, qty: int, resellable: bool) -> None:
@@ -115,7 +123,28 @@ class LedgerMachine(RuleBasedStateMachine):
         if resellable:
             self.model.on_hand += qty
             self.model.returned += qty
-            self.model.changes += 1
+        else:
+            self.model.damaged += qty
+            self.model.damaged_in += qty
+        self.model.changes += 1  # either is published (damaged is in StockChanged)
+
+    @rule(qty=st.integers(1, 6), restock=st.booleans())
+    def resolve_damaged(self, qty: int, restock: bool) -> None:
+        action = core.DamagedAction.RESTOCK if restock else core.DamagedAction.WRITE_OFF
+        d = self._apply(core.DamagedStockResolved(self._eid(), "A", qty, action, self.now))
+        if qty > self.model.damaged:
+            assert d.outcome is Outcome.INSUFFICIENT_DAMAGED
+            return
+        self.model.damaged -= qty
+        self.model.changes += 1
+        if restock:
+            assert d.outcome is Outcome.DAMAGED_RESTOCKED
+            self.model.on_hand += qty
+            self.model.damaged_restocked += qty
+            self.model.damaged_restocked_total += qty
+        else:
+            assert d.outcome is Outcome.DAMAGED_WRITTEN_OFF
+            self.model.written_off += qty
 
     @rule(qty=st.integers(0, 5))
     def safety(self, qty: int) -> None:
@@ -194,6 +223,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if isinstance(cmd, core.ExpireReservation):
             return  # an expiry re-sent later may legitimately expire a reservation: covered above
         assert d.record.on_hand == before.on_hand and d.record.reserved == before.reserved
+        assert d.record.damaged == before.damaged
         assert d.record.version == before.version
         r = self._result(d)
         if r is not None and isinstance(cmd, core.ReserveStock):
@@ -205,11 +235,12 @@ class LedgerMachine(RuleBasedStateMachine):
         if self.record is None:
             return
         m = self.model
-        assert (self.record.on_hand, self.record.reserved, self.record.safety_stock) == (
-            m.on_hand,
-            m.reserved,
-            m.safety,
-        )
+        assert (
+            self.record.on_hand,
+            self.record.reserved,
+            self.record.safety_stock,
+            self.record.damaged,
+        ) == (m.on_hand, m.reserved, m.safety, m.damaged)
         assert self.record.version == m.changes
 
     @invariant()
@@ -221,7 +252,12 @@ class LedgerMachine(RuleBasedStateMachine):
     def conservation(self) -> None:
         if self.record is not None:
             m = self.model
-            assert self.record.on_hand == m.baseline + m.restocked + m.returned - m.committed
+            assert self.record.on_hand == (
+                m.baseline + m.restocked + m.returned + m.damaged_restocked - m.committed
+            )
+            # every damaged unit is still damaged, back on hand or written off
+            assert self.record.damaged == m.damaged_in - m.damaged_restocked_total - m.written_off
+            assert self.record.damaged >= 0
 
     @invariant()
     def versions_are_gapless(self) -> None:

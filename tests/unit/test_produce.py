@@ -79,6 +79,7 @@ def test_each_input_type_goes_to_its_topic() -> None:
         "SafetyStockSet": "t.restocks",
         "ChannelAllocationSet": "t.restocks",
         "ReturnReceived": "t.returns",
+        "DamagedStockResolved": "t.returns",
         "PlaceOrder": "t.checkouts",
         "CommitOrder": "t.checkouts",
         "CancelOrder": "t.checkouts",

@@ -153,3 +153,16 @@ def test_an_aborted_rebuild_keeps_the_old_set():
 
 
 COMMITTED = core.ReservationStatus.COMMITTED
+
+
+def test_damaged_units_are_in_the_view_the_rebuild_and_the_sinks_change():
+    rec = core.StockRecord("D", on_hand=4, damaged=3, version=2)
+    old_effect = {"sku": "D", "version": 2, "on_hand": 4, "cause_type": "ReturnReceived"}
+    stored = StoredStock(rec, effects={"StockChanged": [old_effect]})
+    assert stored.view()["damaged"] == 3
+    assert stored.as_change()["damaged"] == 3
+    # an effect written before StockChanged carried damaged: the record's count fills it
+    assert stored.latest_change()["damaged"] == 3
+    assert StoredStock.from_bytes(stored.to_bytes()).record.damaged == 3
+    new_effect = {**old_effect, "damaged": 3}
+    assert StoredStock(rec, effects={"StockChanged": [new_effect]}).latest_change() == new_effect

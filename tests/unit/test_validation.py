@@ -97,3 +97,42 @@ def test_zero_is_a_valid_count_and_safety_stock():
         S,
     )
     assert count.on_hand == 0 and safety.qty == 0
+
+
+def resolve(**over):
+    return {
+        "event_id": "e",
+        "sku": "A",
+        "qty": 2,
+        "action": "RESTOCK",
+        "reason": "passed inspection",
+        "occurred_at": T0,
+        "channel": "warehouse",
+        **over,
+    }
+
+
+def test_a_damaged_stock_resolution_is_read_from_the_returns_topic():
+    cmd = to_command(S.returns_topic, b"A", "DamagedStockResolved", resolve(), S)
+    assert cmd == core.DamagedStockResolved(
+        "e", "A", 2, core.DamagedAction.RESTOCK, T0, "passed inspection", "warehouse"
+    )
+    off = to_command(S.returns_topic, b"A", "DamagedStockResolved", resolve(action="WRITE_OFF"), S)
+    assert off.action is core.DamagedAction.WRITE_OFF
+
+
+@pytest.mark.parametrize(
+    ("topic", "rec", "expected"),
+    [
+        (S.restocks_topic, resolve(), "wrong_topic"),
+        (S.returns_topic, resolve(qty=0), "qty_not_positive"),
+        (S.returns_topic, resolve(qty=-1), "qty_not_positive"),
+        (S.returns_topic, resolve(qty=101), "qty_too_large"),
+        (S.returns_topic, resolve(action="SELL"), "invalid_action"),
+        (S.returns_topic, resolve(action=""), "invalid_action"),
+        (S.returns_topic, resolve(event_id=""), "missing_event_id"),
+        (S.returns_topic, resolve(reason="x" * 257), "text_too_long"),
+    ],
+)
+def test_bad_damaged_stock_resolutions_are_dead_lettered(topic, rec, expected):
+    assert reason(topic, b"A", "DamagedStockResolved", rec) == expected
