@@ -913,7 +913,7 @@ class Counters:
 
     def __init__(self, channels: tuple[str, ...] = Settings.metric_channels) -> None:
         self._commands: dict[tuple[str, str, str], Any] = {}
-        self._rejections: dict[str, Any] = {}
+        self._rejections: dict[tuple[str, bool], Any] = {}
         self._channel_units: dict[tuple[str, str], Any] = {}
         self._known = frozenset(channels)
 
@@ -945,9 +945,11 @@ class Counters:
                     child = self._commands[label] = metrics.COMMANDS.labels(*label)
                 child.inc()
                 if e.outcome is core.Outcome.REJECTED:
-                    rej = self._rejections.get(channel)
+                    capped = e.reason == core.CUSTOMER_LIMIT_REASON
+                    rej = self._rejections.get((channel, capped))
                     if rej is None:
-                        rej = self._rejections[channel] = metrics.REJECTIONS.labels(channel)
+                        family = metrics.CUSTOMER_LIMIT_REJECTIONS if capped else metrics.REJECTIONS
+                        rej = self._rejections[(channel, capped)] = family.labels(channel)
                     rej.inc()
                 elif e.outcome is core.Outcome.SHORTFALL:
                     metrics.SHORTFALLS.inc()

@@ -584,11 +584,14 @@ def _progress(old: Saga | None, new: Saga) -> SagaDecision:
 
 def _reason(saga: Saga) -> str:
     if saga.status is OrderStatus.REJECTED:
-        failed = [
-            f"{x.sku} (wanted {x.qty}, available {x.available})"
-            for x in saga.lines
-            if x.state is LineState.REJECTED
-        ]
+        rejected = [x for x in saga.lines if x.state is LineState.REJECTED]
+        capped = [x for x in rejected if x.reason == core.CUSTOMER_LIMIT_REASON]
+        failed = [f"{x.sku} (wanted {x.qty}, available {x.available})" for x in rejected]
+        if capped:
+            # a per-customer cap refused a line: ``available`` is the customer's allowance
+            return "customer_limit: " + ", ".join(
+                f"{x.sku} (wanted {x.qty}, allowance {x.available})" for x in capped
+            )
         return "insufficient stock: " + ", ".join(failed)
     if saga.status is OrderStatus.COMMIT_FAILED:
         failed = [f"{x.sku}: {x.reason}" for x in saga.lines if x.state is not LineState.COMMITTED]
