@@ -295,12 +295,6 @@ class StoredUsage:
             return None
         return core.CustomerUsage(self.sale_id, self.customer_id, int(found["units"]))
 
-    def updated(
-        self, usage: core.CustomerUsage, topic: str, offset: int, stock: StoredStock | None
-    ) -> StoredUsage:
-        current: Any = {"units": usage.units, "topic": topic, "offset": offset}
-        return StoredUsage(usage.sale_id, usage.customer_id, current, self._valid(stock))
-
     @classmethod
     def new(cls, usage: core.CustomerUsage, topic: str, offset: int) -> StoredUsage:
         current: Any = {"units": usage.units, "topic": topic, "offset": offset}
