@@ -77,6 +77,7 @@ from tables.stock import (
     OpenReservations,
     StoredReservation,
     StoredStock,
+    StoredUsage,
     stock_key,
 )
 
@@ -155,6 +156,7 @@ class PartitionLedger:
         self.pending: dict[str, tuple[int, StoredStock]] = {}
         self.pending_res: dict[bytes, tuple[int, StoredReservation]] = {}
         self.pending_ev: dict[bytes, tuple[int, int]] = {}  # event key -> (batch, at)
+        self.pending_use: dict[bytes, tuple[int, StoredUsage]] = {}  # per-customer usages
         self._seq = 0
         self.expected: dict[str, int] = {}  # input topic -> next offset to apply
         self.rewinding: dict[str, float] = {}  # input topic -> when a re-read was asked
@@ -407,6 +409,7 @@ class PartitionLedger:
             self.pending.clear()
             self.pending_res.clear()
             self.pending_ev.clear()
+            self.pending_use.clear()
             self._idle.set()
 
     async def _prepare(self, chunks: list[Chunk]) -> Prepared | None:
@@ -478,6 +481,7 @@ class PartitionLedger:
             max_commands_per_sku=cfg.ledger_batch_max,
             load_event=self._load_event if cfg.event_id_retention_ms > 0 else None,
             event_retention_ms=cfg.event_id_retention_ms,
+            load_usage=self._load_usage,
         )
         assert result.applied == len(inputs), "batches are cut to the per-SKU cap"
         outs, held = self._changelog_records(result)
@@ -522,6 +526,8 @@ class PartitionLedger:
             self.pending_res[key] = (seq, res)
         for key, at in prepared.result.events.items():
             self.pending_ev[key] = (seq, at)
+        for key, use in prepared.result.usages.items():
+            self.pending_use[key] = (seq, use)
 
     async def _finish(self, prepared: Prepared, seq: int) -> None:
         """Commit the batch's transaction, then write local state and count."""
@@ -535,6 +541,8 @@ class PartitionLedger:
             del self.pending_res[key]
         for key in [k for k, (s, _) in self.pending_ev.items() if s == seq]:
             del self.pending_ev[key]
+        for key in [k for k, (s, _) in self.pending_use.items() if s == seq]:
+            del self.pending_use[key]
         self._last_progress = time.monotonic()
         self._count(prepared.result, prepared.inputs, prepared.now)
         self.engine.on_committed(self.partition, prepared.moved)
@@ -731,6 +739,11 @@ class PartitionLedger:
             Out(self.reservations, self.partition, key, value)
             for key, value in zip(result.reservations, held, strict=True)
         ]
+        # per-customer usages go with the reservations (and are stored locally like them)
+        outs.extend(
+            Out(self.reservations, self.partition, key, value.to_bytes())
+            for key, value in result.usages.items()
+        )
         outs.extend(
             Out(self.changelog, self.partition, key, value.to_bytes())
             for key, value in batch.stock_writes(result)
@@ -760,6 +773,7 @@ class PartitionLedger:
                     last[topic] = off
         puts: list[tuple[bytes, bytes]] = list(zip(result.reservations, held, strict=True))
         puts.extend(prepared.events)
+        puts.extend((key, value.to_bytes()) for key, value in result.usages.items())
         puts.append((POSITIONS_KEY, orjson.dumps(prepared.positions)))
         for key, stored in batch.stock_writes(result):
             slim = StoredStock(stored.record, stored.watermarks, {}, stored.version_at)
@@ -838,6 +852,13 @@ class PartitionLedger:
             metrics.RESERVATIONS_PRUNED.inc(len(keys))
         return keys
 
+    def _load_usage(self, key: bytes) -> StoredUsage | None:
+        held = self.pending_use.get(key)
+        if held is not None:
+            return held[1]
+        raw = self.store.get(key)
+        return StoredUsage.from_bytes(raw) if raw is not None else None
+
     def _load_reservation(self, key: bytes) -> StoredReservation | None:
         held = self.pending_res.get(key)
         if held is not None:
@@ -898,7 +919,7 @@ class Counters:
 
     def __init__(self, channels: tuple[str, ...] = Settings.metric_channels) -> None:
         self._commands: dict[tuple[str, str, str], Any] = {}
-        self._rejections: dict[str, Any] = {}
+        self._rejections: dict[tuple[str, bool], Any] = {}
         self._channel_units: dict[tuple[str, str], Any] = {}
         self._known = frozenset(channels)
 
@@ -930,9 +951,11 @@ class Counters:
                     child = self._commands[label] = metrics.COMMANDS.labels(*label)
                 child.inc()
                 if e.outcome is core.Outcome.REJECTED:
-                    rej = self._rejections.get(channel)
+                    capped = e.reason == core.CUSTOMER_LIMIT_REASON
+                    rej = self._rejections.get((channel, capped))
                     if rej is None:
-                        rej = self._rejections[channel] = metrics.REJECTIONS.labels(channel)
+                        family = metrics.CUSTOMER_LIMIT_REJECTIONS if capped else metrics.REJECTIONS
+                        rej = self._rejections[(channel, capped)] = family.labels(channel)
                     rej.inc()
                 elif e.outcome is core.Outcome.SHORTFALL:
                     metrics.SHORTFALLS.inc()

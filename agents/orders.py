@@ -144,6 +144,7 @@ def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
             "ttl_ms": cmd.ttl_ms,
             "occurred_at": cmd.occurred_at,
             "allow_partial": False,
+            "customer_id": cmd.customer_id,
         }
     if isinstance(cmd, core.CommitReservation):
         return "CommitReservation", {

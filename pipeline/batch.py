@@ -9,7 +9,9 @@ in input order) to the stored state, exactly as applying them one at a time with
   the batch) and *the batch's effects* for that SKU (every StockChanged, in
   version order, every ReservationResult, shortfall and low-stock crossing);
 * one :class:`tables.stock.StoredReservation` per (SKU, order) the batch
-  changed, in its final state.
+  changed, in its final state;
+* one :class:`tables.stock.StoredUsage` per (SKU, sale, customer) whose usage
+  under a per-customer cap the batch changed, in its final state.
 
 The engine writes all of them in one Kafka transaction, so a crash leaves
 either the whole batch in the changelog or none of it; the watermark rule
@@ -30,10 +32,12 @@ from pipeline import core
 from tables.stock import (
     StoredReservation,
     StoredStock,
+    StoredUsage,
     effect_of,
     event_key,
     reservation_key,
     stock_key,
+    usage_key,
 )
 
 # a SKU record carries every effect of the batch for that SKU; this bounds its size
@@ -76,6 +80,7 @@ class BatchResult:
     applied: int  # inputs consumed, a prefix of the batch (the rest waits for the next one)
     # event key -> when: the stock commands this batch applied (kept for the retention)
     events: dict[bytes, int] = field(default_factory=dict)
+    usages: dict[bytes, StoredUsage] = field(default_factory=dict)
 
     @property
     def changed(self) -> bool:
@@ -85,6 +90,11 @@ class BatchResult:
 StockLoader = Callable[[str], StoredStock | None]
 ReservationLoader = Callable[[bytes], StoredReservation | None]
 EventLoader = Callable[[bytes], int | None]  # event key -> when it was applied, or None
+UsageLoader = Callable[[bytes], StoredUsage | None]
+
+
+def _no_usage(key: bytes) -> StoredUsage | None:
+    return None
 
 
 def fold(
@@ -98,6 +108,7 @@ def fold(
     max_commands_per_sku: int = DEFAULT_MAX_COMMANDS_PER_SKU,
     load_event: EventLoader | None = None,
     event_retention_ms: int = 0,
+    load_usage: UsageLoader = _no_usage,
 ) -> BatchResult:
     """Apply ``inputs`` in order; see the module docstring.
 
@@ -112,6 +123,7 @@ def fold(
     """
     skus: dict[str, _Sku] = {}
     holds: dict[bytes, tuple[core.Reservation, str, int]] = {}  # key -> (res, topic, offset)
+    uses: dict[bytes, tuple[core.CustomerUsage, str, int]] = {}  # the same for usages
     decisions: list[core.Decision | None] = []
     events: dict[bytes, int] = {}
     applied = 0
@@ -142,6 +154,18 @@ def fold(
                 stored_res = load_reservation(rkey)
                 if stored_res is not None:
                     reservation = stored_res.valid(sku.stored)
+        usage = None
+        ukey = b""
+        wanted = core.usage_key(sku.record, cmd, reservation) if rkey else None
+        if wanted is not None:
+            ukey = usage_key(cmd.sku, *wanted)
+            held_use = uses.get(ukey)
+            if held_use is not None:
+                usage = held_use[0]
+            else:
+                stored_use = load_usage(ukey)
+                if stored_use is not None:
+                    usage = stored_use.valid(sku.stored)
         ekey = b""
         before_at: int | None = None
         if load_event is not None and not rkey:
@@ -157,6 +181,7 @@ def fold(
             dedupe_window=dedupe_window,
             low_stock_threshold=low_stock_threshold,
             applied_before=before_at is not None and now - before_at <= event_retention_ms,
+            usage=usage,
         )
         decisions.append(decision)
         if ekey and decision.outcome not in _NOT_APPLIED:
@@ -169,6 +194,8 @@ def fold(
         sku.commands += 1
         if decision.reservation is not None:
             holds[rkey] = (decision.reservation, inp.topic, inp.offset)
+        if decision.usage is not None:
+            uses[ukey] = (decision.usage, inp.topic, inp.offset)
         for event in decision.events:
             named = effect_of(event)
             if named is None:
@@ -186,7 +213,10 @@ def fold(
         key: StoredReservation.new(res, topic, offset)
         for key, (res, topic, offset) in holds.items()
     }
-    return BatchResult(stocks, reservations, decisions, applied, events)
+    usages = {
+        key: StoredUsage.new(use, topic, offset) for key, (use, topic, offset) in uses.items()
+    }
+    return BatchResult(stocks, reservations, decisions, applied, events, usages)
 
 
 def stock_writes(result: BatchResult) -> list[tuple[bytes, StoredStock]]:

@@ -30,6 +30,8 @@ from enum import Enum
 from typing import Any, TypeVar
 
 DEFAULT_DEDUPE_WINDOW = 256
+CUSTOMER_LIMIT_REASON = "customer_limit"
+"""The reason of a ReserveStock refused by the SKU's per-customer cap (CustomerLimitSet)."""
 MAX_COUNT = 2**31 - 1
 """The largest on_hand, damaged or allocation a SKU may hold: StockChanged's counts are
 Avro ints (32-bit). A command that would pass it is refused (``LIMIT_EXCEEDED``)."""
@@ -73,6 +75,7 @@ class Outcome(str, Enum):
     DAMAGED_RESTOCKED = "DAMAGED_RESTOCKED"  # damaged units judged sellable: back on hand
     DAMAGED_WRITTEN_OFF = "DAMAGED_WRITTEN_OFF"  # damaged units removed from stock
     INSUFFICIENT_DAMAGED = "INSUFFICIENT_DAMAGED"  # refused: fewer damaged units than asked
+    CUSTOMER_LIMIT_SET = "CUSTOMER_LIMIT_SET"
 
 
 class ReservationStatus(str, Enum):
@@ -134,6 +137,8 @@ class StockRecord:
     version: int = 0
     recent_event_ids: tuple[str, ...] = ()
     channels: tuple[ChannelAllocation, ...] = ()
+    customer_limit: int = 0  # units one customer may hold + buy in the current sale (0 = none)
+    sale_id: str = ""  # the current sale ("" = the SKU's standing limit); see CustomerLimitSet
 
     @property
     def available(self) -> int:
@@ -189,6 +194,9 @@ class Reservation:
     available_at_decision: int = 0
     closed_by: str = ""  # event_id of the command that closed it: its retry gets the same answer
     from_allocation: int = 0  # of ``qty``, units taken from the channel's allocation
+    customer_id: str = ""
+    counted: bool = False  # ``qty`` counts against (sku, sale_id, customer_id)'s usage
+    sale_id: str = ""  # the sale it was counted in (when ``counted``)
 
     def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
@@ -208,6 +216,7 @@ class ReserveStock:
     channel: str = "web"
     ttl_ms: int = 15 * 60 * 1000
     allow_partial: bool = False
+    customer_id: str = ""  # "" = not capped by a per-customer limit
 
 
 @dataclass(frozen=True)
@@ -313,6 +322,30 @@ class ChannelAllocationSet:
     use_shared: bool = False
 
 
+@dataclass(frozen=True)
+class CustomerLimitSet:
+    """Caps the units one customer may hold (RESERVED) plus buy (COMMITTED) of ``sku``
+    in sale ``sale_id`` ("" = the SKU's standing limit); ``max_units`` 0 = no cap.
+    A ``sale_id`` other than the current one starts a new sale: the counts of the
+    previous sale no longer apply."""
+
+    event_id: str
+    sku: str
+    max_units: int
+    occurred_at: int
+    sale_id: str = ""
+    channel: str = "erp"
+
+
+@dataclass(frozen=True)
+class CustomerUsage:
+    """Units of one SKU one customer holds plus bought in one sale (its own table key)."""
+
+    sale_id: str
+    customer_id: str
+    units: int = 0
+
+
 OrderCommand = ReserveStock | CommitReservation | ReleaseReservation | ExpireReservation
 StockCommand = (
     RestockReceived
@@ -321,6 +354,7 @@ StockCommand = (
     | SafetyStockSet
     | ChannelAllocationSet
     | DamagedStockResolved
+    | CustomerLimitSet
 )
 Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
@@ -422,6 +456,7 @@ class Decision:
     record: StockRecord
     events: tuple[Event, ...]
     reservation: Reservation | None = None  # the order's reservation to store, if it changed
+    usage: CustomerUsage | None = None  # the customer's usage to store, if it changed
 
     @property
     def outcome(self) -> Outcome:
@@ -452,6 +487,7 @@ def decide(
     dedupe_window: int = DEFAULT_DEDUPE_WINDOW,
     low_stock_threshold: int = -1,
     applied_before: bool = False,
+    usage: CustomerUsage | None = None,
 ) -> Decision:
     """Apply one command to one SKU's state.
 
@@ -462,6 +498,8 @@ def decide(
     when not None) and publishes the events. ``applied_before`` says that the caller's
     store of applied event ids (kept longer than the record's window of the last
     ``dedupe_window`` ids) holds this stock command's event id: it is a duplicate.
+    ``usage`` is the stored :class:`CustomerUsage` of the key :func:`usage_key` names
+    for this command (None when there is none yet; ignored when it names none).
     """
     if record is None:
         record = StockRecord(sku=command.sku)
@@ -470,10 +508,39 @@ def decide(
     if isinstance(command, ORDER_COMMANDS):
         if reservation is not None and reservation.order_id != command.order_id:
             raise ValueError("reservation of another order passed to decide()")
-        decision = _decide_order(record, command, now, reservation)
+        wanted = usage_key(record, command, reservation)
+        if wanted is None:
+            usage = None
+        elif usage is None:
+            usage = CustomerUsage(*wanted)
+        elif (usage.sale_id, usage.customer_id) != wanted:
+            raise ValueError("usage of another customer or sale passed to decide()")
+        decision = _decide_order(record, command, now, reservation, usage)
     else:
         decision = _decide_stock(record, command, now, dedupe_window, applied_before)
     return _with_low_stock(record, decision, command, low_stock_threshold)
+
+
+def usage_key(
+    record: StockRecord | None, command: Command, reservation: Reservation | None
+) -> tuple[str, str] | None:
+    """(sale_id, customer_id) of the per-customer usage ``command`` reads or changes,
+    None when it touches none: a first ReserveStock with a customer on a SKU with a
+    cap counts in the current sale; a command that may close an open counted
+    reservation gives its units back to the sale it was counted in."""
+    if isinstance(command, ReserveStock):
+        if (
+            reservation is None
+            and command.customer_id
+            and record is not None
+            and record.customer_limit > 0
+        ):
+            return (record.sale_id, command.customer_id)
+        return None
+    if isinstance(command, ORDER_COMMANDS) and reservation is not None:
+        if reservation.counted and reservation.status.is_open:
+            return (reservation.sale_id, reservation.customer_id)
+    return None
 
 
 def _with_low_stock(
@@ -500,6 +567,7 @@ def _decide_order(
     cmd: OrderCommand,
     now: int,
     res: Reservation | None,
+    usage: CustomerUsage | None = None,
 ) -> Decision:
     ctype = type(cmd).__name__
     if isinstance(cmd, ReserveStock):
@@ -515,10 +583,12 @@ def _decide_order(
                 duplicate=True,
             )
         avail = record.available_for(cmd.channel)
+        # the customer's allowance in the current sale (usage is None: not capped)
+        allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
         qty = cmd.qty
-        if avail < qty and cmd.allow_partial and avail > 0:
-            qty = avail
-        if avail >= qty:
+        if cmd.allow_partial and min(avail, allowance) < qty:
+            qty = min(avail, allowance)
+        if 0 < qty <= min(avail, allowance):
             alloc = record.allocation(cmd.channel)
             from_alloc = min(qty, alloc.free) if alloc is not None else 0
             new = _evolve(record, reserved=record.reserved + qty).with_allocation(
@@ -536,9 +606,21 @@ def _decide_order(
                 reason="partial" if qty < cmd.qty else "",
                 available_at_decision=new.available_for(cmd.channel),
                 from_allocation=from_alloc,
+                customer_id=cmd.customer_id,
+                counted=usage is not None,
+                sale_id=usage.sale_id if usage is not None else "",
             )
-            return _changed(record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason)
-        why = _refusal(record, cmd.channel, cmd.qty)
+            used = _evolve(usage, units=usage.units + qty) if usage is not None else None
+            return _changed(
+                record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason, used
+            )
+        if allowance < cmd.qty and (allowance == 0 or not cmd.allow_partial):
+            # the customer's cap refuses it: the answer's ``available`` is what the
+            # customer could still reserve now
+            why = CUSTOMER_LIMIT_REASON
+            avail = min(avail, allowance)
+        else:
+            why = _refusal(record, cmd.channel, cmd.qty)
         refused = Reservation(
             order_id=cmd.order_id,
             sku=cmd.sku,
@@ -550,6 +632,7 @@ def _decide_order(
             decided_at=cmd.occurred_at,
             reason=why,
             available_at_decision=avail,
+            customer_id=cmd.customer_id,
         )
         return Decision(
             record=record,
@@ -637,7 +720,17 @@ def _decide_order(
             reason="expired",
             closed_by=cmd.event_id,
         )
-        return _changed(record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired")
+        return _changed(
+            record,
+            new,
+            cmd,
+            now,
+            Outcome.EXPIRED,
+            res.qty,
+            closed,
+            "expired",
+            _give_back(usage, res),
+        )
     if isinstance(cmd, CommitReservation):
         # the sold units leave the allocation they were taken from
         new = _evolve(
@@ -662,7 +755,16 @@ def _decide_order(
         reason=cmd.reason,
         closed_by=cmd.event_id,
     )
-    return _changed(record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason)
+    return _changed(
+        record, new, cmd, now, Outcome.RELEASED, res.qty, closed, cmd.reason, _give_back(usage, res)
+    )
+
+
+def _give_back(usage: CustomerUsage | None, res: Reservation) -> CustomerUsage | None:
+    """The usage after counted reservation ``res`` closed without a sale."""
+    if usage is None:
+        return None
+    return _evolve(usage, units=max(0, usage.units - res.qty))
 
 
 def _decide_stock(
@@ -737,6 +839,9 @@ def _decide_stock(
         else:
             outcome = Outcome.DAMAGED_WRITTEN_OFF
         reason = cmd.reason
+    elif isinstance(cmd, CustomerLimitSet):
+        new = _evolve(base, customer_limit=cmd.max_units, sale_id=cmd.sale_id)
+        outcome = Outcome.CUSTOMER_LIMIT_SET
     else:  # pragma: no cover - the Command union is closed
         raise TypeError(f"not a command: {cmd!r}")
     limit = _over_limit(base, new)
@@ -827,6 +932,7 @@ def _changed(
     qty: int,
     res: Reservation,
     reason: str,
+    usage: CustomerUsage | None = None,
 ) -> Decision:
     events: list[Event] = []
     if _published(new) != _published(old):
@@ -838,7 +944,7 @@ def _changed(
     events.append(
         CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__, outcome, cmd.channel, reason)
     )
-    return Decision(record=new, reservation=res, events=tuple(events))
+    return Decision(record=new, reservation=res, events=tuple(events), usage=usage)
 
 
 def _answer(

@@ -32,6 +32,13 @@ REJECTIONS = Counter(
     ["channel"],
     registry=REGISTRY,
 )
+CUSTOMER_LIMIT_REJECTIONS = Counter(
+    "inventory_customer_limit_rejections_total",
+    "Reservations refused by a SKU's per-customer cap (CustomerLimitSet); not counted "
+    "in inventory_rejections_total.",
+    ["channel"],
+    registry=REGISTRY,
+)
 DECISION_SECONDS = Histogram(
     "inventory_decision_seconds",
     "From a command's arrival at the worker to the commit of the batch that decided it.",

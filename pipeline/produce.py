@@ -50,6 +50,7 @@ _TOPIC_OF_TYPE = {
     "StockCounted": "restocks_topic",
     "SafetyStockSet": "restocks_topic",
     "ChannelAllocationSet": "restocks_topic",
+    "CustomerLimitSet": "restocks_topic",
     "ReturnReceived": "returns_topic",
     "DamagedStockResolved": "returns_topic",
     "PlaceOrder": "checkouts_topic",

@@ -361,5 +361,6 @@ class ReservationStatus(View):
                 "expires_at": res.expires_at,
                 "reason": res.reason,
                 "available_at_decision": res.available_at_decision,
+                **({"customer_id": res.customer_id} if res.customer_id else {}),
             }
         )

@@ -160,7 +160,7 @@ def _checked(type_name: str, record: dict[str, Any], codec: AvroCodec) -> bytes:
 
 
 _STOCK_OPTIONAL: dict[str, dict[str, type]] = {
-    "ReserveStock": {"channel": str, "ttl_ms": int, "allow_partial": bool},
+    "ReserveStock": {"channel": str, "ttl_ms": int, "allow_partial": bool, "customer_id": str},
     "CommitReservation": {"channel": str},
     "ReleaseReservation": {"channel": str, "reason": str},
 }
@@ -207,7 +207,7 @@ def stock_request(
 
 
 _ORDER_OPTIONAL: dict[str, dict[str, type]] = {
-    "PlaceOrder": {"channel": str, "ttl_ms": int},
+    "PlaceOrder": {"channel": str, "ttl_ms": int, "customer_id": str},
     "CommitOrder": {"channel": str},
     "CancelOrder": {"channel": str, "reason": str},
 }

@@ -140,6 +140,7 @@ class PlaceOrder:
     occurred_at: int
     channel: str = "web"
     ttl_ms: int = 15 * 60 * 1000
+    customer_id: str = ""  # passed to every line's ReserveStock (per-customer caps)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,7 @@ class Saga:
     goal_at: int = 0  # occurred_at stamped on the commits or releases (re-sends are identical)
     goal_event_id: str = ""  # the command whose answer the current goal owes
     first_result: OrderResult | None = None
+    customer_id: str = ""
 
     @property
     def settled(self) -> bool:
@@ -291,6 +293,7 @@ def outstanding(saga: Saga) -> tuple[core.OrderCommand, ...]:
                     occurred_at=saga.placed_at,
                     channel=saga.channel,
                     ttl_ms=saga.hold_ttl_ms,
+                    customer_id=saga.customer_id,
                 )
             )
         elif line.state is LineState.RESERVED and saga.goal is Goal.COMMIT:
@@ -397,6 +400,7 @@ def _new_saga(cmd: PlaceOrder, grace_ms: int) -> Saga:
         hold_ttl_ms=cmd.ttl_ms + grace_ms,
         place_event_id=cmd.event_id,
         goal_event_id=cmd.event_id,
+        customer_id=cmd.customer_id,
     )
 
 
@@ -580,11 +584,14 @@ def _progress(old: Saga | None, new: Saga) -> SagaDecision:
 
 def _reason(saga: Saga) -> str:
     if saga.status is OrderStatus.REJECTED:
-        failed = [
-            f"{x.sku} (wanted {x.qty}, available {x.available})"
-            for x in saga.lines
-            if x.state is LineState.REJECTED
-        ]
+        rejected = [x for x in saga.lines if x.state is LineState.REJECTED]
+        capped = [x for x in rejected if x.reason == core.CUSTOMER_LIMIT_REASON]
+        failed = [f"{x.sku} (wanted {x.qty}, available {x.available})" for x in rejected]
+        if capped:
+            # a per-customer cap refused a line: ``available`` is the customer's allowance
+            return "customer_limit: " + ", ".join(
+                f"{x.sku} (wanted {x.qty}, allowance {x.available})" for x in capped
+            )
         return "insufficient stock: " + ", ".join(failed)
     if saga.status is OrderStatus.COMMIT_FAILED:
         failed = [f"{x.sku}: {x.reason}" for x in saga.lines if x.state is not LineState.COMMITTED]
@@ -685,6 +692,13 @@ def to_order_command(
     return cmd
 
 
+def _customer_id(r: Mapping[str, Any]) -> str:
+    value = str(r.get("customer_id") or "")  # its length: check_text
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise Invalid("invalid_customer_id", "customer_id contains control characters")
+    return value
+
+
 def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
     if name == "PlaceOrder":
         raw_lines = r["lines"]
@@ -719,6 +733,7 @@ def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
             occurred_at=_time(r),
             channel=r.get("channel") or "web",
             ttl_ms=ttl,
+            customer_id=_customer_id(r),
         )
     if name == "CommitOrder":
         return CommitOrder(_event_id(r), _order_id(r), _time(r), r.get("channel") or "web")

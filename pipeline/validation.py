@@ -19,12 +19,25 @@ MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
 """The longest ttl an order or a reservation may ask for (a saga's holds add the grace)."""
 MAX_CHANNEL_LEN = 64
-MAX_TEXT_LEN = {"channel": MAX_CHANNEL_LEN, "reason": 256, "reference": 256, "location": 128}
+MAX_TEXT_LEN = {
+    "channel": MAX_CHANNEL_LEN,
+    "reason": 256,
+    "reference": 256,
+    "location": 128,
+    "customer_id": MAX_ID_LEN,
+    "sale_id": MAX_ID_LEN,
+}
 """Characters a free-text field may hold: they travel into answers, StockChanged, the
 changelog and metric labels, so none may make a record larger than the broker takes."""
 
 ORDER_RECORDS = ("ReserveStock", "CommitReservation", "ReleaseReservation", "ExpireReservation")
-RESTOCK_RECORDS = ("RestockReceived", "StockCounted", "SafetyStockSet", "ChannelAllocationSet")
+RESTOCK_RECORDS = (
+    "RestockReceived",
+    "StockCounted",
+    "SafetyStockSet",
+    "ChannelAllocationSet",
+    "CustomerLimitSet",
+)
 RETURN_RECORDS = ("ReturnReceived", "DamagedStockResolved")
 
 
@@ -106,6 +119,7 @@ def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
         channel=r.get("channel") or "web",
         ttl_ms=ttl,
         allow_partial=bool(r.get("allow_partial")),
+        customer_id=_customer_text(r, "customer_id"),
     )
 
 
@@ -170,6 +184,26 @@ def _safety(r: Mapping[str, Any], s: Settings) -> core.Command:
     )
 
 
+def _customer_text(r: Mapping[str, Any], field: str) -> str:
+    """An optional id of the per-customer caps ("" = none): its length is bounded by
+    :func:`check_text`; control characters are refused (they are no ids)."""
+    value = str(r.get(field) or "")
+    if _CONTROL.search(value):
+        raise Invalid(f"invalid_{field}", f"{field} contains control characters")
+    return value
+
+
+def _customer_limit(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.CustomerLimitSet(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["max_units"], s, allow_zero=True, field="max_units"),
+        _time(r),
+        sale_id=_customer_text(r, "sale_id"),
+        channel=r.get("channel") or "erp",
+    )
+
+
 def _allocation(r: Mapping[str, Any], s: Settings) -> core.Command:
     channel = r["channel"]
     if not channel or len(channel) > MAX_CHANNEL_LEN:
@@ -222,6 +256,7 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "StockCounted": _count,
     "SafetyStockSet": _safety,
     "ChannelAllocationSet": _allocation,
+    "CustomerLimitSet": _customer_limit,
     "ReturnReceived": _return,
     "DamagedStockResolved": _damaged,
 }

@@ -94,6 +94,7 @@ def saga_to_dict(s: sg.Saga) -> dict[str, Any]:
         "goal_at": s.goal_at,
         "goal_event_id": s.goal_event_id,
         "first": result_to_dict(s.first_result) if s.first_result is not None else None,
+        **({"cust": s.customer_id} if s.customer_id else {}),
     }
 
 
@@ -113,6 +114,7 @@ def saga_from_dict(d: dict[str, Any]) -> sg.Saga:
         goal_at=d.get("goal_at", 0),
         goal_event_id=d.get("goal_event_id", ""),
         first_result=_result_from_dict(first) if first else None,
+        customer_id=d.get("cust", ""),
     )
 
 

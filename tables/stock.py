@@ -18,6 +18,12 @@ written to the changelog partition of the SKU being processed:
   command whose SKU record never landed, and the reader falls back to
   ``previous``.
 
+* ``<sku>\\0c\\0<json [sale_id, customer_id]>`` -> :class:`StoredUsage`: the units one
+  customer holds plus bought of the SKU in one sale (per-customer caps,
+  ``CustomerLimitSet``). Each customer is its own key, so the SKU record stays
+  small however many customers a flash sale has; written (on the reservations
+  changelog) with the same current/previous rule as reservations.
+
 Values are JSON (orjson): small, fast and readable with any Kafka tool.
 """
 
@@ -47,6 +53,15 @@ def stock_key(sku: str) -> bytes:
 
 def reservation_key(sku: str, order_id: str) -> bytes:
     return stock_key(sku) + RESERVATION_SEP + order_id.encode("utf-8")
+
+
+USAGE_SEP = b"\x00c\x00"
+
+
+def usage_key(sku: str, sale_id: str, customer_id: str) -> bytes:
+    """The key of a customer's usage; JSON holds no NUL, so it never contains
+    :data:`RESERVATION_SEP` whatever the ids are."""
+    return stock_key(sku) + USAGE_SEP + orjson.dumps([sale_id, customer_id])
 
 
 def event_key(sku: str, event_id: str) -> bytes:
@@ -115,6 +130,7 @@ class StoredStock:
                 "fx": self.effects,
                 "vt": self.version_at,
                 "ch": [[a.channel, a.allocated, a.reserved, a.use_shared] for a in r.channels],
+                **({"cl": [r.customer_limit, r.sale_id]} if r.customer_limit or r.sale_id else {}),
             }
         )
 
@@ -133,6 +149,8 @@ class StoredStock:
                 core.ChannelAllocation(c, alloc, res, bool(shared))
                 for c, alloc, res, shared in d.get("ch", ())
             ),
+            customer_limit=d.get("cl", (0, ""))[0],
+            sale_id=d.get("cl", (0, ""))[1],
         )
         return cls(
             record=record,
@@ -179,6 +197,7 @@ def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, An
         "available_at_decision": res.available_at_decision,
         "closed_by": res.closed_by,
         "from_allocation": res.from_allocation,
+        **({"cust": [res.customer_id, res.counted, res.sale_id]} if res.customer_id else {}),
         "topic": topic,
         "offset": offset,
     }
@@ -198,6 +217,9 @@ def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
         available_at_decision=d.get("available_at_decision", 0),
         closed_by=d.get("closed_by", ""),
         from_allocation=d.get("from_allocation", 0),
+        customer_id=d.get("cust", ("", False, ""))[0],
+        counted=bool(d.get("cust", ("", False, ""))[1]),
+        sale_id=d.get("cust", ("", False, ""))[2],
     )
 
 
@@ -250,6 +272,49 @@ class StoredReservation:
     def from_bytes(cls, data: bytes) -> StoredReservation:
         d = orjson.loads(data)
         return cls(current=d["c"], previous=d.get("p"))
+
+
+@dataclass(frozen=True)
+class StoredUsage:
+    """A customer's usage (``{"units", "topic", "offset"}``) and the version it replaced:
+    as with reservations, a version whose offset is above the SKU record's watermark
+    belongs to a command whose SKU record never landed."""
+
+    sale_id: str
+    customer_id: str
+    current: dict[str, int]
+    previous: dict[str, int] | None = None
+
+    def _valid(self, stock: StoredStock | None) -> dict[str, int] | None:
+        for candidate in (self.current, self.previous):
+            if (
+                candidate is not None
+                and stock is not None
+                and stock.applied(str(candidate["topic"]), int(candidate["offset"]))
+            ):
+                return candidate
+        return None
+
+    def valid(self, stock: StoredStock | None) -> core.CustomerUsage | None:
+        found = self._valid(stock)
+        if found is None:
+            return None
+        return core.CustomerUsage(self.sale_id, self.customer_id, int(found["units"]))
+
+    @classmethod
+    def new(cls, usage: core.CustomerUsage, topic: str, offset: int) -> StoredUsage:
+        current: Any = {"units": usage.units, "topic": topic, "offset": offset}
+        return cls(usage.sale_id, usage.customer_id, current)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {"s": self.sale_id, "u": self.customer_id, "c": self.current, "p": self.previous}
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StoredUsage:
+        d = orjson.loads(data)
+        return cls(d["s"], d["u"], d["c"], d.get("p"))
 
 
 def _stock_changed(e: Any) -> tuple[str, dict[str, Any]]:

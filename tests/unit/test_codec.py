@@ -44,6 +44,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "lines": [{"sku": "SKU-1", "qty": 2}, {"sku": "SKU-2", "qty": 1}],
         "ttl_ms": 0,
         "occurred_at": T,
+        "customer_id": "cust-1",
     },
     "CommitOrder": {"event_id": "e", "order_id": "o1", "channel": "web", "occurred_at": T},
     "CancelOrder": {
@@ -73,6 +74,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "ttl_ms": 60_000,
         "occurred_at": T,
         "allow_partial": True,
+        "customer_id": "",
     },
     "CommitReservation": {
         "event_id": "e2",
@@ -127,6 +129,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "qty": 20,
         "use_shared": False,
         "occurred_at": T,
+    },
+    "CustomerLimitSet": {
+        "event_id": "e7b",
+        "sku": "SKU-1",
+        "max_units": 2,
+        "sale_id": "black-friday",
+        "occurred_at": T,
+        "channel": "erp",
     },
     "ReturnReceived": {
         "event_id": "e8",
@@ -258,6 +268,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("lines", _field_type("PlaceOrder", "lines"), NO_DEFAULT),
         ("ttl_ms", L, 0),
         ("occurred_at", L, NO_DEFAULT),
+        ("customer_id", S, ""),
     ],
     "CommitOrder": [
         ("event_id", S, NO_DEFAULT),
@@ -292,6 +303,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("ttl_ms", L, 0),
         ("occurred_at", L, NO_DEFAULT),
         ("allow_partial", B, False),
+        ("customer_id", S, ""),
     ],
     "CommitReservation": [
         ("event_id", S, NO_DEFAULT),
@@ -346,6 +358,14 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("qty", INT, NO_DEFAULT),
         ("use_shared", "boolean", False),
         ("occurred_at", L, NO_DEFAULT),
+    ],
+    "CustomerLimitSet": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("max_units", INT, NO_DEFAULT),
+        ("sale_id", S, ""),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "erp"),
     ],
     "ReturnReceived": [
         ("event_id", S, NO_DEFAULT),
@@ -505,7 +525,13 @@ def test_single_object_header_is_c301_then_the_schema_fingerprint(codec: AvroCod
 def test_missing_defaulted_fields_take_their_defaults(codec: AvroCodec) -> None:
     rec = {"event_id": "e", "order_id": "o", "sku": "A", "qty": 1, "occurred_at": T}
     _, got = codec.decode(codec.encode("ReserveStock", rec))
-    assert got == {**rec, "channel": "web", "ttl_ms": 0, "allow_partial": False}
+    assert got == {
+        **rec,
+        "channel": "web",
+        "ttl_ms": 0,
+        "allow_partial": False,
+        "customer_id": "",
+    }
     _, restock = codec.decode(
         codec.encode("RestockReceived", {"event_id": "e", "sku": "A", "qty": 1, "occurred_at": T})
     )
@@ -526,6 +552,7 @@ reserve_stock = st.fixed_dictionaries(
         "ttl_ms": st.integers(-(2**63), 2**63 - 1),
         "occurred_at": st.integers(-(2**63), 2**63 - 1),
         "allow_partial": st.booleans(),
+        "customer_id": st.text(max_size=20),
     }
 )
 

@@ -347,3 +347,127 @@ def test_a_different_commit_after_expiry_is_invalid_state():
     d = core.decide(rec, core.ExpireReservation("x", "o1", "A", at), at, res)
     late = core.decide(d.record, core.CommitReservation("pay-2", "o1", "A", T0), at, d.reservation)
     assert result_of(late).outcome is Outcome.INVALID_STATE
+
+
+# --- per-customer caps (CustomerLimitSet) ---------------------------------------------------
+
+
+def capped(cap: int = 2, sale: str = "s1", on_hand: int = 10) -> core.StockRecord:
+    rec = stocked(on_hand)
+    d = core.decide(rec, core.CustomerLimitSet("cap", "A", cap, T0, sale), T0)
+    assert d.outcome is Outcome.CUSTOMER_LIMIT_SET
+    return d.record
+
+
+def cust_reserve(order: str, qty: int, customer: str = "c1", **kw) -> core.ReserveStock:
+    base = reserve(order, qty, **kw)
+    return core.ReserveStock(**{**base.__dict__, "customer_id": customer})
+
+
+def cust_decide(rec, cmd, usage=None, res=None):
+    return core.decide(rec, cmd, T0, res, usage=usage)
+
+
+def test_a_cap_is_no_stock_change_and_lives_in_the_record_without_customers():
+    before = stocked()
+    rec = capped(2, "s1")
+    assert (rec.customer_limit, rec.sale_id, rec.version) == (2, "s1", before.version)
+
+
+def test_a_reserve_within_the_cap_is_counted_in_the_current_sale():
+    rec = capped(2)
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    assert d.outcome is Outcome.RESERVED
+    assert d.usage == core.CustomerUsage("s1", "c1", 2)
+    assert (d.reservation.customer_id, d.reservation.counted, d.reservation.sale_id) == (
+        "c1",
+        True,
+        "s1",
+    )
+
+
+def test_a_reserve_past_the_cap_is_rejected_with_the_allowance_left():
+    rec = capped(2)
+    d = cust_decide(rec, cust_reserve("o2", 2), usage=core.CustomerUsage("s1", "c1", 1))
+    r = result_of(d)
+    assert (r.outcome, r.reason, r.available) == (Outcome.REJECTED, "customer_limit", 1)
+    assert d.usage is None and d.record == rec
+    assert d.reservation.status is ReservationStatus.REJECTED
+
+
+def test_allow_partial_grants_up_to_the_allowance():
+    rec = capped(3)
+    d = cust_decide(
+        rec, cust_reserve("o2", 5, partial=True), usage=core.CustomerUsage("s1", "c1", 1)
+    )
+    r = result_of(d)
+    assert (r.outcome, r.qty, r.reason) == (Outcome.RESERVED, 2, "partial")
+    assert d.usage.units == 3
+
+
+def test_allow_partial_with_no_allowance_left_is_a_customer_limit_rejection():
+    rec = capped(2)
+    d = cust_decide(
+        rec, cust_reserve("o2", 1, partial=True), usage=core.CustomerUsage("s1", "c1", 2)
+    )
+    assert (result_of(d).reason, result_of(d).available) == ("customer_limit", 0)
+
+
+def test_out_of_stock_under_the_cap_keeps_the_stock_reason():
+    rec = capped(5, on_hand=1)
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    assert result_of(d).reason == "insufficient_stock"
+
+
+def test_reserves_without_a_customer_and_skus_without_a_cap_are_not_capped():
+    rec = capped(1)
+    d = cust_decide(rec, reserve("o1", 5))
+    assert d.outcome is Outcome.RESERVED and d.usage is None
+    d = cust_decide(stocked(), cust_reserve("o2", 5))
+    assert d.outcome is Outcome.RESERVED and d.usage is None and not d.reservation.counted
+
+
+def test_release_and_expiry_give_the_allowance_back_commit_does_not():
+    rec = capped(2)
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    used, res = d.usage, d.reservation
+    released = cust_decide(d.record, core.ReleaseReservation("rel", "o1", "A", T0 + 1), used, res)
+    assert released.usage == core.CustomerUsage("s1", "c1", 0)
+    committed = cust_decide(d.record, core.CommitReservation("com", "o1", "A", T0 + 1), used, res)
+    assert committed.outcome is Outcome.COMMITTED and committed.usage is None
+    expired = core.decide(
+        d.record, core.ExpireReservation("x", "o1", "A", T0 + 60_000), T0 + 60_000, res, usage=used
+    )
+    assert expired.outcome is Outcome.EXPIRED and expired.usage.units == 0
+
+
+def test_a_duplicate_reserve_changes_no_usage():
+    rec = capped(2)
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    again = cust_decide(d.record, cust_reserve("o1", 2), d.usage, d.reservation)
+    assert result_of(again).duplicate and again.usage is None
+
+
+def test_a_new_sale_counts_from_zero_and_names_its_own_usage_key():
+    rec = capped(2, "s1")
+    rec = core.decide(rec, core.CustomerLimitSet("cap2", "A", 2, T0, "s2"), T0).record
+    assert core.usage_key(rec, cust_reserve("o1", 1), None) == ("s2", "c1")
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    assert d.outcome is Outcome.RESERVED and d.usage == core.CustomerUsage("s2", "c1", 2)
+
+
+def test_a_reservation_counted_in_an_old_sale_gives_back_to_that_sale():
+    rec = capped(2, "s1")
+    d = cust_decide(rec, cust_reserve("o1", 2))
+    rec2 = core.decide(d.record, core.CustomerLimitSet("cap2", "A", 2, T0, "s2"), T0).record
+    release = core.ReleaseReservation("rel", "o1", "A", T0 + 1)
+    assert core.usage_key(rec2, release, d.reservation) == ("s1", "c1")
+
+
+def test_usage_of_another_customer_is_refused():
+    rec = capped(2)
+    try:
+        cust_decide(rec, cust_reserve("o1", 1), usage=core.CustomerUsage("s1", "other", 0))
+    except ValueError:
+        return
+    raise AssertionError("decide() took another customer's usage")

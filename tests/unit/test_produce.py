@@ -77,6 +77,7 @@ def test_each_input_type_goes_to_its_topic() -> None:
         "RestockReceived": "t.restocks",
         "StockCounted": "t.restocks",
         "SafetyStockSet": "t.restocks",
+        "CustomerLimitSet": "t.restocks",
         "ChannelAllocationSet": "t.restocks",
         "ReturnReceived": "t.returns",
         "DamagedStockResolved": "t.returns",

@@ -178,3 +178,30 @@ def test_the_pending_body_names_where_to_look() -> None:
     body = rr.pending_body(req)
     assert body["status_url"] == "/reservations/o%2F1?sku=A%20B"
     json.dumps(body)
+
+
+def test_customer_id_goes_into_the_reserve_and_the_order_and_is_checked() -> None:
+    _, rec = CODEC.decode(
+        reserve({"order_id": "o1", "sku": "A", "qty": 1, "customer_id": "c1"}).value
+    )
+    assert rec["customer_id"] == "c1"
+    lines = [{"sku": "A", "qty": 1}]
+    _, rec = CODEC.decode(place({"order_id": "o1", "lines": lines, "customer_id": "c1"}).value)
+    assert rec["customer_id"] == "c1"
+    for make, body in (
+        (reserve, {"order_id": "o1", "sku": "A", "qty": 1}),
+        (place, {"order_id": "o1", "lines": lines}),
+    ):
+        with pytest.raises(rr.ApiError) as info:
+            make({**body, "customer_id": "c" * 129})
+        assert (info.value.status, info.value.error) == (422, "text_too_long")
+        with pytest.raises(rr.ApiError) as info:
+            make({**body, "customer_id": 7})
+        assert (info.value.status, info.value.error) == (422, "invalid_field")
+
+
+def test_a_customer_limit_refusal_is_409_with_the_allowance() -> None:
+    req = reserve({"order_id": "o1", "sku": "A", "qty": 3, "customer_id": "c1"})
+    answer = {"order_id": "o1", "sku": "A", "outcome": "REJECTED", "qty": 3, "available": 1}
+    status, body = rr.response_for(req, {**answer, "reason": "customer_limit"})
+    assert (status, body["reason"], body["available"]) == (409, "customer_limit", 1)
