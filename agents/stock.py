@@ -14,22 +14,15 @@ from typing import Any
 
 from agents.ledger import LedgerEngine
 from config.settings import settings
-from pipeline.runtime import INPUT_TOPICS, app, ledger_feed, open_reservations
+from pipeline.runtime import INPUT_TOPICS, _raw_topic, app, ledger_feed, open_reservations
 from schemas.codec import codec_from_settings
 
 log = logging.getLogger("inventory.agents")
 
 engine = LedgerEngine(app, settings, ledger_feed, codec_from_settings(settings), open_reservations)
 
-ledger_inputs = app.topic(
-    *INPUT_TOPICS,
-    key_type=bytes,
-    value_type=bytes,
-    key_serializer="raw",
-    value_serializer="raw",
-    partitions=settings.partitions,
-    acks=False,
-)
+# one topic object over the three inputs, raw bytes; Faust never commits them (acks=False)
+ledger_inputs = _raw_topic(*INPUT_TOPICS, acks=False)
 
 
 @app.agent(ledger_inputs, concurrency=1)

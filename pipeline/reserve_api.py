@@ -44,6 +44,7 @@ from pipeline import metrics
 from pipeline import reserve_rules as rr
 from pipeline.clients import aiokafka_kwargs
 from pipeline.partitioning import partition_for
+from pipeline.routing import owner_route
 from pipeline.runtime import app, orders_topic
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.stock import StoredReservation, reservation_key
@@ -335,7 +336,7 @@ class ReservationStatus(View):
             return self.json({"error": "missing_sku", "detail": "add ?sku=..."}, status=400)
         return await self._owned(request, order_id)
 
-    @app.topic_route(topic=orders_topic, query_param="sku")
+    @owner_route(app, orders_topic, query_param="sku")
     async def _owned(self, request: Request, order_id: str) -> Response:
         # answered by the owner of the SKU's partition, like GET /stock/{sku}
         sku = request.query["sku"]

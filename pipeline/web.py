@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from agents.stock import engine
 from pipeline import metrics
 from pipeline.health import liveness, readiness
+from pipeline.routing import owner_route
 from pipeline.runtime import app, orders_topic
 from pipeline.sinks.worker import sink_states
 
@@ -64,7 +65,7 @@ class Ready(View):
 
 @app.page("/stock/{sku}")
 class StockView(View):
-    @app.topic_route(topic=orders_topic, match_info="sku")
+    @owner_route(app, orders_topic, match_info="sku")
     async def get(self, request: Request, sku: str) -> Response:
         # answered by the owner of the SKU's partition; never from state another worker
         # may have changed since (a worker that was paused past its session, say)
