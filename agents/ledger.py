@@ -52,8 +52,9 @@ from typing import Any
 import orjson
 
 from config.settings import Settings
-from pipeline import batch, core, metrics
+from pipeline import batch, metrics
 from pipeline.dead_letters import dead_letter
+from pipeline.domain import core
 from pipeline.kafka.feed import BatchFeed, Chunk
 from pipeline.kafka.transactions import (
     BatchAborted,

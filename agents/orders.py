@@ -9,7 +9,7 @@
   decode and validate (bad input -> dead letter, like :mod:`agents.stock`),
   re-route a checkouts record found on the wrong partition, skip a Kafka
   redelivery (the saga value's watermark for that topic covers the offset),
-  :func:`pipeline.saga.decide`, write the saga (state + watermark + the
+  :func:`pipeline.domain.saga.decide`, write the saga (state + watermark + the
   OrderResult it caused, one changelog record), then send the ledger commands
   that became outstanding. Answers for orders that are not sagas (plain
   ReserveStock traffic) are skipped after one table lookup, undecoded.
@@ -22,7 +22,7 @@
   past its expiry, to the checkouts topic, where the agent applies it.
 * **Pruning** (timer ``prune_sagas``): a finished saga (committed, commit failed,
   rejected, cancelled, expired) is kept ``INVENTORY_ORDER_RETENTION_MS`` after the
-  latest of its expiry, placement and last goal (:func:`pipeline.saga.prune_due`),
+  latest of its expiry, placement and last goal (:func:`pipeline.domain.saga.prune_due`),
   then the sweeper sends it a prune command (``CancelOrder`` with ``expire`` and
   reason ``pruned``) and the agent deletes it: a tombstone in the changelog. A later
   CommitOrder/CancelOrder for it is an unknown order (``ORDER_UNKNOWN`` answer and an
@@ -48,10 +48,11 @@ from prometheus_client import Counter, Gauge
 
 from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
-from pipeline import core, metrics
-from pipeline import saga as sg
+from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
 from pipeline.dead_letters import dead_letter
+from pipeline.domain import core
+from pipeline.domain import saga as sg
 from pipeline.indexing import IndexRefresher, settled
 from pipeline.partitioning import partition_for
 from pipeline.runtime import (

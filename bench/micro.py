@@ -26,7 +26,8 @@ from typing import Any
 import orjson
 
 from config.settings import Settings
-from pipeline import batch, core
+from pipeline import batch
+from pipeline.domain import core
 from pipeline.validation import to_command
 from schemas.codec import AvroCodec
 from tables.stock import StoredReservation, StoredStock, effect_of, stock_key

@@ -43,7 +43,7 @@ SUBSYSTEMS: list[tuple[str, str]] = [
         "batch engine (`agents/ledger.py`: take, sequence, classify, commit, store)",
         r"agents/ledger\.py",
     ),
-    ("fold (`pipeline/batch.py` + `pipeline/core.py`)", r"pipeline/(batch|core)\.py"),
+    ("fold (`pipeline/batch.py` + `pipeline/domain/core.py`)", r"pipeline/(batch|core)\.py"),
     ("transactions (`pipeline/kafka/transactions.py`, on its thread)", r"kafka/transactions\.py"),
     ("feed (`pipeline/kafka/feed.py`: fetch loop to per-partition buffers)", r"kafka/feed\.py"),
     ("local store (`pipeline/store.py`, RocksDB WriteBatch)", r"pipeline/store\.py"),

@@ -26,7 +26,7 @@ class RecoverySection(WriterBase):
             "run's budget, so the stock changelog is filled directly (`bench/tablefill.py`, "
             "not in transactions): one record per SKU, on the SKU's partition, whose value is "
             "what the ledger stores after one `RestockReceived` (built with "
-            "`pipeline.core.decide` and `tables.stock.StoredStock`); the relay's group is set "
+            "`pipeline.domain.core.decide` and `tables.stock.StoredStock`); the relay's group is set "
             "to the end so nothing is re-published; sinks are off in this worker. For each "
             "size, one worker in turn:",
             "",

@@ -4,7 +4,7 @@ Processing a million restocks through the pipeline takes far longer than this
 machine's benchmark budget, so the large tables are written the way the table
 itself persists: one changelog record per SKU, on the SKU's partition, whose value
 is exactly what the agent stores after one ``RestockReceived`` (made by
-:func:`pipeline.core.decide` and :class:`tables.stock.StoredStock`). A worker started
+:func:`pipeline.domain.core.decide` and :class:`tables.stock.StoredStock`). A worker started
 on an empty data dir then restores the table from the changelog. The relay's
 consumer group is committed at the end of the changelog first, as if it had already
 published those records' effects (otherwise it would re-publish them all).
@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from config.settings import Settings
-from pipeline import core
+from pipeline.domain import core
 from pipeline.partitioning import partition_for
 from pipeline.topics import changelog_topic, ensure_topics
 from tables.stock import StoredStock, effects_of, stock_key

@@ -2,7 +2,7 @@
 
 :func:`fold` applies a list of :class:`Input` (commands of one ledger partition,
 in input order) to the stored state, exactly as applying them one at a time with
-:func:`pipeline.core.decide` would, and returns what to write:
+:func:`pipeline.domain.core.decide` would, and returns what to write:
 
 * one :class:`tables.stock.StoredStock` per touched SKU: its final record, its
   watermarks (the highest input offset applied per topic, for every input of
@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline import core
+from pipeline.domain import core
 from tables.stock import (
     StoredReservation,
     StoredStock,

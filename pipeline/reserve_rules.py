@@ -3,7 +3,7 @@
 No Faust, Kafka or aiohttp here (the views and the answer waiter are
 :mod:`pipeline.reserve_api`). Every request is checked exactly like the Kafka path
 checks the command it becomes (the Avro schema, then :func:`pipeline.validation.to_command`
-or :func:`pipeline.saga.to_order_command`), so a bad request is answered at once and
+or :func:`pipeline.domain.saga.to_order_command`), so a bad request is answered at once and
 never becomes a dead letter.
 
 Idempotency without state of its own: the command's ``event_id`` is derived from the
@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from config.settings import Settings
-from pipeline import saga as sg
+from pipeline.domain import saga as sg
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, EncodeError
 

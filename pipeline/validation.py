@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from config.settings import Settings
-from pipeline import core
+from pipeline.domain import core
 
 MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000

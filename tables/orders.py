@@ -3,7 +3,7 @@
 One Faust table (RocksDB, changelog in Kafka), key = the order id's UTF-8
 bytes, value = :class:`StoredSaga` as JSON:
 
-* ``s``: the saga (:class:`pipeline.saga.Saga`): lines with their ledger
+* ``s``: the saga (:class:`pipeline.domain.saga.Saga`): lines with their ledger
   state, goal, status, expiry, the first answer given;
 * ``w``: the highest input offset applied per source topic (the checkouts
   topic and the reservation-results topic; both are keyed by order id and
@@ -16,7 +16,7 @@ bytes, value = :class:`StoredSaga` as JSON:
   the outstanding ledger commands of a saga that made no progress for a few
   seconds); decisions never do.
 
-The saga's ledger commands are *not* stored: :func:`pipeline.saga.outstanding`
+The saga's ledger commands are *not* stored: :func:`pipeline.domain.saga.outstanding`
 derives them from the state, deterministically, so a re-send is byte-identical
 up to framing and the ledger answers it with the original outcome.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from pipeline import saga as sg
+from pipeline.domain import saga as sg
 from tables.index import LiveIndex
 
 
@@ -180,7 +180,7 @@ PRUNE_PENDING_MAX = 100_000  # finished sagas remembered for pruning (about 150 
 
 class FinishedSagas:
     """Finished sagas of this worker's partitions and when each may be pruned
-    (:func:`pipeline.saga.prune_due`), for the sweeper: key -> due (epoch ms).
+    (:func:`pipeline.domain.saga.prune_due`), for the sweeper: key -> due (epoch ms).
 
     Noted by the agent when a saga it writes is final and by every full scan of the
     table (the saga index's rebuild), at most :data:`PRUNE_PENDING_MAX` at once:

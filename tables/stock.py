@@ -34,7 +34,7 @@ from typing import Any
 
 import orjson
 
-from pipeline import core
+from pipeline.domain import core
 from tables.index import LiveIndex
 
 RESERVATION_SEP = b"\x00r\x00"

@@ -11,7 +11,7 @@ import pytest
 from config.settings import Settings
 from crashload import SKUS, Workload, audit_changelog, check_invariants
 from harness import Namespace, Worker, read_topic, wait_for
-from pipeline import core
+from pipeline.domain import core
 from pipeline.kafka.reading import read_to_end
 from pipeline.partitioning import partition_for
 from pipeline.produce import CommandProducer

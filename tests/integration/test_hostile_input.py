@@ -17,8 +17,8 @@ import pytest
 from confluent_kafka import Producer
 
 from harness import Namespace, Worker, read_topic, restock_and_wait, wait_stock
-from pipeline import core
 from pipeline.clients import confluent_config
+from pipeline.domain import core
 from pipeline.produce import CommandProducer, now_ms
 from schemas.codec import AvroCodec
 

@@ -20,7 +20,7 @@ from opensearchpy import OpenSearch
 
 from pipeline import metrics
 from pipeline.clients import confluent_config
-from pipeline.core import StockRecord
+from pipeline.domain.core import StockRecord
 from pipeline.sinks.runner import SinkRunner
 from pipeline.sinks.search_sink import MAPPING, MARKERS_SUFFIX, SearchProjection
 from pipeline.topics import changelog_topic, ensure_topics

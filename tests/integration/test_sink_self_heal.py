@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 
 from pipeline import metrics
 from pipeline.clients import confluent_config
-from pipeline.core import StockRecord
+from pipeline.domain.core import StockRecord
 from pipeline.produce import CommandProducer
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.runner import SinkRunner

@@ -21,7 +21,7 @@ from confluent_kafka import Producer
 
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs, confluent_config
-from pipeline.core import StockRecord
+from pipeline.domain.core import StockRecord
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.runner import UNREADABLE, SinkRunner
 from pipeline.topics import changelog_topic, ensure_topics

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import core
 from pipeline.auditor import Auditor, check_counts, check_transition
+from pipeline.domain import core
 from tables.stock import StoredStock
 
 

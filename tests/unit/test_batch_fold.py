@@ -7,7 +7,7 @@ result is computed and thrown away (its transaction never committed), and the
 input is re-read from an earlier point, as Kafka redelivers after a restart.
 The final state, every answer and every StockChanged (in order, versions
 gapless) must equal applying the commands one at a time with
-:func:`pipeline.core.decide`, skipping only the offsets applied already.
+:func:`pipeline.domain.core.decide`, skipping only the offsets applied already.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import batch, core
+from pipeline import batch
+from pipeline.domain import core
 from tables.stock import StoredReservation, StoredStock, effect_of, reservation_key, stock_key
 
 T0 = 1_700_000_000_000

@@ -15,8 +15,9 @@ from __future__ import annotations
 import pytest
 
 from config.settings import Settings
-from pipeline import batch, core, saga
+from pipeline import batch
 from pipeline.dead_letters import dead_letter
+from pipeline.domain import core, saga
 from pipeline.validation import MAX_ID_LEN, MAX_TEXT_LEN, MAX_TTL_MS, Invalid, to_command
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock

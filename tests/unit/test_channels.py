@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import core
-from pipeline.core import Outcome
+from pipeline.domain import core
+from pipeline.domain.core import Outcome
 
 T0 = 1_700_000_000_000
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline import core
-from pipeline.core import Outcome, ReservationStatus
+from pipeline.domain import core
+from pipeline.domain.core import Outcome, ReservationStatus
 
 T0 = 1_700_000_000_000
 

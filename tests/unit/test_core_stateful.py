@@ -15,8 +15,8 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipeline import core
-from pipeline.core import Outcome
+from pipeline.domain import core
+from pipeline.domain.core import Outcome
 
 T0 = 1_700_000_000_000
 TTL = 10_000

@@ -8,8 +8,8 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 
 from config.settings import Settings
-from pipeline import core
-from pipeline import saga as sg
+from pipeline.domain import core
+from pipeline.domain import saga as sg
 from pipeline.validation import Invalid, to_command
 from schemas.codec import RELEASED_DIR, SINGLE_OBJECT_MAGIC, AvroCodec, fingerprint
 from tables.orders import saga_from_dict, saga_to_dict

@@ -18,8 +18,9 @@ from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipeline import batch, core
-from pipeline.core import Outcome
+from pipeline import batch
+from pipeline.domain import core
+from pipeline.domain.core import Outcome
 from tables.stock import StoredReservation, StoredStock, StoredUsage, usage_key
 
 T0 = 1_700_000_000_000

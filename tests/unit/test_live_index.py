@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pipeline import indexing
-from pipeline import saga as sg
+from pipeline.domain import saga as sg
 from pipeline.indexing import IndexRefresher
 from tables.index import LiveIndex
 from tables.orders import OpenSagas, StoredSaga

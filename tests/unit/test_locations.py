@@ -1,4 +1,4 @@
-"""Stock per location (pipeline.locations): examples, then a Hypothesis model.
+"""Stock per location (pipeline.domain.locations): examples, then a Hypothesis model.
 
 The model runs random restocks, counts, holds (at a named location, by priority,
 split or not), releases, commits and transfers (shipped, received in part or
@@ -13,8 +13,8 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pipeline import locations as loc
-from pipeline.locations import LocationStock, Transfer
+from pipeline.domain import locations as loc
+from pipeline.domain.locations import LocationStock, Transfer
 
 A, B, C = "wh-a", "wh-b", "store-c"
 

@@ -1,6 +1,6 @@
 """The order saga's pure core: rules, the stored layout, validation, and a state machine.
 
-The state machine runs the saga against the real ledger core (:func:`pipeline.core.decide`)
+The state machine runs the saga against the real ledger core (:func:`pipeline.domain.core.decide`)
 over a message "network" that delivers ledger commands and answers in any order,
 duplicates and drops them (a crash between a table write and its sends) and lets
 the sweeper re-send, time pass, orders expire, commit, cancel and be placed twice.
@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from config.settings import Settings
-from pipeline import core
-from pipeline import saga as sg
-from pipeline.saga import LineState, OrderOutcome, OrderStatus
+from pipeline.domain import core
+from pipeline.domain import saga as sg
+from pipeline.domain.saga import LineState, OrderOutcome, OrderStatus
 from pipeline.validation import Invalid
 from tables.orders import StoredSaga, result_to_dict
 

@@ -7,7 +7,7 @@ command's SKU record.
 
 from __future__ import annotations
 
-from pipeline import core
+from pipeline.domain import core
 from tables.stock import (
     OpenReservations,
     StoredReservation,

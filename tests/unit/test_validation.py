@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config.settings import Settings
-from pipeline import core
+from pipeline.domain import core
 from pipeline.validation import Invalid, to_command
 
 S = Settings(max_qty=100, max_sku_len=8, default_ttl_ms=5000)

@@ -8,7 +8,7 @@ received. The SKU stays the key, so all of a SKU's locations are decided seriall
 its one partition, and these functions only ever see one SKU.
 
 Everything is plain data and plain functions (standard library only), like
-:mod:`pipeline.core`: a function returns the new tuple of locations, or a refusal
+:mod:`pipeline.domain.core`: a function returns the new tuple of locations, or a refusal
 reason, never raises for a business "no".
 
 Conservation, per location and in total (checked by the property tests):
@@ -251,7 +251,7 @@ def consistent(locations: Sequence[LocationStock]) -> str:
         return f"{len(locations)} locations, above {MAX_LOCATIONS_PER_SKU}"
     for loc in locations:
         # on_hand alone may go below 0: units sold after a count found fewer than held
-        # (as pipeline.core does for the SKU; the shortfall was reported)
+        # (as pipeline.domain.core does for the SKU; the shortfall was reported)
         if min(loc.reserved, loc.damaged, loc.safety_stock, loc.inbound) < 0:
             return f"{loc.location}: a negative count {loc}"
     return ""

@@ -3,11 +3,11 @@
 An order's lines live on different SKU partitions, so no single decision can
 hold them all. The saga keeps one :class:`Saga` per order (keyed by order id)
 and drives the ledger with ordinary, idempotent ledger commands
-(:class:`pipeline.core.ReserveStock`, ``CommitReservation``,
+(:class:`pipeline.domain.core.ReserveStock`, ``CommitReservation``,
 ``ReleaseReservation``) whose ``event_id`` is a function of (order, sku,
 action), so a re-send is answered by the ledger with the original outcome.
 
-Like :mod:`pipeline.core` this module is plain data and plain functions: no
+Like :mod:`pipeline.domain.core` this module is plain data and plain functions: no
 Faust, Kafka or Avro. :func:`decide` takes the order's state (None for an order
 never seen) and one input, and returns a :class:`SagaDecision`: the new state,
 the ledger commands to send and the :class:`OrderResult` to publish, if any.
@@ -44,7 +44,7 @@ from enum import Enum
 from typing import Any
 
 from config.settings import Settings
-from pipeline import core
+from pipeline.domain import core
 from pipeline.validation import (
     MAX_CHANNEL_LEN,
     MAX_ID_LEN,
