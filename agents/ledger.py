@@ -56,6 +56,8 @@ from pipeline import batch, metrics
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.kafka.feed import BatchFeed, Chunk
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import ledger_changelogs
 from pipeline.kafka.transactions import (
     BatchAborted,
     BrokerQueries,
@@ -66,9 +68,7 @@ from pipeline.kafka.transactions import (
     read_partition,
 )
 from pipeline.logs import log_context
-from pipeline.partitioning import partition_for
 from pipeline.store import PartitionStore, store_path
-from pipeline.topics import ledger_changelogs
 from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, retry_while_registry_down
 from schemas.registry import RegistryError

@@ -53,8 +53,9 @@ from pipeline.clients import aiokafka_kwargs
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.domain import saga as sg
-from pipeline.indexing import IndexRefresher, settled
-from pipeline.partitioning import partition_for
+from pipeline.kafka.indexing import IndexRefresher, settled
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic, durability_config
 from pipeline.runtime import (
     _raw_topic,
     app,
@@ -63,7 +64,6 @@ from pipeline.runtime import (
     orders_topic,
     table_options,
 )
-from pipeline.topics import changelog_topic, durability_config
 from pipeline.validation import Invalid
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.orders import FinishedSagas, OpenSagas, StoredSaga, order_key, result_to_dict

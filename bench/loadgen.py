@@ -48,8 +48,8 @@ from bench.loadgen_kafka import ResultCollector, Sender, TopicReader, consumer_c
 from bench.loadgen_result import Answer, LoadResult, LoadSpec
 from config.settings import Settings
 from config.settings import settings as base_settings
+from pipeline.kafka.topics import ensure_topics
 from pipeline.produce import producer_config
-from pipeline.topics import ensure_topics
 from schemas.codec import AvroCodec
 
 

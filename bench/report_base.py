@@ -53,7 +53,7 @@ SUBSYSTEMS: list[tuple[str, str]] = [
     ("relay (`pipeline/relay.py`)", r"pipeline/relay\.py"),
     ("sinks (`pipeline/sinks/`)", r"sinks/[a-z_]+\.py"),
     (
-        "expiry sweeper (`pipeline/expiry.py`, `pipeline/indexing.py`)",
+        "expiry sweeper (`pipeline/expiry.py`, `pipeline/kafka/indexing.py`)",
         r"pipeline/(expiry|indexing)\.py",
     ),
     ("prometheus_client", r"prometheus_client/"),

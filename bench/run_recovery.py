@@ -22,7 +22,7 @@ from bench.common import (
 )
 from bench.run_sizes import Sizes, log
 from bench.tablefill import fill_changelog
-from pipeline.topics import ledger_changelogs
+from pipeline.kafka.topics import ledger_changelogs
 
 # ---------------------------------------------------------------- recovery + memory
 

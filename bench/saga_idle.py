@@ -22,8 +22,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from bench.common import cpu_seconds, harness, rss_mb
 from bench.tablefill import commit_relay_to_end
 from pipeline.domain import saga as sg
-from pipeline.partitioning import partition_for
-from pipeline.topics import changelog_topic, ensure_topics
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic, ensure_topics
 from tables.orders import StoredSaga
 
 PLACEHOLDER = b"ORDER-QQQQQQQQQQ"

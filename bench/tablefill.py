@@ -20,8 +20,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from config.settings import Settings
 from pipeline.domain import core
-from pipeline.partitioning import partition_for
-from pipeline.topics import changelog_topic, ensure_topics
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic, ensure_topics
 from tables.stock import StoredStock, effects_of, stock_key
 
 PLACEHOLDER = "Q" * 16

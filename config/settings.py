@@ -279,7 +279,7 @@ class Settings:
     # between these it checks the open reservations the agent noted)
     expiry_full_scan_s: float = 300.0
     # how often the saga's input offsets are committed (after a producer flush;
-    # pipeline.sequencing); the ledger commits its inputs in each batch's transaction
+    # pipeline.kafka.sequencing); the ledger commits its inputs in each batch's transaction
     commit_interval_s: float = 1.0
     # the ledger's batches (agents.ledger): records per batch (also the most commands one
     # SKU record carries the effects of), the transaction timeout after which the broker

@@ -49,7 +49,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.clients import confluent_config
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.validation import Invalid, check_sku
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from schemas.registry import RegistryError

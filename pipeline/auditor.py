@@ -66,8 +66,8 @@ from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.cli import prog
 from pipeline.clients import confluent_config, opensearch_kwargs, redis_kwargs
+from pipeline.kafka.topics import changelog_topic
 from pipeline.logs import configure_logging
-from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
 

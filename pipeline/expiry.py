@@ -24,8 +24,8 @@ import uuid
 from agents.stock import engine
 from config.settings import settings
 from pipeline import metrics
-from pipeline.indexing import IndexRefresher, settled
-from pipeline.partitioning import partition_for
+from pipeline.kafka.indexing import IndexRefresher, settled
+from pipeline.kafka.partitioning import partition_for
 from pipeline.runtime import app, open_reservations, orders_topic
 from schemas.codec import codec_from_settings
 from tables.stock import RESERVATION_SEP, OpenReservations

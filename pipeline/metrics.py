@@ -116,7 +116,7 @@ REROUTED = Counter(
 INPUT_GAPS = Counter(
     "inventory_input_gaps_total",
     "Input records Kafka never delivered to the agent: a forward jump in a partition's offsets "
-    "(should stay 0: each one triggers a rewind, see pipeline/sequencing.py).",
+    "(should stay 0: each one triggers a rewind, see pipeline/kafka/sequencing.py).",
     ["topic"],
     registry=REGISTRY,
 )
@@ -129,7 +129,7 @@ INPUT_REWINDS = Counter(
 INPUT_STALLS = Counter(
     "inventory_input_stalls_total",
     "Input partitions found applying nothing for a while with records waiting in the log "
-    "(each one is rewound; see pipeline/sequencing.py).",
+    "(each one is rewound; see pipeline/kafka/sequencing.py).",
     ["topic"],
     registry=REGISTRY,
 )

@@ -38,7 +38,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.clients import confluent_config
-from pipeline.topics import ensure_topics
+from pipeline.kafka.topics import ensure_topics
 from pipeline.validation import Invalid, check_sku
 from schemas.codec import SCHEMA_DIR, AvroCodec, EncodeError, codec_from_settings
 
@@ -117,7 +117,7 @@ DeliveryReport = Callable[[str, str, int, int], None]
 class CommandProducer:
     """An idempotent, murmur2-partitioned producer of the pipeline's input commands.
 
-    Creates the project's topics if missing (:func:`pipeline.topics.ensure_topics`).
+    Creates the project's topics if missing (:func:`pipeline.kafka.topics.ensure_topics`).
     Sends are asynchronous; :meth:`flush` (also on leaving a ``with`` block)
     waits for every record and raises :class:`DeliveryError` if any failed.
     """

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.kafka.reading import read_to_end
+from pipeline.kafka.topics import changelog_topic
 from pipeline.sinks.base import Projection
 from pipeline.sinks.runner import build_projections
-from pipeline.topics import changelog_topic
 from tables.stock import StoredStock, is_stock_key
 
 

@@ -37,8 +37,8 @@ from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.cli import prog
 from pipeline.clients import aiokafka_kwargs, confluent_config
+from pipeline.kafka.topics import changelog_topic
 from pipeline.logs import configure_logging
-from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
 

@@ -43,7 +43,7 @@ from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline import reserve_rules as rr
 from pipeline.clients import aiokafka_kwargs
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.routing import owner_route
 from pipeline.runtime import app, orders_topic
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down

@@ -32,11 +32,11 @@ from config.settings import UNSPECIFIED_HOSTS, Settings, settings
 from pipeline.clients import confluent_config, faust_broker_kwargs
 from pipeline.failpoints import drop_deliveries, parse_drops
 from pipeline.kafka.feed import BatchFeed, feeding_transport
+from pipeline.kafka.sequencing import InputGuard, confluent_offsets
+from pipeline.kafka.sequencing import install as install_input_guard
+from pipeline.kafka.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
 from pipeline.logs import faust_logging_config
 from pipeline.metrics import install_faust_sensor
-from pipeline.sequencing import InputGuard, confluent_offsets
-from pipeline.sequencing import install as install_input_guard
-from pipeline.topics import KafkaUnreachable, PartitionMismatch, ensure_topics
 from tables.stock import OpenReservations
 
 log = logging.getLogger("inventory.app")
@@ -126,7 +126,7 @@ def table_options(cfg: Settings) -> dict[str, Any]:
 
 def _raw_topic(*names: str, acks: bool = True, guarded: bool = False) -> Any:
     """A topic of raw bytes; ``acks=False`` for agent inputs, which Faust never commits:
-    ``guarded`` ones are committed and watched by :mod:`pipeline.sequencing` (the saga's),
+    ``guarded`` ones are committed and watched by :mod:`pipeline.kafka.sequencing` (the saga's),
     the ledger's by its transactions."""
     if guarded:
         input_guard.watch(*names)

@@ -6,7 +6,7 @@ costs CPU in proportion to all orders ever seen, so the agent notes every write
 in an index and the sweeper reads only the index. A restore from the changelog
 writes the table without the agent, so the index is rebuilt by a scan after
 every rebalance and, as a backstop, every few minutes
-(:class:`pipeline.indexing.IndexRefresher`). The scan runs in slices between
+(:class:`pipeline.kafka.indexing.IndexRefresher`). The scan runs in slices between
 which the agent keeps writing: notes made after :meth:`start_rebuild` win over
 what the scan read for the same key.
 """

@@ -22,8 +22,8 @@ from collections import defaultdict
 from config.settings import Settings
 from harness import Namespace, Worker, read_topic, wait_stock
 from pipeline.kafka.reading import read_to_end
+from pipeline.kafka.topics import changelog_topic
 from pipeline.produce import CommandProducer
-from pipeline.topics import changelog_topic
 from tables.stock import StoredStock, is_stock_key
 
 SKUS = [f"KILL-{i}" for i in range(6)]

@@ -54,9 +54,9 @@ from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
 from pipeline.dead_letters import dead_letter
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
-from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock, is_stock_key
 

@@ -100,7 +100,7 @@ from crashload import audit_changelog
 from faults import PrivateRedis, TcpProxy
 from harness import OUT, Namespace, Worker
 from pipeline.clients import confluent_config
-from pipeline.topics import ensure_topics
+from pipeline.kafka.topics import ensure_topics
 
 
 class ChaosRun(FaultsMixin, SettleMixin):

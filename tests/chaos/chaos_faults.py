@@ -14,8 +14,8 @@ import cluster
 from chaos_observe import QuietProducer, flush
 from chaos_plan import STACK, FaultRecord
 from pipeline.clients import confluent_config
-from pipeline.partitioning import partition_for
-from pipeline.topics import changelog_topic
+from pipeline.kafka.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic
 
 
 class FaultsMixin:

@@ -14,7 +14,7 @@ from chaos_checks import LedgerView, check_invariants
 from chaos_observe import FIELDS, high_watermarks, read_all
 from chaos_plan import INVARIANTS, ORDER_TYPES
 from chaos_workload import RoundCtx, Shopper
-from pipeline.topics import changelog_topic
+from pipeline.kafka.topics import changelog_topic
 from schemas.codec import AvroCodec, DecodeError
 
 

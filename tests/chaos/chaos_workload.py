@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from chaos_observe import QuietProducer, flush
 from chaos_plan import OrderInfo
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer, now_ms
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import pytest
 
 from faults import TcpProxy
 from harness import FAUST, Namespace, Worker, wait_for, wait_stock
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from confluent_kafka import Producer
 
 from harness import REPO, Namespace, Worker, wait_for, wait_stock
 from pipeline.clients import confluent_config
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 from schemas.codec import codec_from_settings
 

@@ -22,9 +22,9 @@ from opensearchpy import OpenSearch
 from config.settings import settings as base
 from harness import Namespace, Sidecar, Worker, read_topic, wait_for, wait_stock
 from pipeline.kafka.reading import read_to_end
+from pipeline.kafka.topics import changelog_topic
 from pipeline.metrics import INVARIANTS
 from pipeline.produce import CommandProducer
-from pipeline.topics import changelog_topic
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock, is_stock_key
 

@@ -12,10 +12,10 @@ from config.settings import Settings
 from crashload import SKUS, Workload, audit_changelog, check_invariants
 from harness import Namespace, Worker, read_topic, wait_for
 from pipeline.domain import core
+from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.reading import read_to_end
-from pipeline.partitioning import partition_for
+from pipeline.kafka.topics import changelog_topic
 from pipeline.produce import CommandProducer
-from pipeline.topics import changelog_topic
 from tables.stock import StoredStock, is_stock_key
 
 pytestmark = pytest.mark.integration

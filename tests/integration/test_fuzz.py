@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from harness import Namespace, Worker, read_topic, wait_stock
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer, fill_defaults
 from schemas.codec import AvroCodec
 

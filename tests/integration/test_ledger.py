@@ -19,7 +19,7 @@ from harness import (
     wait_for,
     wait_stock,
 )
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer, now_ms
 from schemas.codec import AvroCodec
 

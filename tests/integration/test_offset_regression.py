@@ -18,7 +18,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from harness import Namespace, Worker, metric_total, wait_for, wait_stock
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration

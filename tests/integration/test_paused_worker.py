@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from harness import Namespace, Worker, read_topic, wait_for
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from harness import Namespace, Worker, restock_and_wait, wait_for, wait_stock
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration

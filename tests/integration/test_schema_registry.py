@@ -21,7 +21,7 @@ import pytest
 from fastavro import parse_schema, schemaless_writer
 
 from harness import REPO, Namespace, Worker, metric_total, read_topic, wait_for, wait_stock
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 from schemas.codec import SCHEMA_DIR, AvroCodec, DecodeError
 from schemas.registry import SchemaRegistry

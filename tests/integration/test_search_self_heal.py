@@ -21,9 +21,9 @@ from opensearchpy import OpenSearch
 from pipeline import metrics
 from pipeline.clients import confluent_config
 from pipeline.domain.core import StockRecord
+from pipeline.kafka.topics import changelog_topic, ensure_topics
 from pipeline.sinks.runner import SinkRunner
 from pipeline.sinks.search_sink import MAPPING, MARKERS_SUFFIX, SearchProjection
-from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock
 from tests.harness import Namespace

@@ -1,4 +1,4 @@
-"""A record Faust never delivers is fetched again, never skipped (pipeline.sequencing).
+"""A record Faust never delivers is fetched again, never skipped (pipeline.kafka.sequencing).
 
 The failpoint drops the first delivery of chosen records between Faust's fetch
 loop and the agents, the way faust-streaming 0.15 was seen to lose records at
@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from harness import Namespace, Record, Worker, read_topic, wait_for
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import CommandProducer
 
 SKU = "SEQ-1"

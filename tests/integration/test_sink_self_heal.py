@@ -23,10 +23,10 @@ from confluent_kafka import Producer
 from pipeline import metrics
 from pipeline.clients import confluent_config
 from pipeline.domain.core import StockRecord
+from pipeline.kafka.topics import changelog_topic, ensure_topics
 from pipeline.produce import CommandProducer
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.runner import SinkRunner
-from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock
 from tests.harness import Namespace, Worker, free_port, metric_total, wait_for

@@ -22,9 +22,9 @@ from confluent_kafka import Producer
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs, confluent_config
 from pipeline.domain.core import StockRecord
+from pipeline.kafka.topics import changelog_topic, ensure_topics
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.runner import UNREADABLE, SinkRunner
-from pipeline.topics import changelog_topic, ensure_topics
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock
 from tests.harness import Namespace, read_topic

@@ -107,7 +107,7 @@ def test_the_app_advertises_the_setting_when_it_starts_after_the_cli_reset_it(
     joins the group (here it stops right after, at the topic check)."""
     import pipeline.app  # noqa: F401 - the whole app, as the CLI loads it
     import pipeline.runtime as appmod
-    from pipeline.topics import KafkaUnreachable
+    from pipeline.kafka.topics import KafkaUnreachable
 
     app = appmod.app
     monkeypatch.setattr(

@@ -12,7 +12,7 @@ import yaml
 
 from config.settings import Settings
 from pipeline import validation
-from pipeline.partitioning import partition_for
+from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import INPUT_TYPES, topic_for_type
 from schemas.codec import SCHEMA_DIR, AvroCodec, fingerprint, load_schemas
 

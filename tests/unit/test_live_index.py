@@ -1,5 +1,5 @@
 """The sweepers' indexes of open items (tables/index.py) and their sliced rebuild
-(pipeline/indexing.py), without a broker: a fake app and table stand in for Faust."""
+(pipeline/kafka/indexing.py), without a broker: a fake app and table stand in for Faust."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline import indexing
 from pipeline.domain import saga as sg
-from pipeline.indexing import IndexRefresher
+from pipeline.kafka import indexing
+from pipeline.kafka.indexing import IndexRefresher
 from tables.index import LiveIndex
 from tables.orders import OpenSagas, StoredSaga
 

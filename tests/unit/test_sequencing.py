@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import metrics
-from pipeline.sequencing import InputGuard, PartitionOffsets, Sequencer, Verdict
+from pipeline.kafka.sequencing import InputGuard, PartitionOffsets, Sequencer, Verdict
 
 
 def test_sequencer_applies_only_the_next_offset():

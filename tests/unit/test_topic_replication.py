@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from config.settings import Settings, SettingsError
-from pipeline import topics
+from pipeline.kafka import topics
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_the_topics_faust_creates_itself_get_the_replication_factor_too():
     # the saga table's changelog is the one topic Faust creates that anyone writes to
     code = (
         "import json; from pipeline.app import app, settings; import agents.orders as o; "
-        "from pipeline.topics import leader_topic; "
+        "from pipeline.kafka.topics import leader_topic; "
         "print(json.dumps([app.conf.topic_replication_factor, app.conf.table_standby_replicas, "
         "o.orders_table.changelog_topic.config, "
         "app._leader_assignor._leader_topic_name == leader_topic(settings)]))"
@@ -138,7 +138,7 @@ def test_the_topics_faust_creates_itself_get_the_replication_factor_too():
     rf, standby, changelog_config, same_leader_topic = json.loads(out.stdout.splitlines()[-1])
     assert (rf, standby) == (3, 1)
     assert changelog_config["min.insync.replicas"] == "2"
-    assert same_leader_topic, "pipeline.topics.leader_topic is not Faust's assignor topic"
+    assert same_leader_topic, "pipeline.kafka.topics.leader_topic is not Faust's assignor topic"
 
 
 def test_fausts_assignor_topic_is_created_by_us_with_the_min_insync_replicas():
