@@ -97,7 +97,7 @@ class PartsSection(WriterBase):
             f"flight ({n} per client). Kafka path: send ReserveStock and read "
             "reservation-results until its answer (what `docs/asyncapi.yaml` tells a checkout "
             "to do); HTTP: `POST /reservations` on a kept-alive connection, which does the same "
-            f"inside the worker (`pipeline/reserve_api.py`). Then {c} clients of each at once.",
+            f"inside the worker (`pipeline/web/reserve_api.py`). Then {c} clients of each at once.",
             "",
             "| path | clients | p50 ms | p99 ms | answers/s |",
             "|---|---|---|---|---|",

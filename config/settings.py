@@ -343,7 +343,7 @@ class Settings:
     live_max_connections: int = 1000
     # retention of the non-compacted audit topic inventory.stock-changes (-1 = forever)
     stock_changes_retention_ms: int = -1
-    # the synchronous reserve API (pipeline.reserve_api): how long a request waits for the
+    # the synchronous reserve API (pipeline.web.reserve_api): how long a request waits for the
     # ledger's or the saga's answer before it is answered 202, and the largest body it reads
     reserve_api_timeout_ms: int = 2000
     reserve_api_max_body_bytes: int = 65536

@@ -17,10 +17,10 @@ import agents.orders  # noqa: F401
 import agents.stock  # noqa: F401
 import pipeline.expiry  # noqa: F401
 import pipeline.faust_commands  # noqa: F401
-import pipeline.live  # noqa: F401
-import pipeline.reserve_api  # noqa: F401
 import pipeline.sinks.worker  # noqa: F401
-import pipeline.web  # noqa: F401
+import pipeline.web.live  # noqa: F401
+import pipeline.web.reserve_api  # noqa: F401
+import pipeline.web.views  # noqa: F401
 from pipeline.runtime import app, settings
 
 __all__ = ["app"]

@@ -26,7 +26,7 @@ import redis
 from config.settings import Settings, settings
 from faults import PrivateRedis
 from harness import OUT, Namespace, Worker, metric_total, wait_for
-from pipeline.live import decode_event_id
+from pipeline.web.live import decode_event_id
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 The queries are parsed with a real PromQL parser (promql-parser). The set of
 exported series is built from ``pipeline.metrics.REGISTRY`` (which also holds
-``pipeline.live``'s metrics and Faust's sensor metrics) the way prometheus_client
+``pipeline.web.live``'s metrics and Faust's sensor metrics) the way prometheus_client
 exposes it: a counter family ``x`` as ``x_total`` (+ ``x_created``), a histogram
 ``h`` as ``h_bucket``/``h_sum``/``h_count`` (+ ``h_created``), a gauge as itself;
 plus ``up``, which Prometheus adds per target. Names are compared as exposed,
@@ -53,7 +53,7 @@ class Series:
 @cache
 def exported() -> dict[str, Series]:
     """Sample name -> what it is, for every series GET /metrics can expose."""
-    import pipeline.live  # noqa: F401 - registers inventory_live_* (imports the whole app)
+    import pipeline.web.live  # noqa: F401 - registers inventory_live_* (imports the whole app)
     from pipeline import metrics
 
     metrics.faust_metrics()  # Faust's sensor metrics, as install_faust_sensor registers them

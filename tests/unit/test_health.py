@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mode.utils.locks import Event
 
-from pipeline.health import liveness, readiness
+from pipeline.web.health import liveness, readiness
 
 
 def fake_app(recovered: bool = True, rebalancing: bool = False) -> Any:
@@ -114,7 +114,7 @@ LOOP = asyncio.new_event_loop()
 def get(paths: list[str]) -> dict[str, tuple[int, Any]]:
     from aiohttp.test_utils import TestClient, TestServer
 
-    import pipeline.web  # noqa: F401 - registers the views
+    import pipeline.web.views  # noqa: F401 - registers the views
     from pipeline.app import app
 
     async def run() -> dict[str, tuple[int, Any]]:

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from config.settings import settings
-from pipeline import live
-from pipeline.live import (
+from pipeline.web import live
+from pipeline.web.live import (
     MAX_SKUS,
     QUEUE_LIMIT,
     RESYNC,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
-from pipeline import reserve_rules as rr
+from pipeline.web import reserve_rules as rr
 from schemas.codec import AvroCodec
 
 CFG = Settings()

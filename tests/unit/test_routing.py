@@ -1,4 +1,4 @@
-"""pipeline.routing.owner_route with a stand-in router (the adapter's error paths).
+"""pipeline.web.routing.owner_route with a stand-in router (the adapter's error paths).
 
 Routed queries against real workers are covered by test_two_workers.py and
 test_advertised_url.py."""
@@ -13,7 +13,7 @@ from typing import Any
 from faust.exceptions import SameNode
 from faust.web import Response
 
-from pipeline.routing import owner_route
+from pipeline.web.routing import owner_route
 
 
 class FakeView:

@@ -1,6 +1,6 @@
 """Faust web views: health, stock queries routed to the owning worker, metrics.
 
-Health has three endpoints (what each means: :mod:`pipeline.health`): ``/livez``
+Health has three endpoints (what each means: :mod:`pipeline.web.health`): ``/livez``
 (alive: the event loop serves, nothing crashed), ``/readyz`` (every assigned
 partition caught up, no rebalance) and ``/healthz`` (readiness plus the sinks' state,
 unchanged).
@@ -15,10 +15,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.stock import engine
 from pipeline import metrics
-from pipeline.health import liveness, readiness
-from pipeline.routing import owner_route
 from pipeline.runtime import app, orders_topic
 from pipeline.sinks.worker import sink_states
+from pipeline.web.health import liveness, readiness
+from pipeline.web.routing import owner_route
 
 
 def ready() -> bool:

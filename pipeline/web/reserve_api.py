@@ -4,7 +4,7 @@
 ``/cancel`` (CommitReservation, ReleaseReservation), ``POST /orders`` (PlaceOrder),
 ``POST /orders/{order_id}/commit`` and ``/cancel`` (CommitOrder, CancelOrder). Each
 needs an ``Idempotency-Key`` header. The worker checks the request like the Kafka path
-checks its command (:mod:`pipeline.reserve_rules`), sends the command to its topic (the
+checks its command (:mod:`pipeline.web.reserve_rules`), sends the command to its topic (the
 ledger and the saga stay the only writers) and waits for its answer on
 ``reservation-results`` / ``order-results``:
 
@@ -41,11 +41,11 @@ from agents.orders import checkouts_topic
 from agents.stock import engine
 from config.settings import Settings, settings
 from pipeline import metrics
-from pipeline import reserve_rules as rr
 from pipeline.clients import aiokafka_kwargs
 from pipeline.kafka.partitioning import partition_for
-from pipeline.routing import owner_route
 from pipeline.runtime import app, orders_topic
+from pipeline.web import reserve_rules as rr
+from pipeline.web.routing import owner_route
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.stock import StoredReservation, reservation_key
 

@@ -1,4 +1,4 @@
-"""What a worker's health endpoints mean (served by :mod:`pipeline.web`).
+"""What a worker's health endpoints mean (served by :mod:`pipeline.web.views`).
 
 * ``GET /livez``: the process is alive. Answering at all shows the event loop
   serves; it is 503 only when the Faust app or its consumer has crashed (a crashed

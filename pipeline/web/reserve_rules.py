@@ -1,7 +1,7 @@
 """The synchronous reserve API's pure rules: request bodies to commands, answers to HTTP.
 
 No Faust, Kafka or aiohttp here (the views and the answer waiter are
-:mod:`pipeline.reserve_api`). Every request is checked exactly like the Kafka path
+:mod:`pipeline.web.reserve_api`). Every request is checked exactly like the Kafka path
 checks the command it becomes (the Avro schema, then :func:`pipeline.validation.to_command`
 or :func:`pipeline.domain.saga.to_order_command`), so a bad request is answered at once and
 never becomes a dead letter.

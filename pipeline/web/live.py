@@ -34,7 +34,7 @@ fans messages out to every open stream; when Redis drops it reconnects with
 backoff, keeps the streams open and, once subscribed again, makes every stream
 re-read the hashes so nothing is missed.
 
-``GET /product/{sku}`` serves ``pipeline/static/product.html``, a page that
+``GET /product/{sku}`` serves ``pipeline/web/static/product.html``, a page that
 follows one SKU over this stream.
 
 The Faust aiohttp driver hands views the real :class:`aiohttp.web.Request`, so
@@ -693,7 +693,7 @@ class LiveStock(View):
 @cache
 def product_html() -> str:
     """The product page, read once from the package data."""
-    return resources.files("pipeline").joinpath("static/product.html").read_text("utf-8")
+    return resources.files("pipeline.web").joinpath("static/product.html").read_text("utf-8")
 
 
 PAGE_HEADERS: Final = {
