@@ -69,9 +69,9 @@ from pipeline.kafka.transactions import (
 )
 from pipeline.logs import log_context
 from pipeline.store import PartitionStore, store_path
-from pipeline.validation import Invalid, to_command
 from schemas.codec import AvroCodec, DecodeError, retry_while_registry_down
 from schemas.registry import RegistryError
+from schemas.validation import Invalid, to_command
 from tables.stock import (
     EVENT_PREFIX,
     RESERVATION_SEP,

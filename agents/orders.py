@@ -64,8 +64,9 @@ from pipeline.runtime import (
     orders_topic,
     table_options,
 )
-from pipeline.validation import Invalid
+from schemas import validation
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
+from schemas.validation import Invalid
 from tables.orders import FinishedSagas, OpenSagas, StoredSaga, order_key, result_to_dict
 
 log = logging.getLogger("inventory.orders")
@@ -180,8 +181,8 @@ class SagaHandler:
         self.table = table
         self.codec = codec
         self.cfg = cfg
-        self.limits = sg.Limits.of(cfg)
-        self.max_bytes = sg.max_checkout_bytes(self.limits)
+        self.limits = validation.Limits.of(cfg)
+        self.max_bytes = validation.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
         self.finished = finished
 
@@ -222,7 +223,7 @@ class SagaHandler:
             return
         try:
             name, rec = await self._decode(value)
-            cmd = sg.to_order_command(key, name, rec, self.limits)
+            cmd = validation.to_order_command(key, name, rec, self.limits)
         except (DecodeError, Invalid) as exc:
             await self.dead_letter(exc.reason, exc.detail, topic, partition, offset, key, value)
             return

@@ -28,8 +28,8 @@ import orjson
 from config.settings import Settings
 from pipeline import batch
 from pipeline.domain import core
-from pipeline.validation import to_command
 from schemas.codec import AvroCodec
+from schemas.validation import to_command
 from tables.stock import StoredReservation, StoredStock, effect_of, stock_key
 
 SKU = "SKU-HOT-000001"

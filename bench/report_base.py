@@ -48,7 +48,7 @@ SUBSYSTEMS: list[tuple[str, str]] = [
     ("feed (`pipeline/kafka/feed.py`: fetch loop to per-partition buffers)", r"kafka/feed\.py"),
     ("local store (`pipeline/store.py`, RocksDB WriteBatch)", r"pipeline/store\.py"),
     ("Avro codec (`schemas/codec.py`)", r"schemas/codec\.py"),
-    ("validation (`pipeline/validation.py`)", r"pipeline/validation\.py"),
+    ("validation (`schemas/validation.py`)", r"pipeline/validation\.py"),
     ("stored values, orjson (`tables/stock.py`)", r"tables/stock\.py"),
     ("relay (`pipeline/relay.py`)", r"pipeline/relay\.py"),
     ("sinks (`pipeline/sinks/`)", r"sinks/[a-z_]+\.py"),

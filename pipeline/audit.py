@@ -50,9 +50,9 @@ from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.clients import confluent_config
 from pipeline.kafka.partitioning import partition_for
-from pipeline.validation import Invalid, check_sku
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from schemas.registry import RegistryError
+from schemas.validation import Invalid, check_sku
 
 EXIT_OK = 0
 EXIT_BROKEN = 1

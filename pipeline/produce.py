@@ -39,8 +39,8 @@ from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.clients import confluent_config
 from pipeline.kafka.topics import ensure_topics
-from pipeline.validation import Invalid, check_sku
 from schemas.codec import SCHEMA_DIR, AvroCodec, EncodeError, codec_from_settings
+from schemas.validation import Invalid, check_sku
 
 _TOPIC_OF_TYPE = {
     "ReserveStock": "orders_topic",

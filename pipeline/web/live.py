@@ -72,7 +72,7 @@ from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.clients import redis_kwargs
 from pipeline.runtime import app
-from pipeline.validation import Invalid, check_sku
+from schemas.validation import Invalid, check_sku
 
 log = logging.getLogger("inventory.live")
 
@@ -166,7 +166,7 @@ def parse_skus(values: Iterable[str], cfg: Settings = settings) -> tuple[str, ..
     """The SKUs of ``sku`` query values (each comma-separated), deduplicated, in order.
 
     Raises :class:`BadQuery` for none, more than :data:`MAX_SKUS`, or one that
-    :func:`pipeline.validation.check_sku` refuses (an empty item included).
+    :func:`schemas.validation.check_sku` refuses (an empty item included).
     A SKU that itself contains a comma cannot be requested.
     """
     out: dict[str, None] = {}

@@ -2,8 +2,8 @@
 
 No Faust, Kafka or aiohttp here (the views and the answer waiter are
 :mod:`pipeline.web.reserve_api`). Every request is checked exactly like the Kafka path
-checks the command it becomes (the Avro schema, then :func:`pipeline.validation.to_command`
-or :func:`pipeline.domain.saga.to_order_command`), so a bad request is answered at once and
+checks the command it becomes (the Avro schema, then :func:`schemas.validation.to_command`
+or :func:`pipeline.domain.validation.to_order_command`), so a bad request is answered at once and
 never becomes a dead letter.
 
 Idempotency without state of its own: the command's ``event_id`` is derived from the
@@ -27,9 +27,9 @@ from typing import Any
 from urllib.parse import quote
 
 from config.settings import Settings
-from pipeline.domain import saga as sg
-from pipeline.validation import Invalid, to_command
+from schemas import validation
 from schemas.codec import AvroCodec, EncodeError
+from schemas.validation import Invalid, to_command
 
 MAX_KEY_LEN = 255
 """Characters an Idempotency-Key may have."""
@@ -233,7 +233,7 @@ def order_request(
         fields["order_id"] = order_id
     lines: list[tuple[str, int]] = []
     if type_name == "PlaceOrder":
-        limits = sg.Limits.of(cfg)
+        limits = validation.Limits.of(cfg)
         if len(fields["lines"]) > limits.max_lines:  # before looking at any line
             raise ApiError(
                 422, "too_many_lines", f"{len(fields['lines'])} lines, maximum {limits.max_lines}"
@@ -257,7 +257,7 @@ def order_request(
     value = _checked(type_name, record, codec)
     order_key = record["order_id"].encode("utf-8")
     try:
-        sg.to_order_command(order_key, type_name, record, sg.Limits.of(cfg))
+        validation.to_order_command(order_key, type_name, record, validation.Limits.of(cfg))
     except Invalid as exc:
         raise ApiError(422, exc.reason, exc.detail) from None
     return Request(

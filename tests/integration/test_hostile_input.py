@@ -221,7 +221,7 @@ def test_a_multi_line_order_with_the_longest_ttl_is_answered(kafka):
     """Issue 14 item 4: a 7-day order's line holds last ttl + grace, past the ledger's
     7-day limit, so each line was dead-lettered and the saga re-sent it for ever; the
     order was never answered. The ledger takes the saga's holds up to ttl + grace now."""
-    from pipeline.validation import MAX_TTL_MS
+    from schemas.validation import MAX_TTL_MS
 
     ns = Namespace.fresh("longttl", 1)
     s = ns.settings

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from config.settings import Settings
-from pipeline import validation
 from pipeline.kafka.partitioning import partition_for
 from pipeline.produce import INPUT_TYPES, topic_for_type
+from schemas import validation
 from schemas.codec import SCHEMA_DIR, AvroCodec, fingerprint, load_schemas
 
 REPO = Path(__file__).resolve().parents[2]

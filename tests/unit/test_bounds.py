@@ -18,8 +18,9 @@ from config.settings import Settings
 from pipeline import batch
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core, saga
-from pipeline.validation import MAX_ID_LEN, MAX_TEXT_LEN, MAX_TTL_MS, Invalid, to_command
+from schemas import validation
 from schemas.codec import AvroCodec
+from schemas.validation import MAX_ID_LEN, MAX_TEXT_LEN, MAX_TTL_MS, Invalid, to_command
 from tables.stock import StoredStock
 
 S = Settings()
@@ -70,12 +71,12 @@ def test_a_checkout_with_an_oversized_channel_is_refused():
         "occurred_at": T0,
     }
     with pytest.raises(Invalid) as info:
-        saga.to_order_command(b"o", "PlaceOrder", rec, saga.Limits.of(S))
+        validation.to_order_command(b"o", "PlaceOrder", rec, validation.Limits.of(S))
     assert info.value.reason == "text_too_long"
 
 
 def test_the_ledger_takes_the_holds_of_an_order_with_the_longest_ttl():
-    order = saga.to_order_command(
+    order = validation.to_order_command(
         b"o",
         "PlaceOrder",
         {
@@ -85,7 +86,7 @@ def test_the_ledger_takes_the_holds_of_an_order_with_the_longest_ttl():
             "occurred_at": T0,
             "ttl_ms": MAX_TTL_MS,
         },
-        saga.Limits.of(S),
+        validation.Limits.of(S),
     )
     decision = saga.decide(None, order, grace_ms=S.order_grace_ms)
     holds = [c for c in decision.sends if isinstance(c, core.ReserveStock)]

@@ -10,8 +10,9 @@ from fastavro import parse_schema, schemaless_writer
 from config.settings import Settings
 from pipeline.domain import core
 from pipeline.domain import saga as sg
-from pipeline.validation import Invalid, to_command
+from schemas import validation
 from schemas.codec import RELEASED_DIR, SINGLE_OBJECT_MAGIC, AvroCodec, fingerprint
+from schemas.validation import Invalid, to_command
 from tables.orders import saga_from_dict, saga_to_dict
 from tables.stock import (
     RESERVATION_SEP,
@@ -89,7 +90,7 @@ def test_a_reserve_written_with_the_first_schema_is_read_without_a_customer():
 
 
 def test_place_order_passes_its_customer_to_every_line_reserve():
-    cmd = sg.to_order_command(
+    cmd = validation.to_order_command(
         b"o1",
         "PlaceOrder",
         {
@@ -100,17 +101,17 @@ def test_place_order_passes_its_customer_to_every_line_reserve():
             "occurred_at": T0,
             "customer_id": "c-9",
         },
-        sg.Limits.of(S),
+        validation.Limits.of(S),
     )
     d = sg.decide(None, cmd, grace_ms=0)
     assert {c.sku: c.customer_id for c in d.sends} == {"A": "c-9", "B": "c-9"}
     assert saga_from_dict(saga_to_dict(d.saga)) == d.saga
     with pytest.raises(Invalid) as info:
-        sg.to_order_command(
+        validation.to_order_command(
             b"o1",
             "PlaceOrder",
             {**cmd.__dict__, "lines": [{"sku": "A", "qty": 1}], "customer_id": "x" * 200},
-            sg.Limits.of(S),
+            validation.Limits.of(S),
         )
     assert info.value.reason == "text_too_long"
 

@@ -23,7 +23,8 @@ from config.settings import Settings
 from pipeline.domain import core
 from pipeline.domain import saga as sg
 from pipeline.domain.saga import LineState, OrderOutcome, OrderStatus
-from pipeline.validation import Invalid
+from schemas import validation
+from schemas.validation import Invalid
 from tables.orders import StoredSaga, result_to_dict
 
 T0 = 1_700_000_000_000
@@ -304,7 +305,7 @@ def test_result_dicts_fit_the_avro_schema():
 
 # --------------------------------------------------------------------------- validation
 
-LIMITS = sg.Limits.of(Settings(max_qty=100, max_sku_len=8))
+LIMITS = validation.Limits.of(Settings(max_qty=100, max_sku_len=8))
 
 
 def rec(**kw):
@@ -321,12 +322,14 @@ def rec(**kw):
 
 
 def test_valid_place_order():
-    cmd = sg.to_order_command(b"o1", "PlaceOrder", rec(), LIMITS)
+    cmd = validation.to_order_command(b"o1", "PlaceOrder", rec(), LIMITS)
     assert cmd == sg.PlaceOrder("e1", "o1", (("A", 1),), T0, "web", LIMITS.default_ttl_ms)
     cancel = {"event_id": "e", "order_id": "o1", "occurred_at": T0, "reason": "", "expire": True}
-    assert isinstance(sg.to_order_command(b"o1", "CancelOrder", cancel, LIMITS), sg.ExpireOrder)
+    assert isinstance(
+        validation.to_order_command(b"o1", "CancelOrder", cancel, LIMITS), sg.ExpireOrder
+    )
     cancel["expire"] = False
-    assert sg.to_order_command(b"o1", "CancelOrder", cancel, LIMITS).reason == "cancelled"
+    assert validation.to_order_command(b"o1", "CancelOrder", cancel, LIMITS).reason == "cancelled"
 
 
 @pytest.mark.parametrize(
@@ -352,7 +355,7 @@ def test_valid_place_order():
 )
 def test_bad_order_commands_are_dead_lettered(name, record, key, reason):
     with pytest.raises(Invalid) as info:
-        sg.to_order_command(key, name, record, LIMITS)
+        validation.to_order_command(key, name, record, LIMITS)
     assert info.value.reason == reason
 
 
@@ -617,11 +620,11 @@ def test_replace_keeps_saga_frozen():
 
 
 def test_the_largest_valid_place_order_fits_the_pre_decode_bound() -> None:
-    from pipeline.validation import MAX_CHANNEL_LEN, MAX_ID_LEN
     from schemas.codec import AvroCodec
+    from schemas.validation import MAX_CHANNEL_LEN, MAX_ID_LEN
 
-    limits = sg.Limits(max_lines=100, max_sku_len=64)
-    bound = sg.max_checkout_bytes(limits)
+    limits = validation.Limits(max_lines=100, max_sku_len=64)
+    bound = validation.max_checkout_bytes(limits)
     widest = "\U0001f600"  # 4 bytes in UTF-8
     record = {
         "event_id": widest * MAX_ID_LEN,
@@ -635,7 +638,7 @@ def test_the_largest_valid_place_order_fits_the_pre_decode_bound() -> None:
     assert size <= bound
     # and the bound is not loose enough to let a many-times-larger order through
     assert bound < 2 * size
-    assert sg.max_checkout_bytes(replace(limits, max_lines=1000)) > 9 * bound // 2
+    assert validation.max_checkout_bytes(replace(limits, max_lines=1000)) > 9 * bound // 2
 
 
 # --------------------------------------------------------------------------- pruning
@@ -679,15 +682,15 @@ def test_an_open_saga_an_unknown_one_or_retention_zero_is_never_pruned():
 
 
 def test_the_prune_command_is_a_cancel_order_with_expire_and_reason_pruned():
-    limits = sg.Limits(max_lines=10, max_qty=100, default_ttl_ms=TTL)
+    limits = validation.Limits(max_lines=10, max_qty=100, default_ttl_ms=TTL)
     rec = {"event_id": "o1:prune", "order_id": "o1", "occurred_at": T0, "channel": "system"}
-    cmd = sg.to_order_command(
+    cmd = validation.to_order_command(
         b"o1", "CancelOrder", {**rec, "expire": True, "reason": "pruned"}, limits
     )
     assert cmd == sg.PruneOrder("o1:prune", "o1", T0)
-    expire = sg.to_order_command(b"o1", "CancelOrder", {**rec, "expire": True}, limits)
+    expire = validation.to_order_command(b"o1", "CancelOrder", {**rec, "expire": True}, limits)
     assert isinstance(expire, sg.ExpireOrder)
-    cancel = sg.to_order_command(b"o1", "CancelOrder", {**rec, "reason": "pruned"}, limits)
+    cancel = validation.to_order_command(b"o1", "CancelOrder", {**rec, "reason": "pruned"}, limits)
     assert isinstance(cancel, sg.CancelOrder)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from config.settings import Settings
 from pipeline.domain import core
-from pipeline.validation import Invalid, to_command
+from schemas.validation import Invalid, to_command
 
 S = Settings(max_qty=100, max_sku_len=8, default_ttl_ms=5000)
 T0 = 1_700_000_000_000

@@ -1,4 +1,4 @@
-"""Decoded Avro records to core commands, with every input rule that dead-letters.
+"""Decoded Avro records to core commands and saga inputs, with every input rule that dead-letters.
 
 The codec guarantees types; this module checks meaning: which topic may carry
 which record, quantities, SKUs, ids. A failed check raises :class:`Invalid`
@@ -10,10 +10,23 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from config.settings import Settings
 from pipeline.domain import core
+from pipeline.domain.saga import (
+    DEFAULT_MAX_LINES,
+    MAX_EVENT_ID_LEN,
+    MAX_ORDER_ID_LEN,
+    PRUNE_REASON,
+    CancelOrder,
+    CommitOrder,
+    ExpireOrder,
+    OrderCommand,
+    PlaceOrder,
+    PruneOrder,
+)
 
 MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
@@ -74,18 +87,18 @@ def check_sku(sku: str, settings: Settings) -> None:
 
 def check_text(rec: Mapping[str, Any]) -> None:
     """Every free-text field of ``rec`` within :data:`MAX_TEXT_LEN`."""
-    for field, limit in MAX_TEXT_LEN.items():
-        value = rec.get(field)
+    for name, limit in MAX_TEXT_LEN.items():
+        value = rec.get(name)
         if isinstance(value, str) and len(value) > limit:
-            raise Invalid("text_too_long", f"{field} is {len(value)} characters, at most {limit}")
+            raise Invalid("text_too_long", f"{name} is {len(value)} characters, at most {limit}")
 
 
-def _id(rec: Mapping[str, Any], field: str) -> str:
-    value = rec.get(field, "")
+def _id(rec: Mapping[str, Any], field: str, limit: int = MAX_ID_LEN) -> str:
+    value = rec.get(field) or ""
     if not value:
         raise Invalid(f"missing_{field}", f"{field} is empty")
-    if len(value) > MAX_ID_LEN:
-        raise Invalid(f"invalid_{field}", f"{field} longer than {MAX_ID_LEN}")
+    if len(value) > limit:
+        raise Invalid(f"invalid_{field}", f"{field} longer than {limit}")
     return str(value)
 
 
@@ -283,3 +296,133 @@ def to_command(
     if key != sku.encode("utf-8"):
         raise Invalid("key_mismatch", "message key is not the record's sku")
     return command
+
+
+# --------------------------------------------------------------------------
+# checkouts records (decoded Avro record -> saga input; Invalid dead-letters)
+
+
+def _order_id(rec: Mapping[str, Any]) -> str:
+    value = _id(rec, "order_id", MAX_ORDER_ID_LEN)
+    if any(ord(c) < 0x20 or c == "\x7f" for c in value):
+        raise Invalid("invalid_order_id", "order_id contains control characters")
+    return str(value)
+
+
+def _event_id(rec: Mapping[str, Any]) -> str:
+    return _id(rec, "event_id", MAX_EVENT_ID_LEN)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_qty: int = 100_000
+    max_sku_len: int = 64
+    max_lines: int = DEFAULT_MAX_LINES
+    default_ttl_ms: int = 15 * 60 * 1000
+    settings: Settings | None = field(default=None, compare=False)
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(
+            max_qty=s.max_qty,
+            max_sku_len=s.max_sku_len,
+            max_lines=s.max_order_lines,
+            default_ttl_ms=s.default_ttl_ms,
+            settings=s,
+        )
+
+
+CHECKOUT_RECORDS = ("PlaceOrder", "CommitOrder", "CancelOrder")
+
+
+def max_checkout_bytes(limits: Limits) -> int:
+    """An upper bound of the framed size of any checkouts record that can pass validation:
+    a PlaceOrder of ``limits.max_lines`` lines of the longest SKUs, every text field at its
+    longest in 4-byte UTF-8, every number at its longest varint. A larger record is
+    dead-lettered before it is decoded, so that its lines are never allocated (a 1 MB
+    record could otherwise hold some 300,000 lines)."""
+
+    def text(limit: int) -> int:
+        return 5 + limit  # a long varint length, then the bytes
+
+    header = 10  # single-object framing (the Confluent header is 5)
+    numbers = 3 * 10  # qty-free longs: ttl_ms, occurred_at, and the array's end marker
+    ids = 2 * text(4 * MAX_ID_LEN)  # event_id, order_id
+    texts = text(4 * MAX_CHANNEL_LEN) + sum(text(4 * n) for n in MAX_TEXT_LEN.values())
+    # each line: sku, qty (int varint), and room for a writer that writes one block per line
+    line = text(limits.max_sku_len) + 5 + 2 * 10
+    return header + numbers + ids + texts + limits.max_lines * line
+
+
+def to_order_command(
+    key: bytes | None, name: str, rec: Mapping[str, Any], limits: Limits
+) -> OrderCommand:
+    """Validate one decoded checkouts record; :class:`Invalid` names the dead-letter reason."""
+    if name not in CHECKOUT_RECORDS:
+        raise Invalid("wrong_topic", f"{name} is not accepted on the checkouts topic")
+    check_text(rec)
+    try:
+        cmd = _build(name, rec, limits)
+    except KeyError as exc:
+        raise Invalid("missing_field", f"{name} lacks {exc.args[0]}") from None
+    if key != cmd.order_id.encode("utf-8"):
+        raise Invalid("key_mismatch", "message key is not the record's order_id")
+    return cmd
+
+
+def _customer_id(r: Mapping[str, Any]) -> str:
+    value = str(r.get("customer_id") or "")  # its length: check_text
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise Invalid("invalid_customer_id", "customer_id contains control characters")
+    return value
+
+
+def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
+    if name == "PlaceOrder":
+        raw_lines = r["lines"]
+        if not raw_lines:
+            raise Invalid("no_lines", "order has no lines")
+        if len(raw_lines) > limits.max_lines:
+            raise Invalid("too_many_lines", f"{len(raw_lines)} lines, maximum {limits.max_lines}")
+        lines: list[tuple[str, int]] = []
+        totals: dict[str, int] = {}
+        for i, line in enumerate(raw_lines):
+            sku = line["sku"]
+            if limits.settings is not None:
+                check_sku(sku, limits.settings)
+            elif not sku or not sku.strip():
+                raise Invalid("empty_sku", f"line {i}: sku is empty")
+            qty = int(line["qty"])
+            if qty <= 0:
+                raise Invalid("qty_not_positive", f"line {i}: qty={qty}")
+            totals[sku] = totals.get(sku, 0) + qty
+            if totals[sku] > limits.max_qty:
+                raise Invalid(
+                    "qty_too_large", f"{sku}: qty {totals[sku]} above maximum {limits.max_qty}"
+                )
+            lines.append((sku, qty))
+        ttl = int(r.get("ttl_ms") or limits.default_ttl_ms)
+        if ttl <= 0 or ttl > MAX_TTL_MS:
+            raise Invalid("invalid_ttl", f"ttl_ms={ttl}")
+        return PlaceOrder(
+            event_id=_event_id(r),
+            order_id=_order_id(r),
+            lines=tuple(lines),
+            occurred_at=_time(r),
+            channel=r.get("channel") or "web",
+            ttl_ms=ttl,
+            customer_id=_customer_id(r),
+        )
+    if name == "CommitOrder":
+        return CommitOrder(_event_id(r), _order_id(r), _time(r), r.get("channel") or "web")
+    if r.get("expire"):
+        if r.get("reason") == PRUNE_REASON:
+            return PruneOrder(_event_id(r), _order_id(r), _time(r))
+        return ExpireOrder(_event_id(r), _order_id(r), _time(r))
+    return CancelOrder(
+        _event_id(r),
+        _order_id(r),
+        _time(r),
+        reason=r.get("reason") or "cancelled",
+        channel=r.get("channel") or "web",
+    )
