@@ -25,7 +25,8 @@ Idempotency rules that live here (the agent adds the Kafka-offset guard):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -466,12 +467,15 @@ class Decision:
         raise AssertionError("every decision carries a CommandApplied")  # pragma: no cover
 
 
-@dataclass(frozen=True)
-class _Change:
-    """Internal helper: a new record and why it changed."""
+@dataclass(frozen=True, slots=True)
+class _Applied:
+    """What one stock rule did: the new record (``record`` itself for a refusal that only
+    remembers the event id), the outcome, why, and any events beside StockChanged."""
 
     record: StockRecord
-    extra: tuple[Event, ...] = field(default=())
+    outcome: Outcome
+    reason: str = ""
+    extra: tuple[Event, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -562,6 +566,10 @@ def _with_low_stock(
     return _evolve(decision, events=(*decision.events[:-1], crossed, decision.events[-1]))
 
 
+# --------------------------------------------------------------------------
+# order commands: one function each
+
+
 def _decide_order(
     record: StockRecord,
     cmd: OrderCommand,
@@ -569,7 +577,6 @@ def _decide_order(
     res: Reservation | None,
     usage: CustomerUsage | None = None,
 ) -> Decision:
-    ctype = type(cmd).__name__
     if isinstance(cmd, ReserveStock):
         if res is not None:
             # the order already reserved (or was refused) here: answer the original outcome
@@ -582,169 +589,146 @@ def _decide_order(
                 res.reason,
                 duplicate=True,
             )
-        avail = record.available_for(cmd.channel)
-        # the customer's allowance in the current sale (usage is None: not capped)
-        allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
-        qty = cmd.qty
-        if cmd.allow_partial and min(avail, allowance) < qty:
-            qty = min(avail, allowance)
-        if 0 < qty <= min(avail, allowance):
-            alloc = record.allocation(cmd.channel)
-            from_alloc = min(qty, alloc.free) if alloc is not None else 0
-            new = _evolve(record, reserved=record.reserved + qty).with_allocation(
-                cmd.channel, from_alloc
-            )
-            new_res = Reservation(
-                order_id=cmd.order_id,
-                sku=cmd.sku,
-                qty=qty,
-                status=ReservationStatus.RESERVED,
-                expires_at=cmd.occurred_at + cmd.ttl_ms,
-                channel=cmd.channel,
-                event_id=cmd.event_id,
-                decided_at=cmd.occurred_at,
-                reason="partial" if qty < cmd.qty else "",
-                available_at_decision=new.available_for(cmd.channel),
-                from_allocation=from_alloc,
-                customer_id=cmd.customer_id,
-                counted=usage is not None,
-                sale_id=usage.sale_id if usage is not None else "",
-            )
-            used = _evolve(usage, units=usage.units + qty) if usage is not None else None
-            return _changed(
-                record, new, cmd, now, Outcome.RESERVED, qty, new_res, new_res.reason, used
-            )
-        if allowance < cmd.qty and (allowance == 0 or not cmd.allow_partial):
-            # the customer's cap refuses it: the answer's ``available`` is what the
-            # customer could still reserve now
-            why = CUSTOMER_LIMIT_REASON
-            avail = min(avail, allowance)
-        else:
-            why = _refusal(record, cmd.channel, cmd.qty)
-        refused = Reservation(
-            order_id=cmd.order_id,
-            sku=cmd.sku,
-            qty=cmd.qty,
-            status=ReservationStatus.REJECTED,
-            expires_at=cmd.occurred_at,
-            channel=cmd.channel,
-            event_id=cmd.event_id,
-            decided_at=cmd.occurred_at,
-            reason=why,
-            available_at_decision=avail,
-            customer_id=cmd.customer_id,
-        )
-        return Decision(
-            record=record,
-            reservation=refused,
-            events=(
-                ReservationResult(
-                    cmd.event_id,
-                    cmd.order_id,
-                    cmd.sku,
-                    Outcome.REJECTED,
-                    cmd.qty,
-                    avail,
-                    why,
-                ),
-                CommandApplied(cmd.event_id, cmd.sku, ctype, Outcome.REJECTED, cmd.channel, why),
-            ),
-        )
-
+        return _reserve(record, cmd, now, usage)
     if res is None or res.status is ReservationStatus.REJECTED:
         reason = "no reservation for this order" if res is None else "reservation was rejected"
         return _answer(record, cmd, Outcome.UNKNOWN_RESERVATION, 0, record.available, reason)
-
     if not res.status.is_open:
-        # already closed: a commit of a committed order (or release of a released one) is a
-        # duplicate; anything else is a command that came too late for this reservation
-        same = (
-            cmd.event_id == res.closed_by
-            or (isinstance(cmd, CommitReservation) and res.status is ReservationStatus.COMMITTED)
-            or (isinstance(cmd, ReleaseReservation) and res.status is ReservationStatus.RELEASED)
-            or (isinstance(cmd, ExpireReservation) and res.status is ReservationStatus.EXPIRED)
-        )
-        if same:
-            return _answer(
-                record,
-                cmd,
-                res.status_outcome(),
-                res.qty,
-                record.available,
-                res.reason,
-                duplicate=True,
-            )
-        if isinstance(cmd, ExpireReservation):
-            return _answer(
-                record,
-                cmd,
-                Outcome.NOT_EXPIRED,
-                res.qty,
-                record.available,
-                f"reservation is {res.status.value}",
-                silent=True,
-            )
-        return _answer(
-            record,
-            cmd,
-            Outcome.INVALID_STATE,
-            res.qty,
-            record.available,
-            f"reservation is {res.status.value}",
-        )
-
-    # the sweeper's ExpireReservation carries the time it saw; the ledger's own clock
-    # caps it, so one from any producer of the public orders topic can only expire what
-    # is due anyway (a future occurred_at cannot end a hold early)
-    at = min(cmd.occurred_at, now) if isinstance(cmd, ExpireReservation) else cmd.occurred_at
-    expired = at >= res.expires_at
-    if isinstance(cmd, ExpireReservation) and not expired:
-        return _answer(
-            record,
-            cmd,
-            Outcome.NOT_EXPIRED,
-            res.qty,
-            record.available,
-            "not yet expired",
-            silent=True,
-        )
-    if isinstance(cmd, (ExpireReservation, CommitReservation)) and expired:
-        # a commit that arrives after the expiry finds the units already due back
-        new = _evolve(record, reserved=record.reserved - res.qty).with_allocation(
-            res.channel, -res.from_allocation
-        )
-        closed = _evolve(
-            res,
-            status=ReservationStatus.EXPIRED,
-            decided_at=at,
-            reason="expired",
-            closed_by=cmd.event_id,
-        )
-        return _changed(
-            record,
-            new,
-            cmd,
-            now,
-            Outcome.EXPIRED,
-            res.qty,
-            closed,
-            "expired",
-            _give_back(usage, res),
-        )
+        return _closed_before(record, cmd, res)
     if isinstance(cmd, CommitReservation):
-        # the sold units leave the allocation they were taken from
-        new = _evolve(
-            record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty
-        ).with_allocation(res.channel, -res.from_allocation, -res.from_allocation)
-        closed = _evolve(
-            res,
-            status=ReservationStatus.COMMITTED,
-            decided_at=cmd.occurred_at,
-            reason="",
-            closed_by=cmd.event_id,
+        return _commit(record, cmd, now, res, usage)
+    if isinstance(cmd, ReleaseReservation):
+        return _release(record, cmd, now, res, usage)
+    return _expire(record, cmd, now, res, usage)
+
+
+def _reserve(
+    record: StockRecord, cmd: ReserveStock, now: int, usage: CustomerUsage | None
+) -> Decision:
+    """A first ReserveStock of an order on this SKU: hold what the channel (and the
+    customer's cap, when ``usage`` is given) allows, all of it or, when the command
+    allows partial holds, as much as there is; else refuse and remember the refusal."""
+    avail = record.available_for(cmd.channel)
+    # the customer's allowance in the current sale (usage is None: not capped)
+    allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
+    qty = cmd.qty
+    if cmd.allow_partial and min(avail, allowance) < qty:
+        qty = min(avail, allowance)
+    if 0 < qty <= min(avail, allowance):
+        return _hold(record, cmd, now, qty, usage)
+    if allowance < cmd.qty and (allowance == 0 or not cmd.allow_partial):
+        # the customer's cap refuses it: the answer's ``available`` is what the
+        # customer could still reserve now
+        return _refuse(record, cmd, CUSTOMER_LIMIT_REASON, min(avail, allowance))
+    return _refuse(record, cmd, _refusal(record, cmd.channel, cmd.qty), avail)
+
+
+def _hold(
+    record: StockRecord, cmd: ReserveStock, now: int, qty: int, usage: CustomerUsage | None
+) -> Decision:
+    alloc = record.allocation(cmd.channel)
+    from_alloc = min(qty, alloc.free) if alloc is not None else 0
+    new = _evolve(record, reserved=record.reserved + qty).with_allocation(cmd.channel, from_alloc)
+    held = Reservation(
+        order_id=cmd.order_id,
+        sku=cmd.sku,
+        qty=qty,
+        status=ReservationStatus.RESERVED,
+        expires_at=cmd.occurred_at + cmd.ttl_ms,
+        channel=cmd.channel,
+        event_id=cmd.event_id,
+        decided_at=cmd.occurred_at,
+        reason="partial" if qty < cmd.qty else "",
+        available_at_decision=new.available_for(cmd.channel),
+        from_allocation=from_alloc,
+        customer_id=cmd.customer_id,
+        counted=usage is not None,
+        sale_id=usage.sale_id if usage is not None else "",
+    )
+    used = _evolve(usage, units=usage.units + qty) if usage is not None else None
+    return _changed(record, new, cmd, now, Outcome.RESERVED, qty, held, held.reason, used)
+
+
+def _refuse(record: StockRecord, cmd: ReserveStock, why: str, available: int) -> Decision:
+    refused = Reservation(
+        order_id=cmd.order_id,
+        sku=cmd.sku,
+        qty=cmd.qty,
+        status=ReservationStatus.REJECTED,
+        expires_at=cmd.occurred_at,
+        channel=cmd.channel,
+        event_id=cmd.event_id,
+        decided_at=cmd.occurred_at,
+        reason=why,
+        available_at_decision=available,
+        customer_id=cmd.customer_id,
+    )
+    return Decision(
+        record=record,
+        reservation=refused,
+        events=(
+            ReservationResult(
+                cmd.event_id, cmd.order_id, cmd.sku, Outcome.REJECTED, cmd.qty, available, why
+            ),
+            CommandApplied(
+                cmd.event_id, cmd.sku, type(cmd).__name__, Outcome.REJECTED, cmd.channel, why
+            ),
+        ),
+    )
+
+
+def _closed_before(record: StockRecord, cmd: OrderCommand, res: Reservation) -> Decision:
+    """A commit, release or expiry of a reservation that is already closed: a repeat of
+    what closed it is a duplicate; anything else came too late for it."""
+    same = (
+        cmd.event_id == res.closed_by
+        or (isinstance(cmd, CommitReservation) and res.status is ReservationStatus.COMMITTED)
+        or (isinstance(cmd, ReleaseReservation) and res.status is ReservationStatus.RELEASED)
+        or (isinstance(cmd, ExpireReservation) and res.status is ReservationStatus.EXPIRED)
+    )
+    if same:
+        return _answer(
+            record, cmd, res.status_outcome(), res.qty, record.available, res.reason, duplicate=True
         )
-        return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
-    assert isinstance(cmd, ReleaseReservation)
+    why = f"reservation is {res.status.value}"
+    if isinstance(cmd, ExpireReservation):
+        return _answer(
+            record, cmd, Outcome.NOT_EXPIRED, res.qty, record.available, why, silent=True
+        )
+    return _answer(record, cmd, Outcome.INVALID_STATE, res.qty, record.available, why)
+
+
+def _commit(
+    record: StockRecord,
+    cmd: CommitReservation,
+    now: int,
+    res: Reservation,
+    usage: CustomerUsage | None,
+) -> Decision:
+    if cmd.occurred_at >= res.expires_at:
+        # a commit that arrives after the expiry finds the units already due back
+        return _expired(record, cmd, now, res, usage, cmd.occurred_at)
+    # the sold units leave the allocation they were taken from
+    new = _evolve(
+        record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty
+    ).with_allocation(res.channel, -res.from_allocation, -res.from_allocation)
+    closed = _evolve(
+        res,
+        status=ReservationStatus.COMMITTED,
+        decided_at=cmd.occurred_at,
+        reason="",
+        closed_by=cmd.event_id,
+    )
+    return _changed(record, new, cmd, now, Outcome.COMMITTED, res.qty, closed, "")
+
+
+def _release(
+    record: StockRecord,
+    cmd: ReleaseReservation,
+    now: int,
+    res: Reservation,
+    usage: CustomerUsage | None,
+) -> Decision:
     new = _evolve(record, reserved=record.reserved - res.qty).with_allocation(
         res.channel, -res.from_allocation
     )
@@ -760,11 +744,63 @@ def _decide_order(
     )
 
 
+def _expire(
+    record: StockRecord,
+    cmd: ExpireReservation,
+    now: int,
+    res: Reservation,
+    usage: CustomerUsage | None,
+) -> Decision:
+    # the sweeper's ExpireReservation carries the time it saw; the ledger's own clock
+    # caps it, so one from any producer of the public orders topic can only expire what
+    # is due anyway (a future occurred_at cannot end a hold early)
+    at = min(cmd.occurred_at, now)
+    if at < res.expires_at:
+        return _answer(
+            record,
+            cmd,
+            Outcome.NOT_EXPIRED,
+            res.qty,
+            record.available,
+            "not yet expired",
+            silent=True,
+        )
+    return _expired(record, cmd, now, res, usage, at)
+
+
+def _expired(
+    record: StockRecord,
+    cmd: ExpireReservation | CommitReservation,
+    now: int,
+    res: Reservation,
+    usage: CustomerUsage | None,
+    at: int,
+) -> Decision:
+    """The hold ended by its expiry at ``at``: its units (and the customer's) go back."""
+    new = _evolve(record, reserved=record.reserved - res.qty).with_allocation(
+        res.channel, -res.from_allocation
+    )
+    closed = _evolve(
+        res,
+        status=ReservationStatus.EXPIRED,
+        decided_at=at,
+        reason="expired",
+        closed_by=cmd.event_id,
+    )
+    return _changed(
+        record, new, cmd, now, Outcome.EXPIRED, res.qty, closed, "expired", _give_back(usage, res)
+    )
+
+
 def _give_back(usage: CustomerUsage | None, res: Reservation) -> CustomerUsage | None:
     """The usage after counted reservation ``res`` closed without a sale."""
     if usage is None:
         return None
     return _evolve(usage, units=max(0, usage.units - res.qty))
+
+
+# --------------------------------------------------------------------------
+# stock commands: one rule each, applied by _decide_stock
 
 
 def _decide_stock(
@@ -787,63 +823,8 @@ def _decide_stock(
         )
     remembered = (record.recent_event_ids + (cmd.event_id,))[-window:] if window > 0 else ()
     base = _evolve(record, recent_event_ids=remembered)
-    extra: tuple[Event, ...] = ()
-    reason = ""
-    if isinstance(cmd, RestockReceived):
-        new, outcome = _evolve(base, on_hand=base.on_hand + cmd.qty), Outcome.RESTOCKED
-    elif isinstance(cmd, StockCounted):
-        new, outcome = _evolve(base, on_hand=cmd.on_hand), Outcome.COUNTED
-        if cmd.on_hand < base.reserved:
-            outcome = Outcome.SHORTFALL
-            reason = f"counted {cmd.on_hand} below reserved {base.reserved}"
-            extra = (
-                StockShortfall(
-                    cmd.sku,
-                    cmd.on_hand,
-                    base.reserved,
-                    base.reserved - cmd.on_hand,
-                    cmd.event_id,
-                    cmd.occurred_at,
-                ),
-            )
-    elif isinstance(cmd, ReturnReceived):
-        if cmd.resellable:
-            new, outcome = _evolve(base, on_hand=base.on_hand + cmd.qty), Outcome.RETURNED
-        else:
-            new, outcome = _evolve(base, damaged=base.damaged + cmd.qty), Outcome.RETURN_DAMAGED
-    elif isinstance(cmd, SafetyStockSet):
-        new, outcome = _evolve(base, safety_stock=cmd.qty), Outcome.SAFETY_STOCK_SET
-    elif isinstance(cmd, ChannelAllocationSet):
-        new, outcome = _set_allocation(base, cmd), Outcome.ALLOCATION_SET
-    elif isinstance(cmd, DamagedStockResolved):
-        if cmd.qty > base.damaged:
-            # refused, and final like a rejected reserve: the id is remembered (``base``),
-            # so a re-send is a DUPLICATE and never applies later when units came in since
-            why = f"{cmd.qty} damaged units asked, {base.damaged} held"
-            return Decision(
-                record=base,
-                events=(
-                    CommandApplied(
-                        cmd.event_id,
-                        cmd.sku,
-                        ctype,
-                        Outcome.INSUFFICIENT_DAMAGED,
-                        cmd.channel,
-                        why,
-                    ),
-                ),
-            )
-        new = _evolve(base, damaged=base.damaged - cmd.qty)
-        if cmd.action is DamagedAction.RESTOCK:
-            new, outcome = _evolve(new, on_hand=new.on_hand + cmd.qty), Outcome.DAMAGED_RESTOCKED
-        else:
-            outcome = Outcome.DAMAGED_WRITTEN_OFF
-        reason = cmd.reason
-    elif isinstance(cmd, CustomerLimitSet):
-        new = _evolve(base, customer_limit=cmd.max_units, sale_id=cmd.sale_id)
-        outcome = Outcome.CUSTOMER_LIMIT_SET
-    else:  # pragma: no cover - the Command union is closed
-        raise TypeError(f"not a command: {cmd!r}")
+    applied = _STOCK_RULES[type(cmd)](base, cmd)
+    new = applied.record
     limit = _over_limit(base, new)
     if limit:
         return Decision(
@@ -854,14 +835,83 @@ def _decide_stock(
                 ),
             ),
         )
-
     events: list[Event] = []
     if _published(new) != _published(record):
         new = _evolve(new, version=record.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=getattr(cmd, "order_id", "")))
-    events.extend(extra)
-    events.append(CommandApplied(cmd.event_id, cmd.sku, ctype, outcome, cmd.channel, reason))
+    events.extend(applied.extra)
+    events.append(
+        CommandApplied(cmd.event_id, cmd.sku, ctype, applied.outcome, cmd.channel, applied.reason)
+    )
     return Decision(record=new, events=tuple(events))
+
+
+def _restock(r: StockRecord, cmd: RestockReceived) -> _Applied:
+    return _Applied(_evolve(r, on_hand=r.on_hand + cmd.qty), Outcome.RESTOCKED)
+
+
+def _count(r: StockRecord, cmd: StockCounted) -> _Applied:
+    new = _evolve(r, on_hand=cmd.on_hand)
+    if cmd.on_hand >= r.reserved:
+        return _Applied(new, Outcome.COUNTED)
+    short = StockShortfall(
+        cmd.sku, cmd.on_hand, r.reserved, r.reserved - cmd.on_hand, cmd.event_id, cmd.occurred_at
+    )
+    why = f"counted {cmd.on_hand} below reserved {r.reserved}"
+    return _Applied(new, Outcome.SHORTFALL, why, (short,))
+
+
+def _return(r: StockRecord, cmd: ReturnReceived) -> _Applied:
+    if cmd.resellable:
+        return _Applied(_evolve(r, on_hand=r.on_hand + cmd.qty), Outcome.RETURNED)
+    return _Applied(_evolve(r, damaged=r.damaged + cmd.qty), Outcome.RETURN_DAMAGED)
+
+
+def _resolve_damaged(r: StockRecord, cmd: DamagedStockResolved) -> _Applied:
+    if cmd.qty > r.damaged:
+        # refused, and final like a rejected reserve: the id is remembered (``r``), so a
+        # re-send is a DUPLICATE and never applies later when units came in since
+        why = f"{cmd.qty} damaged units asked, {r.damaged} held"
+        return _Applied(r, Outcome.INSUFFICIENT_DAMAGED, why)
+    if cmd.action is DamagedAction.RESTOCK:
+        new = _evolve(r, damaged=r.damaged - cmd.qty, on_hand=r.on_hand + cmd.qty)
+        return _Applied(new, Outcome.DAMAGED_RESTOCKED, cmd.reason)
+    return _Applied(
+        _evolve(r, damaged=r.damaged - cmd.qty), Outcome.DAMAGED_WRITTEN_OFF, cmd.reason
+    )
+
+
+def _set_safety_stock(r: StockRecord, cmd: SafetyStockSet) -> _Applied:
+    return _Applied(_evolve(r, safety_stock=cmd.qty), Outcome.SAFETY_STOCK_SET)
+
+
+def _set_allocation(r: StockRecord, cmd: ChannelAllocationSet) -> _Applied:
+    held = r.allocation(cmd.channel)
+    reserved = held.reserved if held is not None else 0
+    others = [a for a in r.channels if a.channel != cmd.channel]
+    if cmd.qty > 0 or reserved > 0:
+        # open reservations keep their units counted against the channel until they close
+        others.append(ChannelAllocation(cmd.channel, cmd.qty, reserved, cmd.use_shared))
+    new = _evolve(r, channels=tuple(sorted(others, key=lambda a: a.channel)))
+    return _Applied(new, Outcome.ALLOCATION_SET)
+
+
+def _set_customer_limit(r: StockRecord, cmd: CustomerLimitSet) -> _Applied:
+    new = _evolve(r, customer_limit=cmd.max_units, sale_id=cmd.sale_id)
+    return _Applied(new, Outcome.CUSTOMER_LIMIT_SET)
+
+
+_STOCK_RULES: dict[type, Callable[[StockRecord, Any], _Applied]] = {
+    RestockReceived: _restock,
+    StockCounted: _count,
+    ReturnReceived: _return,
+    DamagedStockResolved: _resolve_damaged,
+    SafetyStockSet: _set_safety_stock,
+    ChannelAllocationSet: _set_allocation,
+    CustomerLimitSet: _set_customer_limit,
+}
+"""The rule of each stock command (the StockCommand union is closed: a new command
+adds its rule here)."""
 
 
 # --------------------------------------------------------------------------
@@ -887,16 +937,6 @@ def _over_limit(before: StockRecord, new: StockRecord) -> str:
     if len(new.channels) > MAX_CHANNELS_PER_SKU and len(new.channels) > len(before.channels):
         return f"a SKU holds at most {MAX_CHANNELS_PER_SKU} channel allocations"
     return ""
-
-
-def _set_allocation(record: StockRecord, cmd: ChannelAllocationSet) -> StockRecord:
-    held = record.allocation(cmd.channel)
-    reserved = held.reserved if held is not None else 0
-    others = [a for a in record.channels if a.channel != cmd.channel]
-    if cmd.qty > 0 or reserved > 0:
-        # open reservations keep their units counted against the channel until they close
-        others.append(ChannelAllocation(cmd.channel, cmd.qty, reserved, cmd.use_shared))
-    return _evolve(record, channels=tuple(sorted(others, key=lambda a: a.channel)))
 
 
 def _published(r: StockRecord) -> tuple[Any, ...]:
