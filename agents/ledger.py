@@ -53,6 +53,7 @@ import orjson
 
 from config.settings import Settings
 from pipeline import batch, metrics
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.kafka.feed import BatchFeed, Chunk
@@ -94,10 +95,6 @@ PRUNE_STEP = 2000  # event ids looked at per batch while a scan runs
 REPLY_TAGS = frozenset({"saga"})  # the internal reply topics a command may ask for
 CACHE_MAX = 10_000  # decoded SKU records kept per partition (the hot ones stay in)
 REWIND_GRACE_S = 3.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class State(enum.Enum):

@@ -50,6 +50,7 @@ from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.domain import saga as sg
@@ -108,10 +109,6 @@ SAGAS_OPEN = Gauge(
     "Orders of this worker's partitions not settled (reserving, committing or releasing).",
     registry=metrics.REGISTRY,
 )
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)

@@ -29,7 +29,6 @@ Versions are compared as Lua numbers, exact up to 2**53.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -42,6 +41,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from config.settings import Settings
 from pipeline.clients import redis_kwargs
+from pipeline.clock import now_ms
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 CONNECT_TIMEOUT_S = 2.0
@@ -92,10 +92,6 @@ def _redacted(url: str) -> str:
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis SCAN MATCH pattern."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class RedisProjection(Projection):
@@ -272,7 +268,7 @@ class RedisProjection(Projection):
         local clock.
         """
         if not changes:
-            return ApplyReport(applied=0, stale=0, applied_at_ms=_now_ms())
+            return ApplyReport(applied=0, stale=0, applied_at_ms=now_ms())
         calls = [self._script_args(c) for c in changes]
         try:
             results = await self._run(calls)

@@ -53,6 +53,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.topics import changelog_topic
@@ -241,7 +242,7 @@ class SinkRunner:
             offset=rec.offset,
             key=rec.key,
             value=rec.value,
-            dead_at=int(time.time() * 1000),
+            dead_at=now_ms(),
             max_bytes=self.cfg.max_record_bytes,
         )
         part = partition_for(key, self.cfg.partitions) if key else rec.partition

@@ -42,6 +42,7 @@ from agents.stock import engine
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.kafka.partitioning import partition_for
 from pipeline.runtime import app, orders_topic
 from pipeline.web import reserve_rules as rr
@@ -69,10 +70,6 @@ API_WAITING = Gauge(
     "Reserve API requests waiting for their answer on this worker.",
     registry=metrics.REGISTRY,
 )
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class AnswerWaiter:
