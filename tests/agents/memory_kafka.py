@@ -594,3 +594,95 @@ class MemoryTopic:
         self.sent.append(
             SimpleNamespace(key=key, value=value, partition=partition, headers=headers)
         )
+
+
+class SagaRig:
+    """The real :class:`~agents.orders.SagaHandler` over a dict for its Faust table and
+    :class:`MemoryTopic` outputs; :meth:`checkout` and :meth:`answer` hand it one event
+    each, as the ``order_saga`` agent does, with the next offset of their partition."""
+
+    def __init__(self, cfg: Settings) -> None:
+        from agents.orders import SagaHandler, SagaOutputs
+        from tables.orders import FinishedSagas, OpenSagas
+
+        self.cfg = cfg
+        self.codec = AvroCodec()
+        self.table: dict[bytes, bytes] = {}
+        self.open_sagas = OpenSagas()
+        self.finished = FinishedSagas()
+        self.outputs = SagaOutputs(
+            checkouts=MemoryTopic(cfg.checkouts_topic),
+            ledger=MemoryTopic(cfg.orders_topic),
+            order_results=MemoryTopic(cfg.order_results_topic),
+            dead_letters=MemoryTopic(cfg.dead_letters_topic),
+        )
+        self.handler = SagaHandler(
+            self.table, self.codec, cfg, self.open_sagas, self.finished, self.outputs
+        )
+        self._offsets: dict[tuple[str, int], int] = {}
+
+    def partition_of(self, key: bytes) -> int:
+        return partition_for(key, self.cfg.partitions)
+
+    async def deliver(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None
+    ) -> tuple[str, int, int]:
+        """One record of ``topic`` to the handler; returns its (topic, partition, offset)."""
+        part = partition if partition is not None else self.partition_of(key or b"")
+        offset = self._offsets.get((topic, part), 0)
+        self._offsets[(topic, part)] = offset + 1
+        await self.redeliver(topic, key, value, part, offset)
+        return topic, part, offset
+
+    async def redeliver(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int, offset: int
+    ) -> None:
+        message = SimpleNamespace(
+            topic=topic, partition=partition, offset=offset, timestamp=time.time()
+        )
+        await self.handler.handle(SimpleNamespace(key=key, value=value, message=message))
+
+    async def checkout(
+        self, name: str, fields: dict[str, Any], *, partition: int | None = None
+    ) -> tuple[str, int, int]:
+        """A checkouts command (PlaceOrder, CommitOrder, CancelOrder) keyed by its order."""
+        record = {"event_id": f"c-{next(_EVENT_IDS)}", "occurred_at": now_ms(), **fields}
+        key = record["order_id"].encode("utf-8")
+        value = self.codec.encode(name, record)
+        return await self.deliver(self.cfg.checkouts_topic, key, value, partition)
+
+    async def answer(self, command: SimpleNamespace, outcome: str, **fields: Any) -> None:
+        """The ledger's ReservationResult to one of the saga's ledger commands."""
+        record = {
+            "event_id": command.fields["event_id"],
+            "order_id": command.fields["order_id"],
+            "sku": command.fields["sku"],
+            "outcome": outcome,
+            "qty": command.fields.get("qty", 0),
+            "available": 0,
+            **fields,
+        }
+        key = record["order_id"].encode("utf-8")
+        await self.deliver(
+            self.cfg.line_results_topic, key, self.codec.encode("ReservationResult", record)
+        )
+
+    # --- what it did ---------------------------------------------------------
+
+    def saga(self, order_id: str) -> Any:
+        from tables.orders import StoredSaga
+
+        raw = self.table.get(order_id.encode("utf-8"))
+        return StoredSaga.from_bytes(raw) if raw is not None else None
+
+    def take_commands(self) -> list[SimpleNamespace]:
+        """The ledger commands sent since the last call, decoded."""
+        sent, self.outputs.ledger.sent = self.outputs.ledger.sent, []
+        out = []
+        for s in sent:
+            name, fields = self.codec.decode(s.value)
+            out.append(SimpleNamespace(name=name, fields=fields, **vars(s)))
+        return out
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [self.codec.decode(s.value)[1] for s in self.outputs.dead_letters.sent]
