@@ -256,3 +256,24 @@ def test_a_redelivered_batch_is_skipped_and_writes_nothing(tmp_path: Path) -> No
         await w.stop()
 
     run(scenario())
+
+
+def test_a_lost_last_record_is_read_again_once_the_partition_stalls(tmp_path: Path) -> None:
+    # nothing after it reveals the gap: the idle partition asks the broker for its log end
+    cfg = settings(ledger_stall_after_s=0.05)
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        w = Worker(broker, cfg, tmp_path)
+        await w.assign([P])
+        restock(w, 1)
+        lost = restock(w, 2)
+        before = counter(metrics.INPUT_STALLS, RESTOCKS)
+        w.consumer.fetch(skip={lost})
+        await w.until(lambda: {TP(RESTOCKS, P): lost[2]} in w.consumer.seeks, "a re-read")
+        assert counter(metrics.INPUT_STALLS, RESTOCKS) == before + 1
+        await w.settle()
+        assert (w.stock(SKU).record.on_hand, w.stock(SKU).record.version) == (3, 2)
+        await w.stop()
+
+    run(scenario())
