@@ -38,8 +38,8 @@ from faust.types import TP
 from agents.ledger import LedgerEngine, PartitionLedger, State
 from config.settings import Settings
 from pipeline.kafka.feed import BatchFeed
+from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.transactions import BatchAborted, Out, ReadResult, WriterLost
-from pipeline.partitioning import partition_for
 from schemas.codec import AvroCodec
 from tables.stock import OpenReservations
 

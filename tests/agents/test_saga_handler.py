@@ -12,8 +12,8 @@ from memory_kafka import SagaRig, key_on, now_ms, settings
 from agents.ledger import REPLY_HEADER
 from agents.orders import GRACE_MS
 from pipeline import metrics
-from pipeline.partitioning import partition_for
-from pipeline.saga import OrderOutcome, OrderStatus
+from pipeline.domain.saga import OrderOutcome, OrderStatus
+from pipeline.kafka.partitioning import partition_for
 from schemas.codec import AvroCodec
 
 CFG = settings()
