@@ -16,7 +16,8 @@ Only the I/O boundary is faked; everything between it is the real code:
 * :class:`Worker`: one worker's real :class:`~agents.ledger.LedgerEngine` (real
   ``PartitionLedger`` tasks, real RocksDB ``PartitionStore`` files in a temporary
   directory, the real codec without a registry) wired to the above;
-* :class:`MemoryTopic`: a Faust topic's ``send`` for the saga handler.
+* :class:`MemoryTopic`: a Faust topic's ``send``; :class:`SagaRig`: the real
+  :class:`~agents.orders.SagaHandler` over a dict for its table and such topics.
 
 Nothing here opens a socket.
 """
@@ -41,6 +42,7 @@ from pipeline.kafka.feed import BatchFeed
 from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.transactions import BatchAborted, Out, ReadResult, WriterLost
 from schemas.codec import AvroCodec
+from schemas.validation import records_for_topic
 from tables.stock import OpenReservations
 
 SETTLE_S = 10.0  # how long a harness waits for the code under test before it fails
@@ -567,13 +569,11 @@ class Worker:
 
 
 def topic_of(cfg: Settings, name: str) -> str:
-    if name in ("RestockReceived", "StockCounted", "SafetyStockSet", "ChannelAllocationSet"):
-        return cfg.restocks_topic
-    if name in ("CustomerLimitSet",):
-        return cfg.restocks_topic
-    if name in ("ReturnReceived", "DamagedStockResolved"):
-        return cfg.returns_topic
-    return cfg.orders_topic
+    """The input topic that carries record type ``name``."""
+    for topic, names in records_for_topic(cfg).items():
+        if name in names:
+            return topic
+    raise AssertionError(f"{name} is no ledger input")
 
 
 class MemoryTopic:
