@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -164,6 +164,17 @@ def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class SagaOutputs:
+    """The topics a :class:`SagaHandler` sends to, each with Faust's ``Topic.send``
+    signature (tests/agents passes in-memory fakes)."""
+
+    checkouts: Any  # re-routed checkouts records
+    ledger: Any  # the ledger commands (the orders topic)
+    order_results: Any  # answers to commands of unknown orders
+    dead_letters: Any
+
+
 class SagaHandler:
     """Applies one checkouts record or ledger answer to the saga table."""
 
@@ -174,10 +185,14 @@ class SagaHandler:
         cfg: Settings,
         open_sagas: OpenSagas | None = None,
         finished: FinishedSagas | None = None,
+        outputs: SagaOutputs | None = None,
     ) -> None:
         self.table = table
         self.codec = codec
         self.cfg = cfg
+        self.outputs = outputs or SagaOutputs(
+            checkouts_topic, orders_topic, order_results_topic, dead_letters_topic
+        )
         self.limits = validation.Limits.of(cfg)
         self.max_bytes = validation.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
@@ -227,7 +242,7 @@ class SagaHandler:
         assert key is not None  # to_order_command checked key == order_id
         expected = partition_for(key, self.cfg.partitions)
         if expected != partition:
-            await checkouts_topic.send(key=key, value=value, partition=expected)
+            await self.outputs.checkouts.send(key=key, value=value, partition=expected)
             metrics.REROUTED.labels(topic).inc()
             return
         decision = self.apply(cmd, topic, offset)
@@ -330,7 +345,7 @@ class SagaHandler:
         for cmd in commands:
             name, fields = ledger_record(cmd)
             key = cmd.sku.encode("utf-8")
-            await orders_topic.send(
+            await self.outputs.ledger.send(
                 key=key,
                 value=self.codec.encode(name, fields),
                 partition=partition_for(key, self.cfg.partitions),
@@ -339,7 +354,7 @@ class SagaHandler:
 
     async def publish(self, result: sg.OrderResult) -> None:
         key = order_key(result.order_id)
-        await order_results_topic.send(
+        await self.outputs.order_results.send(
             key=key,
             value=self.codec.encode("OrderResult", result_to_dict(result)),
             partition=partition_for(key, self.cfg.partitions),
@@ -368,7 +383,7 @@ class SagaHandler:
             dead_at=now_ms(),
             max_bytes=settings.max_record_bytes,
         )
-        await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
+        await self.outputs.dead_letters.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
 # the sagas of this worker's partitions that are not final, for the sweeper
