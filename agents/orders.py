@@ -36,24 +36,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import Counter, Gauge
 
 from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import metrics
-from pipeline.clients import aiokafka_kwargs
 from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.domain import saga as sg
+from pipeline.kafka.consuming import Output, Relay, run_forever
 from pipeline.kafka.indexing import IndexRefresher, settled
 from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.topics import changelog_topic, durability_config
@@ -502,68 +500,28 @@ async def prune_sagas() -> None:
 # relay: OrderResults from the saga changelog
 
 
-class OrderRelay:
+class OrderRelay(Relay):
     """Consume the saga changelog, publish each record's OrderResults, commit."""
 
-    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
-        self.cfg = cfg
-        self.codec = codec
-        self.topic = changelog_topic(cfg, "orders")
+    group = "orders-relay"
+    max_records = 2000
 
-    def outputs(self, value: bytes | None) -> list[tuple[bytes, bytes]]:
+    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
+        super().__init__(cfg, codec, changelog_topic(cfg, "orders"))
+
+    def outputs(self, key: bytes, value: bytes | None) -> list[Output]:
         if value is None:
             return []
         stored = StoredSaga.from_bytes(value)
         return [
-            (item["order_id"].encode("utf-8"), self.codec.encode("OrderResult", item))
+            (
+                ORDER_RESULTS_TOPIC,
+                item["order_id"].encode("utf-8"),
+                self.codec.encode("OrderResult", item),
+                "OrderResult",
+            )
             for item in stored.effects
         ]
-
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            self.topic,
-            **aiokafka_kwargs(self.cfg),
-            group_id=f"{self.cfg.app_id}-orders-relay",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=20,
-            max_poll_records=2000,
-            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
-        )
-        producer = AIOKafkaProducer(
-            **aiokafka_kwargs(self.cfg), enable_idempotence=True, acks="all", linger_ms=1
-        )
-        await self.codec.ensure_registered(metrics.registry_wait)
-        await producer.start()
-        while True:
-            try:
-                await consumer.start()
-                break
-            except Exception as exc:  # noqa: BLE001 - the changelog appears with the table
-                log.warning("order relay consumer not started yet: %s", exc)
-                await asyncio.sleep(1.0)
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                if not batches:
-                    continue
-                futures = []
-                offsets: dict[TopicPartition, int] = {}
-                for tp, records in batches.items():
-                    for rec in records:
-                        for okey, oval in self.outputs(rec.value):
-                            futures.append(
-                                await producer.send(ORDER_RESULTS_TOPIC, key=okey, value=oval)
-                            )
-                            metrics.RELAY_PUBLISHED.labels("OrderResult").inc()
-                    offsets[tp] = records[-1].offset + 1
-                if futures:
-                    await asyncio.gather(*futures)
-                await consumer.commit(offsets)
-        finally:
-            await consumer.stop()
-            await producer.stop()
 
 
 order_relay = OrderRelay(settings, codec_from_settings(settings))
@@ -571,14 +529,7 @@ order_relay = OrderRelay(settings, codec_from_settings(settings))
 
 @app.task
 async def run_order_relay() -> None:
-    while True:
-        try:
-            await order_relay.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
-            log.exception("order relay failed; restarting in 1 s")
-            await asyncio.sleep(1.0)
+    await run_forever(order_relay.run, "order relay")
 
 
 # --------------------------------------------------------------------------
