@@ -42,6 +42,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from config.settings import Settings
 from pipeline.clients import redis_kwargs
 from pipeline.clock import now_ms
+from pipeline.domain.core import free_units, in_stock, shared_pool
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 CONNECT_TIMEOUT_S = 2.0
@@ -215,7 +216,7 @@ class RedisProjection(Projection):
         safety_stock = int(change["safety_stock"])
         available = int(change["available"])
         occurred_at = int(change["occurred_at"])
-        in_stock = available > 0
+        stocked = in_stock(available)
         head = (
             orjson.dumps(
                 {
@@ -225,7 +226,7 @@ class RedisProjection(Projection):
                     "reserved": reserved,
                     "safety_stock": safety_stock,
                     "available": available,
-                    "in_stock": in_stock,
+                    "in_stock": stocked,
                 }
             )[:-1]
             + b',"updated_at":'
@@ -237,15 +238,15 @@ class RedisProjection(Projection):
             str(reserved),
             str(safety_stock),
             str(available),
-            "1" if in_stock else "0",
+            "1" if stocked else "0",
             str(occurred_at),
             self._cfg.redis_channel,
             head,
             tail,
         ]
         channels = change.get("channels") or []
-        free = sum(max(0, int(c["allocated"]) - int(c["reserved"])) for c in channels)
-        args.append(str(max(0, available - free)))
+        free = sum(free_units(int(c["allocated"]), int(c["reserved"])) for c in channels)
+        args.append(str(shared_pool(available, free)))
         args.append(str(int(change.get("damaged") or 0)))
         for c in channels:
             name = str(c["channel"])

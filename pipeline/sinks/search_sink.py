@@ -47,6 +47,7 @@ from opensearchpy.exceptions import NotFoundError, OpenSearchException, Transpor
 from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
 from pipeline.clock import now_ms
+from pipeline.domain.core import in_stock
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 log = logging.getLogger("inventory.sink")
@@ -327,7 +328,7 @@ class SearchProjection(Projection):
             doc = {
                 "sku": sku,
                 "available": available,
-                "in_stock": available > 0,
+                "in_stock": in_stock(available),
                 "on_hand": int(change["on_hand"]),
                 "reserved": int(change["reserved"]),
                 "safety_stock": int(change["safety_stock"]),
