@@ -32,6 +32,8 @@
   never lost once its state landed. At-least-once: a crash may re-publish one
   (identical) answer. Only the answer to a commit/cancel of an *unknown* order
   is sent directly (nothing is stored for it; a redelivery answers it again).
+  Its loop is :class:`pipeline.relay.OrderRelay`; ``GET /orders/{order_id}`` is in
+  :mod:`pipeline.web.views`, the saga's metrics in :mod:`pipeline.metrics`.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from faust.web import Request, Response, View
-from prometheus_client import Counter, Gauge
-
 from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import metrics
@@ -51,10 +50,11 @@ from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.domain import saga as sg
-from pipeline.kafka.consuming import Output, Relay, run_forever
+from pipeline.kafka.consuming import run_forever
 from pipeline.kafka.indexing import IndexRefresher, settled
 from pipeline.kafka.partitioning import partition_for
-from pipeline.kafka.topics import changelog_topic, durability_config
+from pipeline.kafka.topics import durability_config
+from pipeline.relay import OrderRelay
 from pipeline.runtime import (
     _raw_topic,
     app,
@@ -76,39 +76,6 @@ GRACE_MS: int = settings.order_grace_ms
 RESEND_AFTER_MS: int = settings.saga_resend_after_ms
 PRUNE_STEP = 500  # prune commands the sweeper sends per tick at most
 
-ORDER_OUTCOMES = Counter(
-    "inventory_order_outcomes_total",
-    "Order saga answers published, by outcome.",
-    ["outcome"],
-    registry=metrics.REGISTRY,
-)
-SAGA_RESENT = Counter(
-    "inventory_saga_resent_total",
-    "Ledger commands re-sent by the saga sweeper for sagas that made no progress.",
-    registry=metrics.REGISTRY,
-)
-SAGA_EXPIRY_SENT = Counter(
-    "inventory_saga_expiry_sent_total",
-    "Order expiry commands sent by the saga sweeper.",
-    registry=metrics.REGISTRY,
-)
-SAGAS_PRUNED = Counter(
-    "inventory_sagas_pruned_total",
-    "Finished checkout sagas deleted (tombstoned) after INVENTORY_ORDER_RETENTION_MS.",
-    registry=metrics.REGISTRY,
-)
-SAGA_PRUNE_SENT = Counter(
-    "inventory_saga_prune_sent_total",
-    "Prune commands sent by the saga sweeper for finished sagas past their retention.",
-    registry=metrics.REGISTRY,
-)
-SAGAS_OPEN = Gauge(
-    "inventory_sagas_open",
-    "Orders of this worker's partitions not settled (reserving, committing or releasing).",
-    registry=metrics.REGISTRY,
-)
-
-
 checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)
 order_results_topic = _raw_topic(ORDER_RESULTS_TOPIC)
 # the checkouts and the ledger's answers to the saga's own commands (asked for with the
@@ -127,39 +94,6 @@ orders_table = app.Table(
         "min.compaction.lag.ms": str(settings.changelog_min_compaction_lag_ms),
     },
 )
-
-
-def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
-    """(Avro record name, fields) of a ledger command the saga sends."""
-    if isinstance(cmd, core.ReserveStock):
-        return "ReserveStock", {
-            "event_id": cmd.event_id,
-            "order_id": cmd.order_id,
-            "sku": cmd.sku,
-            "qty": cmd.qty,
-            "channel": cmd.channel,
-            "ttl_ms": cmd.ttl_ms,
-            "occurred_at": cmd.occurred_at,
-            "allow_partial": False,
-            "customer_id": cmd.customer_id,
-        }
-    if isinstance(cmd, core.CommitReservation):
-        return "CommitReservation", {
-            "event_id": cmd.event_id,
-            "order_id": cmd.order_id,
-            "sku": cmd.sku,
-            "occurred_at": cmd.occurred_at,
-            "channel": cmd.channel,
-        }
-    assert isinstance(cmd, core.ReleaseReservation)
-    return "ReleaseReservation", {
-        "event_id": cmd.event_id,
-        "order_id": cmd.order_id,
-        "sku": cmd.sku,
-        "reason": cmd.reason,
-        "occurred_at": cmd.occurred_at,
-        "channel": cmd.channel,
-    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +257,7 @@ class SagaHandler:
                 self.open_sagas.put(key, None)
             if self.finished is not None:
                 self.finished.forget(key)
-            SAGAS_PRUNED.inc()
+            metrics.SAGAS_PRUNED.inc()
             return decision
         if decision.saga is not None and (decision.changed or decision.result is not None):
             watermarks = dict(stored.watermarks) if stored else {}
@@ -336,12 +270,12 @@ class SagaHandler:
             if self.finished is not None:
                 self.finished.note(key, decision.saga, self.cfg.order_retention_ms)
         if decision.result is not None:
-            ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
+            metrics.ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
         return decision
 
     async def send(self, commands: tuple[core.OrderCommand, ...]) -> None:
         for cmd in commands:
-            name, fields = ledger_record(cmd)
+            name, fields = validation.to_record(cmd)
             key = cmd.sku.encode("utf-8")
             await self.outputs.ledger.send(
                 key=key,
@@ -451,12 +385,12 @@ async def sweep_sagas() -> None:
         _resent[key] = now
         if expire:
             await _send_internal_cancel(key, saga.order_id, "expire", "expired", now)
-            SAGA_EXPIRY_SENT.inc()
+            metrics.SAGA_EXPIRY_SENT.inc()
         if pending and now - stored.updated_at >= RESEND_AFTER_MS:
             log.info("re-sending %d ledger commands of order %s", len(pending), saga.order_id)
             await handler.send(pending)
-            SAGA_RESENT.inc(len(pending))
-    SAGAS_OPEN.set(waiting)
+            metrics.SAGA_RESENT.inc(len(pending))
+    metrics.SAGAS_OPEN.set(waiting)
     for key, at in list(_resent.items()):
         if now - at > 10 * RESEND_AFTER_MS:
             del _resent[key]
@@ -493,56 +427,16 @@ async def prune_sagas() -> None:
     now = now_ms()
     for key in finished_sagas.take_due(now, PRUNE_STEP):
         await _send_internal_cancel(key, key.decode("utf-8"), "prune", sg.PRUNE_REASON, now)
-        SAGA_PRUNE_SENT.inc()
+        metrics.SAGA_PRUNE_SENT.inc()
 
 
 # --------------------------------------------------------------------------
 # relay: OrderResults from the saga changelog
 
 
-class OrderRelay(Relay):
-    """Consume the saga changelog, publish each record's OrderResults, commit."""
-
-    group = "orders-relay"
-    max_records = 2000
-
-    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
-        super().__init__(cfg, codec, changelog_topic(cfg, "orders"))
-
-    def outputs(self, key: bytes, value: bytes | None) -> list[Output]:
-        if value is None:
-            return []
-        stored = StoredSaga.from_bytes(value)
-        return [
-            (
-                ORDER_RESULTS_TOPIC,
-                item["order_id"].encode("utf-8"),
-                self.codec.encode("OrderResult", item),
-                "OrderResult",
-            )
-            for item in stored.effects
-        ]
-
-
-order_relay = OrderRelay(settings, codec_from_settings(settings))
+order_relay = OrderRelay(settings, codec_from_settings(settings))  # pipeline.relay
 
 
 @app.task
 async def run_order_relay() -> None:
     await run_forever(order_relay.run, "order relay")
-
-
-# --------------------------------------------------------------------------
-# web: GET /orders/{order_id}, answered by the worker that owns the order
-
-
-@app.page("/orders/{order_id}")
-class OrderView(View):
-    @app.table_route(table=orders_table, match_info="order_id")
-    async def get(self, request: Request, order_id: str) -> Response:
-        if not app.tables.recovery.completed.is_set() or app.rebalancing:
-            return self.json({"error": "recovering"}, status=503)
-        raw: Any = orders_table.get(order_key(order_id))
-        if raw is None:
-            return self.json({"error": "unknown order", "order_id": order_id}, status=404)
-        return self.json(StoredSaga.from_bytes(raw).view())

@@ -38,6 +38,7 @@ from pipeline.kafka.consuming import Output, Relay, lag, run_forever
 from pipeline.kafka.topics import changelog_topic
 from pipeline.logs import configure_logging
 from schemas.codec import AvroCodec, codec_from_settings
+from tables.orders import StoredSaga
 from tables.stock import StoredStock, is_stock_key
 
 log = logging.getLogger("inventory.relay")
@@ -81,6 +82,30 @@ class ChangelogRelay(Relay):
 
     async def after_commit(self, consumer: AIOKafkaConsumer) -> None:
         metrics.RELAY_LAG.set(await lag(consumer))
+
+
+class OrderRelay(Relay):
+    """Consume the saga changelog, publish each record's OrderResults, commit."""
+
+    group = "orders-relay"
+    max_records = 2000
+
+    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
+        super().__init__(cfg, codec, changelog_topic(cfg, "orders"))
+
+    def outputs(self, key: bytes, value: bytes | None) -> list[Output]:
+        if value is None:
+            return []
+        stored = StoredSaga.from_bytes(value)
+        return [
+            (
+                self.cfg.order_results_topic,
+                item["order_id"].encode("utf-8"),
+                self.codec.encode("OrderResult", item),
+                "OrderResult",
+            )
+            for item in stored.effects
+        ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,12 +14,14 @@ from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agents.ledger import PartitionLedger
+from agents.orders import orders_table
 from agents.stock import engine
 from pipeline import metrics
 from pipeline.runtime import app, orders_topic
 from pipeline.sinks.worker import sink_states
 from pipeline.web.health import liveness, readiness
 from pipeline.web.routing import owner_route
+from tables.orders import StoredSaga, order_key
 
 
 def ready() -> bool:
@@ -98,3 +100,19 @@ class Metrics(View):
         # aiohttp refuses a charset inside content_type; the exposition format is ASCII
         body = generate_latest(metrics.REGISTRY)
         return self.bytes(body, content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+# --------------------------------------------------------------------------
+# GET /orders/{order_id}: the checkout saga's state, from the worker that owns the order
+
+
+@app.page("/orders/{order_id}")
+class OrderView(View):
+    @app.table_route(table=orders_table, match_info="order_id")
+    async def get(self, request: Request, order_id: str) -> Response:
+        if not app.tables.recovery.completed.is_set() or app.rebalancing:
+            return self.json({"error": "recovering"}, status=503)
+        raw: Any = orders_table.get(order_key(order_id))
+        if raw is None:
+            return self.json({"error": "unknown order", "order_id": order_id}, status=404)
+        return self.json(StoredSaga.from_bytes(raw).view())
