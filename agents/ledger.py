@@ -423,7 +423,12 @@ class PartitionLedger:
         arrivals: list[tuple[float, int]] = []  # (arrival time, records) per chunk
         expected = self.expected
         part = self.partition
-        budget = batch.RecordBudget(cfg.max_record_bytes, self._load_stock, cfg.restocks_topic)
+        budget = batch.RecordBudget(
+            cfg.max_record_bytes,
+            self._load_stock,
+            cfg.restocks_topic,
+            located_topics=(cfg.returns_topic,),
+        )
         for index, chunk in enumerate(chunks):
             if chunk.generation != self.generation:
                 continue  # fetched before the current generation: its seek re-reads it
@@ -483,6 +488,7 @@ class PartitionLedger:
             load_event=self._load_event if cfg.event_id_retention_ms > 0 else None,
             event_retention_ms=cfg.event_id_retention_ms,
             load_usage=self._load_usage,
+            location_priority=cfg.location_priority,
         )
         assert result.applied == len(inputs), "batches are cut to the per-SKU cap"
         outs, held = self._changelog_records(result)
