@@ -972,6 +972,14 @@ class Counters:
                         e.reason,
                         extra={"sku": e.sku, "event_id": e.event_id},
                     )
+                elif e.outcome is core.Outcome.TRANSFER_RECEIVED and e.reason:
+                    # units lost in transit: reported, never silently dropped
+                    log.warning(
+                        "transfer received short on %s: %s",
+                        e.sku,
+                        e.reason,
+                        extra={"sku": e.sku, "event_id": e.event_id},
+                    )
             elif isinstance(e, core.LowStockCrossed):
                 metrics.LOW_STOCK.labels(e.direction).inc()
 
