@@ -7,12 +7,13 @@ WEB_PORT ?= 6066
 DATA_DIR ?= .data/worker1
 PYTEST_ARGS ?=
 
-.PHONY: help venv constraints run worker test test-unit lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos cluster-up cluster-down cluster-status cluster-test chaos-cluster bench clean
+.PHONY: help venv constraints run worker test test-unit test-agents lint format stack-up stack-down stack-status stack-reset registry-up registry-down kill-rounds chaos cluster-up cluster-down cluster-status cluster-test chaos-cluster bench clean
 
 help:
 	@echo "make run          set up, start the local stack and one worker (foreground)"
 	@echo "make test         set up, start the local stack, run the whole test suite"
 	@echo "make test-unit    pure-core and codec tests only (no services)"
+	@echo "make test-agents  the ledger and saga handlers over in-memory Kafka fakes (no services)"
 	@echo "make stack-up | stack-down | stack-status | stack-reset"
 	@echo "make kill-rounds  many rounds of kill -9 against a worker (ROUNDS=50)"
 	@echo "make chaos        N rounds of flash sales under faults, I1..I6 checked (CHAOS_ROUNDS=10, CHAOS_SEED=)"
@@ -67,6 +68,10 @@ test: venv lint stack-up
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# the agent tier: the real ledger engine and saga handler, Kafka faked at its I/O boundary
+test-agents: venv
+	$(PY) -m pytest tests/agents $(PYTEST_ARGS)
 
 # Benchmarks (not tests): PostgreSQL from Debian for the baseline, report in bench/REPORT.md
 bench: venv stack-up

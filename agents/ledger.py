@@ -53,6 +53,7 @@ import orjson
 
 from config.settings import Settings
 from pipeline import batch, metrics
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.kafka.feed import BatchFeed, Chunk
@@ -63,6 +64,7 @@ from pipeline.kafka.transactions import (
     BrokerQueries,
     Out,
     PartitionWriter,
+    ReadResult,
     WriterLost,
     first_committed_offset,
     read_partition,
@@ -94,10 +96,6 @@ PRUNE_STEP = 2000  # event ids looked at per batch while a scan runs
 REPLY_TAGS = frozenset({"saga"})  # the internal reply topics a command may ask for
 CACHE_MAX = 10_000  # decoded SKU records kept per partition (the hot ones stay in)
 REWIND_GRACE_S = 3.0
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class State(enum.Enum):
@@ -150,7 +148,7 @@ class PartitionLedger:
         self.generation = generation
         self.state = State.STARTING
         self.store = engine.store(partition)
-        self.writer = PartitionWriter(self.cfg, partition, engine.group, engine.executor)
+        self.writer = engine.new_writer(partition)
         self.changelog, self.reservations = ledger_changelogs(self.cfg)
         self.cache: dict[str, StoredStock] = {}  # committed SKU records
         # decided, not yet committed: (batch number, value), newest wins
@@ -277,8 +275,8 @@ class PartitionLedger:
             async with self.engine.restoring:  # a few at a time: memory, and 2 cores
                 result = await loop.run_in_executor(
                     self.engine.executor,
-                    lambda t=topic, a=apply: read_partition(
-                        self.cfg, t, self.partition, store.position(t), a
+                    lambda t=topic, a=apply: self.engine.read_changelog(
+                        t, self.partition, store.position(t), a
                     ),
                 )
             if result.end != store.position(topic):
@@ -574,8 +572,7 @@ class PartitionLedger:
         try:
             first = await loop.run_in_executor(
                 self.engine.executor,
-                first_committed_offset,
-                self.cfg,
+                self.engine.first_committed,
                 topic,
                 self.partition,
                 expected,
@@ -644,7 +641,7 @@ class PartitionLedger:
             if nxt is None or nxt >= high:
                 continue
             first = await loop.run_in_executor(
-                self.engine.executor, first_committed_offset, self.cfg, topic, self.partition, nxt
+                self.engine.executor, self.engine.first_committed, topic, self.partition, nxt
             )
             if first is None:
                 continue  # only markers past it
@@ -1022,11 +1019,25 @@ class LedgerEngine:
         self._libc: Any = None
         self.restoring = asyncio.Semaphore(2)  # partitions reading their changelog at once
 
+    # --- the partitions' Kafka I/O (tests/agents replaces these with in-memory fakes) ---
+
     @property
     def group(self) -> BrokerQueries:
         if self._group is None:
             self._group = BrokerQueries(self.cfg)
         return self._group
+
+    def new_writer(self, partition: int) -> PartitionWriter:
+        """The transactional producer of ledger partition ``partition`` (not opened yet)."""
+        return PartitionWriter(self.cfg, partition, self.group, self.executor)
+
+    def read_changelog(self, topic: str, partition: int, start: int, apply: Any) -> ReadResult:
+        """:func:`read_partition` of a changelog partition (blocking: run it on a thread)."""
+        return read_partition(self.cfg, topic, partition, start, apply)
+
+    def first_committed(self, topic: str, partition: int, start: int) -> int | None:
+        """:func:`first_committed_offset` of an input partition (blocking: on a thread)."""
+        return first_committed_offset(self.cfg, topic, partition, start)
 
     def store(self, partition: int) -> PartitionStore:
         store = self._stores.get(partition)

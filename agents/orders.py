@@ -32,30 +32,29 @@
   never lost once its state landed. At-least-once: a crash may re-publish one
   (identical) answer. Only the answer to a commit/cancel of an *unknown* order
   is sent directly (nothing is stored for it; a redelivery answers it again).
+  Its loop is :class:`pipeline.relay.OrderRelay`; ``GET /orders/{order_id}`` is in
+  :mod:`pipeline.web.views`, the saga's metrics in :mod:`pipeline.metrics`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
-
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from faust.web import Request, Response, View
-from prometheus_client import Counter, Gauge
 
 from agents.ledger import REPLY_HEADER
 from config.settings import Settings, settings
 from pipeline import metrics
-from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core
 from pipeline.domain import saga as sg
+from pipeline.kafka.consuming import run_forever
 from pipeline.kafka.indexing import IndexRefresher, settled
 from pipeline.kafka.partitioning import partition_for
-from pipeline.kafka.topics import changelog_topic, durability_config
+from pipeline.kafka.topics import durability_config
+from pipeline.relay import OrderRelay
 from pipeline.runtime import (
     _raw_topic,
     app,
@@ -77,43 +76,6 @@ GRACE_MS: int = settings.order_grace_ms
 RESEND_AFTER_MS: int = settings.saga_resend_after_ms
 PRUNE_STEP = 500  # prune commands the sweeper sends per tick at most
 
-ORDER_OUTCOMES = Counter(
-    "inventory_order_outcomes_total",
-    "Order saga answers published, by outcome.",
-    ["outcome"],
-    registry=metrics.REGISTRY,
-)
-SAGA_RESENT = Counter(
-    "inventory_saga_resent_total",
-    "Ledger commands re-sent by the saga sweeper for sagas that made no progress.",
-    registry=metrics.REGISTRY,
-)
-SAGA_EXPIRY_SENT = Counter(
-    "inventory_saga_expiry_sent_total",
-    "Order expiry commands sent by the saga sweeper.",
-    registry=metrics.REGISTRY,
-)
-SAGAS_PRUNED = Counter(
-    "inventory_sagas_pruned_total",
-    "Finished checkout sagas deleted (tombstoned) after INVENTORY_ORDER_RETENTION_MS.",
-    registry=metrics.REGISTRY,
-)
-SAGA_PRUNE_SENT = Counter(
-    "inventory_saga_prune_sent_total",
-    "Prune commands sent by the saga sweeper for finished sagas past their retention.",
-    registry=metrics.REGISTRY,
-)
-SAGAS_OPEN = Gauge(
-    "inventory_sagas_open",
-    "Orders of this worker's partitions not settled (reserving, committing or releasing).",
-    registry=metrics.REGISTRY,
-)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 checkouts_topic = _raw_topic(CHECKOUTS_TOPIC)
 order_results_topic = _raw_topic(ORDER_RESULTS_TOPIC)
 # the checkouts and the ledger's answers to the saga's own commands (asked for with the
@@ -134,37 +96,15 @@ orders_table = app.Table(
 )
 
 
-def ledger_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
-    """(Avro record name, fields) of a ledger command the saga sends."""
-    if isinstance(cmd, core.ReserveStock):
-        return "ReserveStock", {
-            "event_id": cmd.event_id,
-            "order_id": cmd.order_id,
-            "sku": cmd.sku,
-            "qty": cmd.qty,
-            "channel": cmd.channel,
-            "ttl_ms": cmd.ttl_ms,
-            "occurred_at": cmd.occurred_at,
-            "allow_partial": False,
-            "customer_id": cmd.customer_id,
-        }
-    if isinstance(cmd, core.CommitReservation):
-        return "CommitReservation", {
-            "event_id": cmd.event_id,
-            "order_id": cmd.order_id,
-            "sku": cmd.sku,
-            "occurred_at": cmd.occurred_at,
-            "channel": cmd.channel,
-        }
-    assert isinstance(cmd, core.ReleaseReservation)
-    return "ReleaseReservation", {
-        "event_id": cmd.event_id,
-        "order_id": cmd.order_id,
-        "sku": cmd.sku,
-        "reason": cmd.reason,
-        "occurred_at": cmd.occurred_at,
-        "channel": cmd.channel,
-    }
+@dataclass(frozen=True, slots=True)
+class SagaOutputs:
+    """The topics a :class:`SagaHandler` sends to, each with Faust's ``Topic.send``
+    signature (tests/agents passes in-memory fakes)."""
+
+    checkouts: Any  # re-routed checkouts records
+    ledger: Any  # the ledger commands (the orders topic)
+    order_results: Any  # answers to commands of unknown orders
+    dead_letters: Any
 
 
 class SagaHandler:
@@ -177,10 +117,14 @@ class SagaHandler:
         cfg: Settings,
         open_sagas: OpenSagas | None = None,
         finished: FinishedSagas | None = None,
+        outputs: SagaOutputs | None = None,
     ) -> None:
         self.table = table
         self.codec = codec
         self.cfg = cfg
+        self.outputs = outputs or SagaOutputs(
+            checkouts_topic, orders_topic, order_results_topic, dead_letters_topic
+        )
         self.limits = validation.Limits.of(cfg)
         self.max_bytes = validation.max_checkout_bytes(self.limits)
         self.open_sagas = open_sagas
@@ -230,7 +174,7 @@ class SagaHandler:
         assert key is not None  # to_order_command checked key == order_id
         expected = partition_for(key, self.cfg.partitions)
         if expected != partition:
-            await checkouts_topic.send(key=key, value=value, partition=expected)
+            await self.outputs.checkouts.send(key=key, value=value, partition=expected)
             metrics.REROUTED.labels(topic).inc()
             return
         decision = self.apply(cmd, topic, offset)
@@ -313,7 +257,7 @@ class SagaHandler:
                 self.open_sagas.put(key, None)
             if self.finished is not None:
                 self.finished.forget(key)
-            SAGAS_PRUNED.inc()
+            metrics.SAGAS_PRUNED.inc()
             return decision
         if decision.saga is not None and (decision.changed or decision.result is not None):
             watermarks = dict(stored.watermarks) if stored else {}
@@ -326,14 +270,14 @@ class SagaHandler:
             if self.finished is not None:
                 self.finished.note(key, decision.saga, self.cfg.order_retention_ms)
         if decision.result is not None:
-            ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
+            metrics.ORDER_OUTCOMES.labels(decision.result.outcome.value).inc()
         return decision
 
     async def send(self, commands: tuple[core.OrderCommand, ...]) -> None:
         for cmd in commands:
-            name, fields = ledger_record(cmd)
+            name, fields = validation.to_record(cmd)
             key = cmd.sku.encode("utf-8")
-            await orders_topic.send(
+            await self.outputs.ledger.send(
                 key=key,
                 value=self.codec.encode(name, fields),
                 partition=partition_for(key, self.cfg.partitions),
@@ -342,7 +286,7 @@ class SagaHandler:
 
     async def publish(self, result: sg.OrderResult) -> None:
         key = order_key(result.order_id)
-        await order_results_topic.send(
+        await self.outputs.order_results.send(
             key=key,
             value=self.codec.encode("OrderResult", result_to_dict(result)),
             partition=partition_for(key, self.cfg.partitions),
@@ -371,7 +315,7 @@ class SagaHandler:
             dead_at=now_ms(),
             max_bytes=settings.max_record_bytes,
         )
-        await dead_letters_topic.send(key=key, value=self.codec.encode("DeadLetter", record))
+        await self.outputs.dead_letters.send(key=key, value=self.codec.encode("DeadLetter", record))
 
 
 # the sagas of this worker's partitions that are not final, for the sweeper
@@ -441,12 +385,12 @@ async def sweep_sagas() -> None:
         _resent[key] = now
         if expire:
             await _send_internal_cancel(key, saga.order_id, "expire", "expired", now)
-            SAGA_EXPIRY_SENT.inc()
+            metrics.SAGA_EXPIRY_SENT.inc()
         if pending and now - stored.updated_at >= RESEND_AFTER_MS:
             log.info("re-sending %d ledger commands of order %s", len(pending), saga.order_id)
             await handler.send(pending)
-            SAGA_RESENT.inc(len(pending))
-    SAGAS_OPEN.set(waiting)
+            metrics.SAGA_RESENT.inc(len(pending))
+    metrics.SAGAS_OPEN.set(waiting)
     for key, at in list(_resent.items()):
         if now - at > 10 * RESEND_AFTER_MS:
             del _resent[key]
@@ -483,103 +427,16 @@ async def prune_sagas() -> None:
     now = now_ms()
     for key in finished_sagas.take_due(now, PRUNE_STEP):
         await _send_internal_cancel(key, key.decode("utf-8"), "prune", sg.PRUNE_REASON, now)
-        SAGA_PRUNE_SENT.inc()
+        metrics.SAGA_PRUNE_SENT.inc()
 
 
 # --------------------------------------------------------------------------
 # relay: OrderResults from the saga changelog
 
 
-class OrderRelay:
-    """Consume the saga changelog, publish each record's OrderResults, commit."""
-
-    def __init__(self, cfg: Settings, codec: AvroCodec) -> None:
-        self.cfg = cfg
-        self.codec = codec
-        self.topic = changelog_topic(cfg, "orders")
-
-    def outputs(self, value: bytes | None) -> list[tuple[bytes, bytes]]:
-        if value is None:
-            return []
-        stored = StoredSaga.from_bytes(value)
-        return [
-            (item["order_id"].encode("utf-8"), self.codec.encode("OrderResult", item))
-            for item in stored.effects
-        ]
-
-    async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            self.topic,
-            **aiokafka_kwargs(self.cfg),
-            group_id=f"{self.cfg.app_id}-orders-relay",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            fetch_max_wait_ms=20,
-            max_poll_records=2000,
-            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
-        )
-        producer = AIOKafkaProducer(
-            **aiokafka_kwargs(self.cfg), enable_idempotence=True, acks="all", linger_ms=1
-        )
-        await self.codec.ensure_registered(metrics.registry_wait)
-        await producer.start()
-        while True:
-            try:
-                await consumer.start()
-                break
-            except Exception as exc:  # noqa: BLE001 - the changelog appears with the table
-                log.warning("order relay consumer not started yet: %s", exc)
-                await asyncio.sleep(1.0)
-        try:
-            while True:
-                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                if not batches:
-                    continue
-                futures = []
-                offsets: dict[TopicPartition, int] = {}
-                for tp, records in batches.items():
-                    for rec in records:
-                        for okey, oval in self.outputs(rec.value):
-                            futures.append(
-                                await producer.send(ORDER_RESULTS_TOPIC, key=okey, value=oval)
-                            )
-                            metrics.RELAY_PUBLISHED.labels("OrderResult").inc()
-                    offsets[tp] = records[-1].offset + 1
-                if futures:
-                    await asyncio.gather(*futures)
-                await consumer.commit(offsets)
-        finally:
-            await consumer.stop()
-            await producer.stop()
-
-
-order_relay = OrderRelay(settings, codec_from_settings(settings))
+order_relay = OrderRelay(settings, codec_from_settings(settings))  # pipeline.relay
 
 
 @app.task
 async def run_order_relay() -> None:
-    while True:
-        try:
-            await order_relay.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the relay must outlive broker hiccups
-            log.exception("order relay failed; restarting in 1 s")
-            await asyncio.sleep(1.0)
-
-
-# --------------------------------------------------------------------------
-# web: GET /orders/{order_id}, answered by the worker that owns the order
-
-
-@app.page("/orders/{order_id}")
-class OrderView(View):
-    @app.table_route(table=orders_table, match_info="order_id")
-    async def get(self, request: Request, order_id: str) -> Response:
-        if not app.tables.recovery.completed.is_set() or app.rebalancing:
-            return self.json({"error": "recovering"}, status=503)
-        raw: Any = orders_table.get(order_key(order_id))
-        if raw is None:
-            return self.json({"error": "unknown order", "order_id": order_id}, status=404)
-        return self.json(StoredSaga.from_bytes(raw).view())
+    await run_forever(order_relay.run, "order relay")

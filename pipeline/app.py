@@ -26,9 +26,10 @@ from pipeline.runtime import app, settings
 __all__ = ["app"]
 
 if settings.relay_enabled:
-    from pipeline.relay import ChangelogRelay, run_forever
+    from pipeline.kafka.consuming import run_forever
+    from pipeline.relay import ChangelogRelay
     from schemas.codec import codec_from_settings
 
     @app.task
     async def run_relay() -> None:
-        await run_forever(ChangelogRelay(settings, codec_from_settings(settings)))
+        await run_forever(ChangelogRelay(settings, codec_from_settings(settings)).run, "relay")

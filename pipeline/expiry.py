@@ -18,12 +18,12 @@ so a stale leadership during a rebalance cannot stop expiry.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 
 from agents.stock import engine
 from config.settings import settings
 from pipeline import metrics
+from pipeline.clock import now_ms
 from pipeline.kafka.indexing import IndexRefresher, settled
 from pipeline.kafka.partitioning import partition_for
 from pipeline.runtime import app, open_reservations, orders_topic
@@ -61,7 +61,7 @@ async def sweep_expired() -> None:
     if not settled(app) or not engine.ready() or not await index.refresh():
         return
     await _codec.ensure_registered(metrics.registry_wait)
-    now = int(time.time() * 1000)
+    now = now_ms()
     for sku, order_id in overdue(now):
         key = sku.encode()
         mark = key + RESERVATION_SEP + order_id.encode()

@@ -368,3 +368,38 @@ for _invariant in INVARIANTS:
     AUDITOR_LAST_CHECK.labels(_invariant)
 for _source in ("kafka", "redis", "search"):
     AUDITOR_ERRORS.labels(_source)
+
+
+# --- the checkout saga (agents/orders.py) -----------------------------------
+
+ORDER_OUTCOMES = Counter(
+    "inventory_order_outcomes_total",
+    "Order saga answers published, by outcome.",
+    ["outcome"],
+    registry=REGISTRY,
+)
+SAGA_RESENT = Counter(
+    "inventory_saga_resent_total",
+    "Ledger commands re-sent by the saga sweeper for sagas that made no progress.",
+    registry=REGISTRY,
+)
+SAGA_EXPIRY_SENT = Counter(
+    "inventory_saga_expiry_sent_total",
+    "Order expiry commands sent by the saga sweeper.",
+    registry=REGISTRY,
+)
+SAGAS_PRUNED = Counter(
+    "inventory_sagas_pruned_total",
+    "Finished checkout sagas deleted (tombstoned) after INVENTORY_ORDER_RETENTION_MS.",
+    registry=REGISTRY,
+)
+SAGA_PRUNE_SENT = Counter(
+    "inventory_saga_prune_sent_total",
+    "Prune commands sent by the saga sweeper for finished sagas past their retention.",
+    registry=REGISTRY,
+)
+SAGAS_OPEN = Gauge(
+    "inventory_sagas_open",
+    "Orders of this worker's partitions not settled (reserving, committing or releasing).",
+    registry=REGISTRY,
+)

@@ -25,7 +25,6 @@ import io
 import json
 import re
 import sys
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 from config.settings import Settings, settings
 from pipeline.cli import prog
 from pipeline.clients import confluent_config
+from pipeline.clock import now_ms
 from pipeline.kafka.topics import ensure_topics
 from schemas.codec import SCHEMA_DIR, AvroCodec, EncodeError, codec_from_settings
 from schemas.validation import Invalid, check_sku
@@ -77,11 +77,6 @@ def topic_for_type(cfg: Settings, name: str) -> str:
 
 
 TOPIC_FOR_TYPE: dict[str, str] = {name: topic_for_type(settings, name) for name in INPUT_TYPES}
-
-
-def now_ms() -> int:
-    """Wall-clock time in epoch milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 def fill_defaults(fields: Mapping[str, Any], *, now: int | None = None) -> dict[str, Any]:

@@ -364,6 +364,40 @@ def to_command(
     return command
 
 
+def to_record(cmd: core.OrderCommand) -> tuple[str, dict[str, Any]]:
+    """(Avro record name, fields) of a ledger command the saga sends: the way back of
+    :func:`to_command` for the orders topic."""
+    if isinstance(cmd, core.ReserveStock):
+        return "ReserveStock", {
+            "event_id": cmd.event_id,
+            "order_id": cmd.order_id,
+            "sku": cmd.sku,
+            "qty": cmd.qty,
+            "channel": cmd.channel,
+            "ttl_ms": cmd.ttl_ms,
+            "occurred_at": cmd.occurred_at,
+            "allow_partial": False,
+            "customer_id": cmd.customer_id,
+        }
+    if isinstance(cmd, core.CommitReservation):
+        return "CommitReservation", {
+            "event_id": cmd.event_id,
+            "order_id": cmd.order_id,
+            "sku": cmd.sku,
+            "occurred_at": cmd.occurred_at,
+            "channel": cmd.channel,
+        }
+    assert isinstance(cmd, core.ReleaseReservation)
+    return "ReleaseReservation", {
+        "event_id": cmd.event_id,
+        "order_id": cmd.order_id,
+        "sku": cmd.sku,
+        "reason": cmd.reason,
+        "occurred_at": cmd.occurred_at,
+        "channel": cmd.channel,
+    }
+
+
 # --------------------------------------------------------------------------
 # checkouts records (decoded Avro record -> saga input; Invalid dead-letters)
 

@@ -19,11 +19,14 @@ from harness import free_port
 
 
 class PrivateRedis:
-    """A redis-server of the test's own, with an append-only file so a restart keeps data."""
+    """A redis-server of the test's own on a free port (never the shared one): with an
+    append-only file so a restart keeps data, or with ``persist=False`` none, so a
+    restart (``kill()`` then ``start()``) comes back empty on the same port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persist: bool = True) -> None:
         self.port = free_port()
         self.dir = workdir
+        self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -36,7 +39,8 @@ class PrivateRedis:
             raise AssertionError("redis-server is not installed: apt-get install -y redis-server")
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        args += ["--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else []
         with open(self.dir / "redis.log", "ab") as log:  # the child keeps its own copy
             self.proc = subprocess.Popen([exe, *args], stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
@@ -53,6 +57,12 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        """kill -9: what it had not written to its file is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)
 
 

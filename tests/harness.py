@@ -326,6 +326,16 @@ def read_topic(
     return out
 
 
+def delete_index(index: str, url: str = base_settings.opensearch_url) -> None:
+    """Delete a search index (a missing one is fine): a sink must re-create it."""
+    req = urllib.request.Request(f"{url}/{index}", method="DELETE")
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise
+
+
 def wait_for(
     predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.25
 ) -> None:

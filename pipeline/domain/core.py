@@ -111,6 +111,23 @@ class ReservationStatus(str, Enum):
 # state
 
 
+def in_stock(available: int) -> bool:
+    """Whether a SKU shows as in stock (the Redis hash, the search document, the live
+    pages): at least one unit can be sold."""
+    return available > 0
+
+
+def free_units(allocated: int, reserved: int) -> int:
+    """Units of a channel's allocation that its open reservations do not hold."""
+    return max(0, allocated - reserved)
+
+
+def shared_pool(available: int, free: int) -> int:
+    """What a channel without an allocation can reserve: ``available`` less the
+    allocations' ``free`` units (their sum)."""
+    return max(0, available - free)
+
+
 @dataclass(frozen=True)
 class ChannelAllocation:
     """Units of a SKU set aside for one sales channel (``ChannelAllocationSet``).
@@ -129,7 +146,7 @@ class ChannelAllocation:
 
     @property
     def free(self) -> int:
-        return max(0, self.allocated - self.reserved)
+        return free_units(self.allocated, self.reserved)
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,7 @@ class StockRecord:
     @property
     def shared_available(self) -> int:
         """What a channel without an allocation can reserve."""
-        return max(0, self.available - sum(a.free for a in self.channels))
+        return shared_pool(self.available, sum(a.free for a in self.channels))
 
     def allocation(self, channel: str) -> ChannelAllocation | None:
         for a in self.channels:

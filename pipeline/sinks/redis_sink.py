@@ -32,7 +32,6 @@ Versions are compared as Lua numbers, exact up to 2**53.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -45,6 +44,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from config.settings import Settings
 from pipeline.clients import redis_kwargs
+from pipeline.clock import now_ms
+from pipeline.domain.core import free_units, in_stock, shared_pool
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 CONNECT_TIMEOUT_S = 2.0
@@ -100,10 +101,6 @@ def _redacted(url: str) -> str:
 def _glob_escape(text: str) -> str:
     """``text`` as a literal in a Redis SCAN MATCH pattern."""
     return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class RedisProjection(Projection):
@@ -227,7 +224,7 @@ class RedisProjection(Projection):
         safety_stock = int(change["safety_stock"])
         available = int(change["available"])
         occurred_at = int(change["occurred_at"])
-        in_stock = available > 0
+        stocked = in_stock(available)
         head = (
             orjson.dumps(
                 {
@@ -237,7 +234,7 @@ class RedisProjection(Projection):
                     "reserved": reserved,
                     "safety_stock": safety_stock,
                     "available": available,
-                    "in_stock": in_stock,
+                    "in_stock": stocked,
                 }
             )[:-1]
             + b',"updated_at":'
@@ -249,15 +246,15 @@ class RedisProjection(Projection):
             str(reserved),
             str(safety_stock),
             str(available),
-            "1" if in_stock else "0",
+            "1" if stocked else "0",
             str(occurred_at),
             self._cfg.redis_channel,
             head,
             tail,
         ]
         channels = change.get("channels") or []
-        free = sum(max(0, int(c["allocated"]) - int(c["reserved"])) for c in channels)
-        args.append(str(max(0, available - free)))
+        free = sum(free_units(int(c["allocated"]), int(c["reserved"])) for c in channels)
+        args.append(str(shared_pool(available, free)))
         args.append(str(int(change.get("damaged") or 0)))
         for c in channels:
             name = str(c["channel"])
@@ -284,7 +281,7 @@ class RedisProjection(Projection):
         local clock.
         """
         if not changes:
-            return ApplyReport(applied=0, stale=0, applied_at_ms=_now_ms())
+            return ApplyReport(applied=0, stale=0, applied_at_ms=now_ms())
         calls = [self._script_args(c) for c in changes]
         try:
             results = await self._run(calls)

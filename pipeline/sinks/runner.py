@@ -53,7 +53,10 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from config.settings import Settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.dead_letters import dead_letter
+from pipeline.kafka.consuming import changelog_consumer, lag
+from pipeline.kafka.consuming import run_forever as restarted
 from pipeline.kafka.partitioning import partition_for
 from pipeline.kafka.topics import changelog_topic
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
@@ -130,17 +133,8 @@ class SinkRunner:
         return changes, unreadable
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(
-            changelog_topic(self.cfg),
-            **aiokafka_kwargs(self.cfg),
-            group_id=f"{self.cfg.app_id}-sink-{self.target}",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",  # the ledger writes it in transactions
-            max_poll_records=self.cfg.sink_batch_size,
-            fetch_max_wait_ms=20,
-            session_timeout_ms=int(self.cfg.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(self.cfg.heartbeat_interval_s * 1000),
+        consumer = changelog_consumer(
+            self.cfg, changelog_topic(self.cfg), f"sink-{self.target}", self.cfg.sink_batch_size
         )
         self.consumer = consumer  # for checks from outside (tests)
         await self._until_ready(consumer)
@@ -241,7 +235,7 @@ class SinkRunner:
             offset=rec.offset,
             key=rec.key,
             value=rec.value,
-            dead_at=int(time.time() * 1000),
+            dead_at=now_ms(),
             max_bytes=self.cfg.max_record_bytes,
         )
         part = partition_for(key, self.cfg.partitions) if key else rec.partition
@@ -411,12 +405,7 @@ class SinkRunner:
 
     async def _update_lag(self, consumer: AIOKafkaConsumer, held: int = 0) -> None:
         """Records behind the end of the topic, counting a batch held back by an outage."""
-        lag = held
-        for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is not None:
-                lag += max(0, hw - await consumer.position(tp))
-        metrics.SINK_LAG.labels(self.target).set(lag)
+        metrics.SINK_LAG.labels(self.target).set(held + await lag(consumer))
 
 
 def coalesce(changes: Sequence[StockChange]) -> list[StockChange]:
@@ -443,13 +432,6 @@ def build_projections(cfg: Settings) -> list[Projection]:
 
 
 async def run_forever(runner: SinkRunner) -> None:
-    """Run one runner, restarting it after unexpected errors (logged)."""
-    while True:
-        try:
-            await runner.run()
-        except asyncio.CancelledError:
-            await runner.projection.close()  # the worker is stopping: release client sessions
-            raise
-        except Exception:  # noqa: BLE001 - a sink must outlive broker hiccups
-            log.exception("%s sink crashed; restarting in 1 s", runner.target)
-            await asyncio.sleep(1.0)
+    """Run one runner, restarting it after unexpected errors (logged); a stopping worker
+    releases the target's client sessions."""
+    await restarted(runner.run, f"{runner.target} sink", runner.projection.close)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -60,6 +59,8 @@ from opensearchpy.exceptions import NotFoundError, OpenSearchException, Transpor
 
 from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
+from pipeline.clock import now_ms
+from pipeline.domain.core import in_stock
 from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 log = logging.getLogger("inventory.sink")
@@ -126,10 +127,6 @@ class SearchRejected(TargetUnavailable):
     one that knows this class can alert instead of backing off quietly, since
     retrying will not help until the index or the code is fixed.
     """
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _redacted(url: str) -> str:
@@ -337,7 +334,7 @@ class SearchProjection(Projection):
         Per SKU only the highest version of the batch is sent; the others are counted
         stale. ``applied_at_ms`` is the local clock used as ``updated_at``.
         """
-        now = _now_ms()
+        now = now_ms()
         if not changes:
             return ApplyReport(applied=0, stale=0, applied_at_ms=now)
         # Documents are full snapshots, not deltas, and OpenSearch keeps only the highest
@@ -359,7 +356,7 @@ class SearchProjection(Projection):
             doc = {
                 "sku": sku,
                 "available": available,
-                "in_stock": available > 0,
+                "in_stock": in_stock(available),
                 "on_hand": int(change["on_hand"]),
                 "reserved": int(change["reserved"]),
                 "safety_stock": int(change["safety_stock"]),

@@ -1,4 +1,8 @@
-"""Runs the projection sinks inside a Faust worker (unless INVENTORY_SINK_ENABLED=0)."""
+"""Runs the projection sinks inside a Faust worker (unless INVENTORY_SINK_ENABLED=0).
+
+Nothing is built at import: the sinks' runners (and their Redis and OpenSearch
+clients) are made when the worker starts its tasks, so a tool that only loads the
+app (``faust -A pipeline.app`` commands, tests) opens no client."""
 
 from __future__ import annotations
 
@@ -12,13 +16,13 @@ from schemas.codec import codec_from_settings
 RUNNERS: list[SinkRunner] = []
 
 if settings.sink_enabled:
-    RUNNERS.extend(
-        SinkRunner(settings, projection, codec_from_settings(settings))
-        for projection in build_projections(settings)
-    )
 
     @app.task
     async def run_sinks() -> None:
+        RUNNERS.extend(
+            SinkRunner(settings, p, codec_from_settings(settings))
+            for p in build_projections(settings)
+        )
         await asyncio.gather(*(run_forever(r) for r in RUNNERS))
 
 

@@ -71,6 +71,7 @@ from redis.exceptions import RedisError
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.clients import redis_kwargs
+from pipeline.domain.core import in_stock
 from pipeline.runtime import app
 from schemas.validation import Invalid, check_sku
 
@@ -259,14 +260,14 @@ def parse_update(fields: Mapping[str, Any], sku: str | None = None) -> StockUpda
             return None
         ints = {f: _int(fields.get(f, 0)) for f in _INT_FIELDS}
         raw_in_stock = fields.get("in_stock")
-        in_stock = ints["available"] > 0 if raw_in_stock is None else _bool(raw_in_stock)
+        stocked = in_stock(ints["available"]) if raw_in_stock is None else _bool(raw_in_stock)
         occurred_at = _int(fields.get("occurred_at", 0))
     except (KeyError, ValueError, TypeError):
         return None
     return StockUpdate(
         sku=name,
         version=version,
-        in_stock=in_stock,
+        in_stock=stocked,
         occurred_at=occurred_at,
         **ints,
     )

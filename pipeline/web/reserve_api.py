@@ -38,14 +38,15 @@ from faust.web import Request, Response, View
 from prometheus_client import Counter, Gauge, Histogram
 
 from agents.orders import checkouts_topic
-from agents.stock import engine
 from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.clients import aiokafka_kwargs
+from pipeline.clock import now_ms
 from pipeline.kafka.partitioning import partition_for
 from pipeline.runtime import app, orders_topic
 from pipeline.web import reserve_rules as rr
 from pipeline.web.routing import owner_route
+from pipeline.web.views import answering_ledger
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings, retry_while_registry_down
 from tables.stock import StoredReservation, reservation_key
 
@@ -69,10 +70,6 @@ API_WAITING = Gauge(
     "Reserve API requests waiting for their answer on this worker.",
     registry=metrics.REGISTRY,
 )
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class AnswerWaiter:
@@ -340,12 +337,9 @@ class ReservationStatus(View):
     async def _owned(self, request: Request, order_id: str) -> Response:
         # answered by the owner of the SKU's partition, like GET /stock/{sku}
         sku = request.query["sku"]
-        settled = app.tables.recovery.completed.is_set() and not app.rebalancing
-        ledger = engine.ledger_for(sku) if settled else None
-        if ledger is not None and ledger.halted:
-            return self.json({"error": "halted", "reason": ledger.halted}, status=503)
-        if ledger is None or not await ledger.fresh():
-            return self.json({"error": "recovering"}, status=503)
+        ledger = await answering_ledger(self, sku)
+        if isinstance(ledger, Response):
+            return ledger
         raw = ledger.store.get(reservation_key(sku, order_id))
         res = StoredReservation.from_bytes(raw).valid(ledger.lookup(sku)) if raw else None
         if res is None:

@@ -77,7 +77,6 @@ from chaos_observe import (
     QuietProducer,
     Sampler,
     TopicTail,
-    delete_index,
     flush,
 )
 from chaos_plan import (
@@ -98,7 +97,7 @@ from chaos_workload import RoundCtx, Shopper, pick_skus
 from config.settings import settings as base
 from crashload import audit_changelog
 from faults import PrivateRedis, TcpProxy
-from harness import OUT, Namespace, Worker
+from harness import OUT, Namespace, Worker, delete_index
 from pipeline.clients import confluent_config
 from pipeline.kafka.topics import ensure_topics
 

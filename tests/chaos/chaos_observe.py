@@ -335,12 +335,3 @@ class Sampler(threading.Thread):
     def snapshot(self) -> dict[str, dict[str, list[tuple[float, tuple[int, ...]]]]]:
         with self.lock:
             return {t: {k: list(v) for k, v in d.items()} for t, d in self.samples.items()}
-
-
-def delete_index(index: str) -> None:
-    req = urllib.request.Request(f"{base.opensearch_url}/{index}", method="DELETE")
-    try:
-        urllib.request.urlopen(req, timeout=10).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            raise

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from chaos_observe import QuietProducer, flush
 from chaos_plan import OrderInfo
+from pipeline.clock import now_ms
 from pipeline.kafka.partitioning import partition_for
-from pipeline.produce import CommandProducer, now_ms
+from pipeline.produce import CommandProducer
 
 if TYPE_CHECKING:
     from chaos import ChaosRun

@@ -19,8 +19,9 @@ from harness import (
     wait_for,
     wait_stock,
 )
+from pipeline.clock import now_ms
 from pipeline.kafka.partitioning import partition_for
-from pipeline.produce import CommandProducer, now_ms
+from pipeline.produce import CommandProducer
 from schemas.codec import AvroCodec
 
 pytestmark = pytest.mark.integration

@@ -27,7 +27,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import OUT, REPO, Namespace, Worker, free_port, wait_for
-from pipeline.produce import CommandProducer, now_ms
+from pipeline.clock import now_ms
+from pipeline.produce import CommandProducer
 from schemas.codec import AvroCodec
 
 pytestmark = pytest.mark.integration

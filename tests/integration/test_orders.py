@@ -21,7 +21,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from harness import Namespace, Worker, read_topic, wait_for
 from pipeline.clients import confluent_config
-from pipeline.produce import CommandProducer, now_ms
+from pipeline.clock import now_ms
+from pipeline.produce import CommandProducer
 from schemas.codec import AvroCodec
 
 pytestmark = pytest.mark.integration

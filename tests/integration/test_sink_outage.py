@@ -24,7 +24,7 @@ import redis
 
 from config.settings import settings as base
 from faults import PrivateRedis, TcpProxy
-from harness import OUT, REPO, Namespace, Worker, wait_for
+from harness import OUT, REPO, Namespace, Worker, delete_index, wait_for
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -168,12 +168,3 @@ def test_outages_of_redis_and_search_lose_nothing_and_converge(kafka, targets):
         stop.set()
         worker.stop()
         delete_index(index)
-
-
-def delete_index(index: str) -> None:
-    req = urllib.request.Request(f"{base.opensearch_url}/{index}", method="DELETE")
-    try:
-        urllib.request.urlopen(req, timeout=10).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code != 404:
-            raise

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,6 +20,8 @@ import pytest
 import redis
 from confluent_kafka import Producer
 
+from faults import PrivateRedis
+from harness import OUT, Namespace, Worker, metric_total, wait_for
 from pipeline import metrics
 from pipeline.clients import confluent_config
 from pipeline.domain.core import StockRecord
@@ -29,43 +31,21 @@ from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.runner import SinkRunner
 from schemas.codec import AvroCodec
 from tables.stock import StoredStock
-from tests.harness import Namespace, Worker, free_port, metric_total, wait_for
 
 pytestmark = pytest.mark.integration
 
-STARTED: list[subprocess.Popen[bytes]] = []
 SKUS = [f"SKU-{i}" for i in range(50)]
 
 
-def start_redis(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    STARTED.append(proc)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        with contextlib.suppress(redis.ConnectionError):
-            if client.ping():
-                return proc
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("private redis-server did not start")
-
-
 @pytest.fixture
-def private_redis() -> Iterator[int]:
-    port = free_port()
-    start_redis(port)
-    yield port
-    for proc in STARTED:
-        proc.kill()
-        proc.wait()
-    STARTED.clear()
+def redis_server() -> Iterator[PrivateRedis]:
+    server = PrivateRedis(OUT / f"heal-redis-{uuid.uuid4().hex[:8]}", persist=False).start()
+    yield server
+    server.kill()
 
 
-def test_flushall_and_empty_restart_heal(private_redis: int) -> None:
-    port = private_redis
+def test_flushall_and_empty_restart_heal(redis_server: PrivateRedis) -> None:
+    port = redis_server.port
     ns = Namespace.fresh("sink-heal", partitions=2)
     s = replace(
         ns.settings,
@@ -118,11 +98,10 @@ def test_flushall_and_empty_restart_heal(private_redis: int) -> None:
             assert True in seen and seen[-1] is False
             print(f"healed after FLUSHALL in {took:.1f} s")
             # killed and restarted empty on the same port
-            proc = subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False)
-            del proc
+            redis_server.kill()
             before = replays._value.get()
             seen.clear()
-            start_redis(port)
+            redis_server.start()
             took = await until(
                 lambda: replays._value.get() > before and whole() and not runner.degraded, 30, task
             )
@@ -137,12 +116,12 @@ def test_flushall_and_empty_restart_heal(private_redis: int) -> None:
     asyncio.run(scenario())
 
 
-def test_single_evicted_key_heals(private_redis: int) -> None:
+def test_single_evicted_key_heals(redis_server: PrivateRedis) -> None:
     """One SKU's hash evicted by ``maxmemory`` (the marker stays): only the server's
     ``evicted_keys`` shows it. Forced exactly: that one key gets a TTL, the policy is
     ``volatile-ttl`` and ``maxmemory`` 1 byte, so the next command evicts it and
     nothing else."""
-    port = private_redis
+    port = redis_server.port
     ns = Namespace.fresh("sink-evict", partitions=2)
     s = replace(
         ns.settings,
@@ -211,12 +190,12 @@ def test_single_evicted_key_heals(private_redis: int) -> None:
     asyncio.run(scenario())
 
 
-def test_healthz_says_replaying_while_a_sink_heals(kafka: None, private_redis: int) -> None:
+def test_healthz_says_replaying_while_a_sink_heals(kafka: None, redis_server: PrivateRedis) -> None:
     """Over HTTP on a real worker: after FLUSHALL of its Redis, ``/healthz`` answers 200
     ``{"status": "degraded", "sinks": {"redis": "replaying", ...}}`` while the sink
     re-applies the changelog, and ``ok`` once every hash is back. 800 SKUs read 5
     records a batch make the replay last long enough to be seen."""
-    port = private_redis
+    port = redis_server.port
     n = 800
     ns = Namespace.fresh(
         "heal-health",
@@ -268,11 +247,11 @@ def ok_body() -> dict[str, Any]:
     return {"status": "ok", "sinks": {"redis": "ok", "search": "ok"}}
 
 
-def test_two_sinks_of_one_target_each_heal_their_partitions(private_redis: int) -> None:
+def test_two_sinks_of_one_target_each_heal_their_partitions(redis_server: PrivateRedis) -> None:
     """Two runners in one consumer group (two workers), one partition each: after a
     FLUSHALL each re-applies its own partition; the markers are per partition, so the
     one that finishes first cannot mark the other's partition whole."""
-    port = private_redis
+    port = redis_server.port
     ns = Namespace.fresh("sink-heal2", partitions=2)
     s = replace(
         ns.settings,

@@ -16,7 +16,8 @@ from confluent_kafka import Producer
 
 from harness import Namespace, Worker, metric_total, read_topic, restock_and_wait, wait_stock
 from pipeline.clients import confluent_config
-from pipeline.produce import CommandProducer, now_ms
+from pipeline.clock import now_ms
+from pipeline.produce import CommandProducer
 from schemas.codec import AvroCodec
 
 pytestmark = pytest.mark.integration

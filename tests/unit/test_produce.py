@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from config.settings import Settings
+from pipeline.clock import now_ms
 from pipeline.produce import (
     INPUT_TYPES,
     TOPIC_FOR_TYPE,
     BadRow,
     fill_defaults,
-    now_ms,
     parse_command_line,
     parse_stock_csv,
     producer_config,

@@ -152,12 +152,12 @@ def test_fausts_assignor_topic_is_created_by_us_with_the_min_insync_replicas():
 def test_every_producer_waits_for_the_in_sync_replicas():
     """acks=all everywhere (with min.insync.replicas 2 an acknowledged write is on two
     brokers): the CLI/command producer, the ledger's transactional writers, the relay;
-    Faust's producer (the saga, the sweepers) is checked in the worker's own conf; the
-    order relay and the sinks' dead-letter producer are aiokafka ones built with
-    ``acks="all"`` (agents/orders.py, pipeline/sinks/runner.py)."""
+    Faust's producer (the saga, the sweepers) is checked in the worker's own conf; both
+    relays (stock and order answers) use the relay producer; the sinks' dead-letter
+    producer is an aiokafka one built with ``acks="all"`` (pipeline/sinks/runner.py)."""
+    from pipeline.kafka.consuming import relay_producer_config
     from pipeline.kafka.transactions import writer_config
     from pipeline.produce import producer_config
-    from pipeline.relay import relay_producer_config
 
     cfg = Settings.from_env({})
     for name, conf in (
@@ -168,9 +168,12 @@ def test_every_producer_waits_for_the_in_sync_replicas():
         assert conf["acks"] == "all", name
         assert conf["enable.idempotence"] is True, name
     assert writer_config(cfg, 3)["transactional.id"] == f"{cfg.app_id}-ledger-3"
-    for path in ("agents/orders.py", "pipeline/sinks/runner.py"):
-        source = (REPO / path).read_text()
-        assert source.count("AIOKafkaProducer(") == source.count('acks="all"') >= 1, path
+    built = 0
+    for path in [*(REPO / "pipeline").rglob("*.py"), *(REPO / "agents").glob("*.py")]:
+        source = path.read_text()
+        assert source.count("AIOKafkaProducer(") == source.count('acks="all"'), path
+        built += source.count("AIOKafkaProducer(")
+    assert built >= 1
     code = "from pipeline.app import app; print(app.conf.producer_acks)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVENTORY_")}
     out = subprocess.run(
