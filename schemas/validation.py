@@ -512,6 +512,8 @@ def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
             channel=r.get("channel") or "web",
             ttl_ms=ttl,
             customer_id=_customer_id(r),
+            location=_location(r),
+            split=bool(r.get("split")),
         )
     if name == "CommitOrder":
         return CommitOrder(_event_id(r), _order_id(r), _time(r), r.get("channel") or "web")

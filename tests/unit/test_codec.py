@@ -45,6 +45,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "ttl_ms": 0,
         "occurred_at": T,
         "customer_id": "cust-1",
+        "location": "store-7",
+        "split": False,
     },
     "CommitOrder": {"event_id": "e", "order_id": "o1", "channel": "web", "occurred_at": T},
     "CancelOrder": {
@@ -312,6 +314,8 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("ttl_ms", L, 0),
         ("occurred_at", L, NO_DEFAULT),
         ("customer_id", S, ""),
+        ("location", S, ""),
+        ("split", B, False),
     ],
     "CommitOrder": [
         ("event_id", S, NO_DEFAULT),
