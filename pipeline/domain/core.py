@@ -1193,13 +1193,6 @@ def _answer(
 # locations: a SKU's stock per location, by the rules of pipeline.domain.locations
 
 
-def located(record: StockRecord, where: str = "") -> bool:
-    """True when a command naming location ``where`` ("" = none) goes through the
-    per-location rules: the SKU has locations, or ``where`` names one other than the
-    default. Every other command takes the totals-only path it always took."""
-    return bool(record.locations) or (bool(where) and where != DEFAULT_LOCATION)
-
-
 def _locations_of(record: StockRecord) -> tuple[LocationStock, ...]:
     """The SKU's locations; for a SKU that has none yet, its totals as the one
     :data:`DEFAULT_LOCATION` (nothing when it holds nothing)."""
@@ -1298,16 +1291,12 @@ def _at_location(base: StockRecord, cmd: StockCommand) -> _Applied:
 
 def located_command(record: StockRecord, cmd: StockCommand) -> bool:
     """True when stock command ``cmd`` takes the per-location path on ``record``."""
-    kind = type(cmd)
-    if kind in _PER_SKU:
-        return False  # neither moves a unit
-    if kind in _TRANSFERS:
-        return True
-    where = cmd.location  # type: ignore[union-attr]  # every other stock command has one
+    where = getattr(cmd, "location", None)
+    if where is None:  # a transfer, or per SKU (an allocation or a cap moves no unit)
+        return type(cmd) in _TRANSFERS
     return bool(record.locations) or (bool(where) and where != DEFAULT_LOCATION)
 
 
-_PER_SKU = frozenset((ChannelAllocationSet, CustomerLimitSet))
 _TRANSFERS = frozenset(TRANSFER_COMMANDS)
 
 
