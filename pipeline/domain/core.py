@@ -26,7 +26,7 @@ Idempotency rules that live here (the agent adds the Kafka-offset guard):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -184,11 +184,19 @@ class StockRecord:
     sale_id: str = ""  # the current sale ("" = the SKU's standing limit); see CustomerLimitSet
     locations: tuple[LocationStock, ...] = ()  # sorted by name; () = all at DEFAULT_LOCATION
     transfers: tuple[Transfer, ...] = ()  # open: shipped, not yet received or cancelled
+    # the sum of the locations' own available, kept beside them (read several times per
+    # decision); set from ``locations`` here and by :func:`_with_locations`, the only
+    # place that changes them
+    located_available: int = field(default=0, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.locations:
+            object.__setattr__(self, "located_available", loc.available(self.locations))
 
     @property
     def available(self) -> int:
         if self.locations:
-            return loc.available(self.locations)
+            return self.located_available
         return max(0, self.on_hand - self.reserved - self.safety_stock)
 
     @property
@@ -1219,6 +1227,7 @@ def _with_locations(
     return _evolve(
         record,
         locations=locs,
+        located_available=loc.available(locs),
         on_hand=on_hand,
         reserved=reserved,
         damaged=damaged,

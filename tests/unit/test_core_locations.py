@@ -264,6 +264,7 @@ def test_locations_transfers_and_holds_survive_the_stored_layout() -> None:
     stored = StoredStock(led.record)
     back = StoredStock.from_bytes(stored.to_bytes())
     assert back.record == led.record
+    assert back.record.available == led.record.available == 1  # A's 1; B's are inbound
     assert stored.view()["locations"] == {
         A: {"on_hand": 3, "reserved": 2, "damaged": 0, "available": 1, "inbound": 0},
         B: {"on_hand": 0, "reserved": 0, "damaged": 0, "available": 0, "inbound": 2},
