@@ -69,12 +69,16 @@ What the wiring needs (the next step, in :mod:`pipeline.domain.core`, the schema
 tables and the sinks):
 
 * ``StockRecord.incoming: Incoming = Incoming()`` (old records read as "expects
-  nothing, takes no backorders"); ``available`` also subtracts
+  nothing, takes no backorders"). The waiting backorders live in the SKU's record, not
+  only in each order's reservation key, because an arrival settles many of them at
+  once, in order, and ``decide`` sees the SKU's record and one reservation; the SKU
+  stays the key, so they are decided serially by its one partition. ``available`` also subtracts
   :attr:`Incoming.staged` (staged units are on hand but not sellable; or keep them in
   a new field, never in ``reserved``, which stays the sum of open holds);
   :data:`MAX_PURCHASE_ORDERS_PER_SKU` and :data:`MAX_BACKORDERS_PER_SKU` join
-  ``_over_limit`` and the record-size bound test (a backorder is at most ~350 bytes:
-  order_id, channel and customer_id at their maximum lengths, so 256 of them ~90 KB).
+  ``_over_limit`` and the record-size bound test (a backorder is at most ~470 bytes:
+  order_id, po_id, channel and customer_id at their maximum lengths, so 256 of them
+  ~120 KB; ``po_id`` is bounded like the other ids, ``MAX_ID_LEN``).
 * an ``IncomingStock`` command and schema (``po_id``, ``qty``, ``expected_at``;
   ``cancelled`` or a separate ``PurchaseOrderClosed`` with ``cancelled`` for
   :func:`close`), a ``BackorderCapSet`` command (``max_units``) for :func:`set_cap`;
@@ -94,6 +98,10 @@ tables and the sinks):
   one (RELEASED, reason ``po_short`` / ``po_cancelled``), so each customer's answer
   says what happened to its order. Whether a converted preorder is committed at once
   (paid when placed) or held for ``ttl_ms`` is the lead's call; the rule gives both.
+* a plain restock (no ``po_id``), a return or a count does not convert backorders:
+  they wait on their purchase order, and on-hand units stay first come, first served.
+  If the lead wants plain restocks to serve waiting backorders first, that is one more
+  function over the same settling rule (the restocked units as its ``pool``).
 * StockChanged, ``GET /stock/{sku}``, the Redis hash and the search document can carry
   ``incoming`` (:func:`open_incoming`), ``promised`` and ``backorderable``; the audit
   the settlements.
@@ -109,7 +117,9 @@ from typing import Any, TypeVar
 
 MAX_PURCHASE_ORDERS_PER_SKU = 16
 """Purchase orders one SKU keeps (open ones, then the latest ended ones): each is in the
-SKU's record. An ended one is dropped, oldest first, to make room for a new one."""
+SKU's record. An ended one is dropped, oldest first, to make room for a new one (its
+id is then forgotten: an IncomingStock naming it again opens a new purchase order, so
+the wiring keeps the event-id guard in front of it)."""
 MAX_BACKORDERS_PER_SKU = 256
 """Backorders one SKU may have waiting (they live in the SKU's record, which one
 changelog record carries)."""
@@ -174,7 +184,9 @@ class PurchaseOrder:
 
     po_id: str
     expected: int  # units ordered from the supplier (IncomingStock's quantity)
-    expected_at: int  # when they are due (epoch ms; shown to the customer, no rule reads it)
+    # when they are due (epoch ms): picks the purchase order a backorder waits on and is
+    # shown to its customer; nothing acts on its passing (a late one is closed by a command)
+    expected_at: int
     received: int = 0
     status: POStatus = POStatus.OPEN
     staged: int = 0  # received units set aside for the first waiting backorder

@@ -47,6 +47,12 @@ def with_po(*pos: tuple[str, int, int], cap: int = 100) -> Incoming:
     return state
 
 
+def po_of(state: Incoming, po_id: str) -> PurchaseOrder:
+    po = inc.find_po(state, po_id)
+    assert po is not None, po_id
+    return po
+
+
 def names(bs: tuple[Backorder, ...]) -> list[str]:
     return [b.order_id for b in bs]
 
@@ -64,7 +70,7 @@ def test_expect_adds_and_updates_a_purchase_order_idempotently() -> None:
     assert inc.find_po(s, "po-1") == PurchaseOrder("po-1", 10, T0 + DAY)
     assert inc.open_incoming(s) == 10
     again = ok(inc.expect(s, "po-1", 10, T0 + DAY))
-    assert again.incoming == s and again.converted == again.released == ()
+    assert again.incoming == s and again.converted == () and again.released == ()
     later = ok(inc.expect(s, "po-1", 12, T0 + 2 * DAY)).incoming
     assert inc.find_po(later, "po-1") == PurchaseOrder("po-1", 12, T0 + 2 * DAY)
 
@@ -149,14 +155,14 @@ def test_arrivals_convert_whole_backorders_in_the_order_placed() -> None:
     # 4 units cannot cover a's 6: none converts, b (which they would cover) waits behind
     # a, and the 4 are set aside for a, not sellable
     assert first.converted == () and first.staged_change == 4 and first.free == 0
-    po = inc.find_po(first.incoming, "po-1")
-    assert po is not None and po.staged == 4 and names(po.backorders) == ["a", "b"]
+    po = po_of(first.incoming, "po-1")
+    assert po.staged == 4 and names(po.backorders) == ["a", "b"]
     second = ok(inc.arrive(first.incoming, "po-1", 5))
     balanced(second)
     assert names(second.converted) == ["a", "b"] and second.held == 9
     assert second.staged_change == -4 and second.free == 0
-    po = inc.find_po(second.incoming, "po-1")
-    assert po is not None and po.status is POStatus.OPEN and po.open == 1
+    po = po_of(second.incoming, "po-1")
+    assert po.status is POStatus.OPEN and po.open == 1
     last = ok(inc.arrive(second.incoming, "po-1", 1))
     balanced(last)
     assert last.free == 1 and last.converted == ()
@@ -170,8 +176,8 @@ def test_units_beyond_the_promises_are_free_on_hand() -> None:
     got = ok(inc.arrive(s, "po-1", 12))  # over-delivered
     balanced(got)
     assert names(got.converted) == ["a"] and got.free == 10
-    po = inc.find_po(got.incoming, "po-1")
-    assert po is not None and po.status is POStatus.RECEIVED and po.open == 0
+    po = po_of(got.incoming, "po-1")
+    assert po.status is POStatus.RECEIVED and po.open == 0
 
 
 def test_an_arrival_no_purchase_order_expects_is_all_free_on_hand() -> None:
@@ -194,8 +200,8 @@ def test_a_final_arrival_closes_short() -> None:
     # 6 units: a (3) fits, b (5) does not, c (2) fits in what b leaves
     assert names(got.converted) == ["a", "c"] and got.free == 1
     assert [(r.backorder.order_id, r.reason) for r in got.released] == [("b", inc.PO_SHORT)]
-    po = inc.find_po(got.incoming, "po-1")
-    assert po is not None and po.status is POStatus.RECEIVED and po.backorders == ()
+    po = po_of(got.incoming, "po-1")
+    assert po.status is POStatus.RECEIVED and po.backorders == ()
 
 
 # -- close, cut, cancel ---------------------------------------------------------
@@ -228,9 +234,9 @@ def test_a_cancelled_purchase_order_releases_every_backorder_it_cannot_cover() -
         ("b", inc.PO_CANCELLED),
     ]
     assert got.converted == () and got.free == 2
-    po = inc.find_po(got.incoming, "po-1")
-    assert po is not None and po.status is POStatus.CANCELLED and po.received == 2
-    assert names(inc.find_po(got.incoming, "po-2").backorders) == ["other"]  # type: ignore[union-attr]
+    po = po_of(got.incoming, "po-1")
+    assert po.status is POStatus.CANCELLED and po.received == 2
+    assert names(po_of(got.incoming, "po-2").backorders) == ["other"]
 
 
 def test_a_cut_releases_in_the_order_placed_keeping_those_that_fit() -> None:
@@ -241,8 +247,8 @@ def test_a_cut_releases_in_the_order_placed_keeping_those_that_fit() -> None:
     got = ok(inc.expect(s, "po-1", 7, T0 + DAY))
     balanced(got)
     assert [(r.backorder.order_id, r.reason) for r in got.released] == [("b", inc.PO_SHORT)]
-    po = inc.find_po(got.incoming, "po-1")
-    assert po is not None and names(po.backorders) == ["a", "c"] and po.status is POStatus.OPEN
+    po = po_of(got.incoming, "po-1")
+    assert names(po.backorders) == ["a", "c"] and po.status is POStatus.OPEN
     # cut to what was received: the purchase order is complete
     done = ok(inc.arrive(got.incoming, "po-1", 2)).incoming
     end = ok(inc.expect(done, "po-1", 2, T0 + DAY))
@@ -250,7 +256,7 @@ def test_a_cut_releases_in_the_order_placed_keeping_those_that_fit() -> None:
     # the 2 units received cannot cover a (6): released; c (1) is covered; 1 is free
     assert [r.backorder.order_id for r in end.released] == ["a"]
     assert names(end.converted) == ["c"] and end.free == 1
-    assert inc.find_po(end.incoming, "po-1").status is POStatus.RECEIVED  # type: ignore[union-attr]
+    assert po_of(end.incoming, "po-1").status is POStatus.RECEIVED
 
 
 def test_cancelling_a_backorder_gives_its_promise_back() -> None:
@@ -276,8 +282,8 @@ def test_cancelling_a_later_backorder_leaves_the_staged_units_to_the_first() -> 
     got = ok(inc.cancel(s, "b"))
     balanced(got)
     assert got.converted == () and got.staged_change == 0 and got.free == 0
-    po = inc.find_po(got.incoming, "po-1")
-    assert po is not None and po.staged == 3 and names(po.backorders) == ["a"]
+    po = po_of(got.incoming, "po-1")
+    assert po.staged == 3 and names(po.backorders) == ["a"]
 
 
 def test_consistent_names_what_is_wrong() -> None:
