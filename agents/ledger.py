@@ -421,7 +421,12 @@ class PartitionLedger:
         arrivals: list[tuple[float, int]] = []  # (arrival time, records) per chunk
         expected = self.expected
         part = self.partition
-        budget = batch.RecordBudget(cfg.max_record_bytes, self._load_stock, cfg.restocks_topic)
+        budget = batch.RecordBudget(
+            cfg.max_record_bytes,
+            self._load_stock,
+            cfg.restocks_topic,
+            located_topics=(cfg.returns_topic,),
+        )
         for index, chunk in enumerate(chunks):
             if chunk.generation != self.generation:
                 continue  # fetched before the current generation: its seek re-reads it
@@ -481,6 +486,7 @@ class PartitionLedger:
             load_event=self._load_event if cfg.event_id_retention_ms > 0 else None,
             event_retention_ms=cfg.event_id_retention_ms,
             load_usage=self._load_usage,
+            location_priority=cfg.location_priority,
         )
         assert result.applied == len(inputs), "batches are cut to the per-SKU cap"
         outs, held = self._changelog_records(result)
@@ -959,6 +965,14 @@ class Counters:
                     metrics.SHORTFALLS.inc()
                     log.warning(
                         "shortfall on %s: %s",
+                        e.sku,
+                        e.reason,
+                        extra={"sku": e.sku, "event_id": e.event_id},
+                    )
+                elif e.outcome is core.Outcome.TRANSFER_RECEIVED and e.reason:
+                    # units lost in transit: reported, never silently dropped
+                    log.warning(
+                        "transfer received short on %s: %s",
                         e.sku,
                         e.reason,
                         extra={"sku": e.sku, "event_id": e.event_id},

@@ -267,6 +267,9 @@ class Settings:
     default_ttl_ms: int = 15 * 60 * 1000
     # available at or below this emits LowStockCrossed (-1 = off)
     low_stock_threshold: int = 5
+    # the order in which a reserve that names no location looks at a SKU's locations
+    # (the listed ones first, in this order, then every other by name); empty = by name
+    location_priority: tuple[str, ...] = ()
     # checkout orders (the saga): ledger holds outlive the order by this grace, so the saga
     # and not the ledger decides an order's expiry; re-send unanswered commands after
     order_grace_ms: int = 60_000
@@ -390,6 +393,7 @@ class Settings:
             order_retention_ms=_int(e, "INVENTORY_ORDER_RETENTION_MS", d.order_retention_ms, 0),
             default_ttl_ms=_int(e, "INVENTORY_DEFAULT_TTL_MS", d.default_ttl_ms, 1),
             low_stock_threshold=_int(e, "INVENTORY_LOW_STOCK_THRESHOLD", d.low_stock_threshold, -1),
+            location_priority=_names(e, "INVENTORY_LOCATION_PRIORITY", d.location_priority),
             order_grace_ms=_int(e, "INVENTORY_ORDER_GRACE_MS", d.order_grace_ms, 0),
             saga_resend_after_ms=_int(
                 e, "INVENTORY_SAGA_RESEND_AFTER_MS", d.saga_resend_after_ms, 1

@@ -24,7 +24,10 @@ invariant, a ``kind`` and the evidence. The checks (``invariant`` label values):
   ``available`` >= 0, a release, expiry or commit takes from it; safety stock changes
   only by its command; ``damaged`` grows only by a return that cannot be resold, which
   leaves on_hand alone, and shrinks only by a ``DamagedStockResolved``, whose RESTOCK
-  adds the same units to on_hand and whose WRITE_OFF leaves on_hand alone).
+  adds the same units to on_hand and whose WRITE_OFF leaves on_hand alone; a transfer
+  shipped takes units from on_hand, one received or cancelled adds them back, and
+  neither touches reserved). For a SKU with locations, ``available`` is instead the sum
+  of its locations' own, and the totals must be the sums over its ``locations``.
   Each changelog record's state too: nothing negative.
 * ``changelog_agreement``: the latest published version of each SKU equals the
   changelog's (the relay publishes what the ledger stored, and nothing else), with the
@@ -123,7 +126,10 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
         )
         if value < 0
     ]
-    if available != max(0, on_hand - reserved - safety):
+    locations = change.get("locations") or []
+    if locations:
+        problems.extend(_check_locations(locations, on_hand, reserved, damaged, available))
+    elif available != max(0, on_hand - reserved - safety):
         problems.append(
             f"available {available} is not max(0, on_hand {on_hand} - reserved {reserved} "
             f"- safety_stock {safety})"
@@ -137,6 +143,33 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
             problems.append(f"channel {c['channel']} has a negative count")
         if int(c["available"]) > available:
             problems.append(f"channel {c['channel']} available {c['available']} > {available}")
+    return problems
+
+
+def _check_locations(
+    locations: Sequence[Mapping[str, Any]],
+    on_hand: int,
+    reserved: int,
+    damaged: int,
+    available: int,
+) -> list[str]:
+    """A SKU with locations: its totals are the sums over them (available too: each
+    location's own), no location counts negative units (on_hand aside: a sale after a
+    count found fewer units than were held) and none shows more available than it has
+    units free."""
+    problems: list[str] = []
+    sums = [sum(int(x[f]) for x in locations) for f in ("on_hand", "reserved", "damaged")]
+    if sums != [on_hand, reserved, damaged]:
+        problems.append(
+            f"locations hold on_hand/reserved/damaged {sums}, the SKU {[on_hand, reserved, damaged]}"
+        )
+    if sum(int(x["available"]) for x in locations) != available:
+        problems.append(f"locations' available do not sum to {available}")
+    for x in locations:
+        if min(int(x["reserved"]), int(x["damaged"]), int(x["available"]), int(x["inbound"])) < 0:
+            problems.append(f"location {x['location']} has a negative count")
+        if int(x["available"]) > max(0, int(x["on_hand"]) - int(x["reserved"])):
+            problems.append(f"location {x['location']} shows more available than it has free")
     return problems
 
 
@@ -163,6 +196,10 @@ def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
         "ExpireReservation": d_on == 0 and d_res < 0 and d_safe == 0 and d_dmg == 0,
         # a commit after the expiry releases instead (on_hand unchanged)
         "CommitReservation": d_res < 0 and d_on in (d_res, 0) and d_safe == 0 and d_dmg == 0,
+        # a transfer's units are at neither end on the way (inbound at the destination)
+        "TransferShipped": d_on < 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "TransferReceived": d_on >= 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "TransferCancelled": d_on > 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
     }
     problems = []
     if cause in rules and not rules[cause]:
@@ -170,7 +207,11 @@ def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
             f"{cause} changed on_hand by {d_on}, reserved by {d_res}, safety_stock by {d_safe}, "
             f"damaged by {d_dmg}"
         )
-    if cause == "ReserveStock" and on_hand - reserved - safety < 0:
+    # with locations, a location a count left holding more than it has (a shortfall)
+    # makes the SKU's sum negative without any oversell: judged per location instead
+    # (check_counts: no location shows more available than it has free)
+    shortfall = any(int(x["reserved"]) > int(x["on_hand"]) for x in change.get("locations") or ())
+    if cause == "ReserveStock" and on_hand - reserved - safety < 0 and not shortfall:
         problems.append(
             f"reserved {reserved} beyond on_hand {on_hand} - safety_stock {safety} (oversell)"
         )

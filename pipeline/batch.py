@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.domain import core
+from pipeline.domain.locations import MAX_LOCATIONS_PER_SKU
 from tables.stock import (
     StoredReservation,
     StoredStock,
@@ -109,6 +110,7 @@ def fold(
     load_event: EventLoader | None = None,
     event_retention_ms: int = 0,
     load_usage: UsageLoader = _no_usage,
+    location_priority: tuple[str, ...] = (),
 ) -> BatchResult:
     """Apply ``inputs`` in order; see the module docstring.
 
@@ -120,6 +122,9 @@ def fold(
     Stops before the input that would make one SKU's record carry more than
     ``max_commands_per_sku`` commands' effects (``applied`` says how many were
     taken; the first input is always taken).
+
+    ``location_priority`` is the order in which a reserve that names no location
+    looks at a SKU's locations (see :func:`pipeline.domain.locations.plan_hold`).
     """
     skus: dict[str, _Sku] = {}
     holds: dict[bytes, tuple[core.Reservation, str, int]] = {}  # key -> (res, topic, offset)
@@ -182,6 +187,7 @@ def fold(
             low_stock_threshold=low_stock_threshold,
             applied_before=before_at is not None and now - before_at <= event_retention_ms,
             usage=usage,
+            location_priority=location_priority,
         )
         decisions.append(decision)
         if ekey and decision.outcome not in _NOT_APPLIED:
@@ -234,7 +240,8 @@ class RecordBudget:
     pass the budget (that record starts the next batch). The estimate is conservative:
     twice the input record's own bytes (its text fields reappear in the answer and in
     StockChanged), a fixed cost for the effects' other fields, and the SKU's channel
-    allocations, which every StockChanged repeats. A SKU's first record is always
+    allocations and locations, which every StockChanged repeats (a command that names
+    a location may add one, as an allocation may add a channel). A SKU's first record is always
     admitted; validation bounds every field, so one command's effects are small.
     """
 
@@ -242,6 +249,8 @@ class RecordBudget:
     CHANNEL_BYTES = 160  # one channel allocation inside one StockChanged
     ID_BYTES = 132  # one remembered event id (128 characters, quoted)
     BASE_BYTES = 1000  # the record's own counts, watermarks and keys
+    LOCATION_BYTES = 300  # one location in a StockChanged (128-character name) and record
+    TRANSFER_BYTES = 420  # one open transfer in the record (three 128-character texts)
 
     def __init__(
         self,
@@ -249,21 +258,24 @@ class RecordBudget:
         load: Callable[[str], StoredStock | None],
         allocations_topic: str,
         share: float = 0.75,
+        located_topics: tuple[str, ...] = (),
     ) -> None:
         self.limit = int(max_bytes * share)
         self._load = load
         self._allocations_topic = allocations_topic
+        self._located_topics = located_topics  # other topics whose records may add a location
         self._used: dict[bytes, int] = {}
-        self._channels: dict[bytes, int] = {}
+        self._channels: dict[bytes, int] = {}  # per SKU: channels * CHANNEL_BYTES + locations
 
     def _base(self, key: bytes) -> tuple[int, int]:
         stored = self._load(key.decode("utf-8", "replace"))
         if stored is None:
             return self.BASE_BYTES, 0
         r = stored.record
-        channels = len(r.channels)
+        repeated = len(r.channels) * self.CHANNEL_BYTES + len(r.locations) * self.LOCATION_BYTES
         size = self.BASE_BYTES + len(r.recent_event_ids) * self.ID_BYTES
-        return size + channels * self.CHANNEL_BYTES, channels
+        size += len(r.transfers) * self.TRANSFER_BYTES
+        return size + repeated, repeated
 
     def admit(self, topic: str, key: bytes | None, value: bytes | None) -> bool:
         """True when the record may join the batch (its cost is then counted)."""
@@ -271,14 +283,20 @@ class RecordBudget:
         used = self._used.get(k)
         first = used is None
         if used is None:
-            used, channels = self._base(k)
+            used, repeated = self._base(k)
         else:
-            channels = self._channels[k]
-        if topic == self._allocations_topic:  # an allocation may add a channel
-            channels = min(channels + 1, core.MAX_CHANNELS_PER_SKU)
-        cost = 2 * len(value or b"") + self.EFFECT_BYTES + channels * self.CHANNEL_BYTES
+            repeated = self._channels[k]
+        most = core.MAX_CHANNELS_PER_SKU * self.CHANNEL_BYTES
+        most += MAX_LOCATIONS_PER_SKU * self.LOCATION_BYTES
+        if topic == self._allocations_topic:
+            # a command of this topic may add a channel or a location (and a transfer)
+            repeated = min(repeated + self.CHANNEL_BYTES + self.LOCATION_BYTES, most)
+            used += self.TRANSFER_BYTES
+        elif topic in self._located_topics:  # e.g. a return may name a new location
+            repeated = min(repeated + self.LOCATION_BYTES, most)
+        cost = 2 * len(value or b"") + self.EFFECT_BYTES + repeated
         if not first and used + cost > self.limit:
             return False
         self._used[k] = used + cost
-        self._channels[k] = channels
+        self._channels[k] = repeated
         return True

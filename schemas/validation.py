@@ -32,11 +32,12 @@ MAX_ID_LEN = 128
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
 """The longest ttl an order or a reservation may ask for (a saga's holds add the grace)."""
 MAX_CHANNEL_LEN = 64
+MAX_LOCATION_LEN = 128
 MAX_TEXT_LEN = {
     "channel": MAX_CHANNEL_LEN,
     "reason": 256,
     "reference": 256,
-    "location": 128,
+    "location": MAX_LOCATION_LEN,
     "customer_id": MAX_ID_LEN,
     "sale_id": MAX_ID_LEN,
 }
@@ -50,6 +51,9 @@ RESTOCK_RECORDS = (
     "SafetyStockSet",
     "ChannelAllocationSet",
     "CustomerLimitSet",
+    "TransferShipped",
+    "TransferReceived",
+    "TransferCancelled",
 )
 RETURN_RECORDS = ("ReturnReceived", "DamagedStockResolved")
 
@@ -133,6 +137,8 @@ def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
         ttl_ms=ttl,
         allow_partial=bool(r.get("allow_partial")),
         customer_id=_customer_text(r, "customer_id"),
+        location=_location(r),
+        split=bool(r.get("split")),
     )
 
 
@@ -167,6 +173,17 @@ def _expire(r: Mapping[str, Any], s: Settings) -> core.Command:
     )
 
 
+def _location(r: Mapping[str, Any], field: str = "location") -> str:
+    """An optional location ("" or null = the SKU's default one): at most
+    :data:`MAX_LOCATION_LEN` characters, no control characters."""
+    value = str(r.get(field) or "")
+    if len(value) > MAX_LOCATION_LEN:
+        raise Invalid("text_too_long", f"{field} is {len(value)} characters, at most 128")
+    if _CONTROL.search(value):
+        raise Invalid("invalid_location", f"{field} contains control characters")
+    return value
+
+
 def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
     return core.RestockReceived(
         _id(r, "event_id"),
@@ -174,6 +191,7 @@ def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
         _qty(r["qty"], s, allow_zero=False),
         _time(r),
         channel=r.get("channel") or "warehouse",
+        location=_location(r),
     )
 
 
@@ -184,6 +202,7 @@ def _count(r: Mapping[str, Any], s: Settings) -> core.Command:
         _qty(r["on_hand"], s, allow_zero=True, field="on_hand"),
         _time(r),
         channel=r.get("channel") or "warehouse",
+        location=_location(r),
     )
 
 
@@ -194,7 +213,49 @@ def _safety(r: Mapping[str, Any], s: Settings) -> core.Command:
         _qty(r["qty"], s, allow_zero=True),
         _time(r),
         channel=r.get("channel") or "erp",
+        location=_location(r),
     )
+
+
+def _shipped(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.TransferShipped(
+        _id(r, "event_id"),
+        _transfer_id(r),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=False),
+        _location(r, "source"),
+        _location(r, "destination"),
+        _time(r),
+        channel=r.get("channel") or "warehouse",
+    )
+
+
+def _received(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.TransferReceived(
+        _id(r, "event_id"),
+        _transfer_id(r),
+        r["sku"],
+        _qty(r["qty"], s, allow_zero=True),  # 0: nothing arrived (all lost)
+        _time(r),
+        channel=r.get("channel") or "warehouse",
+    )
+
+
+def _cancelled(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.TransferCancelled(
+        _id(r, "event_id"),
+        _transfer_id(r),
+        r["sku"],
+        _time(r),
+        channel=r.get("channel") or "warehouse",
+    )
+
+
+def _transfer_id(r: Mapping[str, Any]) -> str:
+    value = _id(r, "transfer_id")
+    if _CONTROL.search(value):
+        raise Invalid("invalid_transfer_id", "transfer_id contains control characters")
+    return value
 
 
 def _customer_text(r: Mapping[str, Any], field: str) -> str:
@@ -240,6 +301,7 @@ def _return(r: Mapping[str, Any], s: Settings) -> core.Command:
         bool(r["resellable"]),
         _time(r),
         channel=r.get("channel") or "web",
+        location=_location(r),
     )
 
 
@@ -257,6 +319,7 @@ def _damaged(r: Mapping[str, Any], s: Settings) -> core.Command:
         _time(r),
         reason=r.get("reason") or "",
         channel=r.get("channel") or "warehouse",
+        location=_location(r),
     )
 
 
@@ -272,6 +335,9 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "CustomerLimitSet": _customer_limit,
     "ReturnReceived": _return,
     "DamagedStockResolved": _damaged,
+    "TransferShipped": _shipped,
+    "TransferReceived": _received,
+    "TransferCancelled": _cancelled,
 }
 
 
@@ -446,6 +512,8 @@ def _build(name: str, r: Mapping[str, Any], limits: Limits) -> OrderCommand:
             channel=r.get("channel") or "web",
             ttl_ms=ttl,
             customer_id=_customer_id(r),
+            location=_location(r),
+            split=bool(r.get("split")),
         )
     if name == "CommitOrder":
         return CommitOrder(_event_id(r), _order_id(r), _time(r), r.get("channel") or "web")

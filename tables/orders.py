@@ -95,6 +95,7 @@ def saga_to_dict(s: sg.Saga) -> dict[str, Any]:
         "goal_event_id": s.goal_event_id,
         "first": result_to_dict(s.first_result) if s.first_result is not None else None,
         **({"cust": s.customer_id} if s.customer_id else {}),
+        **({"loc": [s.location, s.split]} if s.location or s.split else {}),
     }
 
 
@@ -115,6 +116,8 @@ def saga_from_dict(d: dict[str, Any]) -> sg.Saga:
         goal_event_id=d.get("goal_event_id", ""),
         first_result=_result_from_dict(first) if first else None,
         customer_id=d.get("cust", ""),
+        location=d.get("loc", ("", False))[0],
+        split=bool(d.get("loc", ("", False))[1]),
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from pipeline.domain import core
+from pipeline.domain.locations import LocationStock, Transfer
 from tables.index import LiveIndex
 
 RESERVATION_SEP = b"\x00r\x00"
@@ -97,6 +98,7 @@ class StoredStock:
             "processed_at": self.version_at,
             "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
             "damaged": r.damaged,
+            "locations": [x.__dict__.copy() for x in core.location_figures(r)],
         }
 
     def latest_change(self) -> dict[str, Any]:
@@ -106,7 +108,9 @@ class StoredStock:
         if changes and changes[-1]["version"] == self.record.version:
             if "damaged" not in changes[-1]:
                 # written before StockChanged carried it: the record's count is the one of
-                # this version (a damaged return changed no version then)
+                # this version (a damaged return changed no version then); one written
+                # before it carried ``locations`` lacks them, and the codec gives the
+                # default [] (a SKU had no locations then)
                 return {**changes[-1], "damaged": self.record.damaged}
             return changes[-1]
         return self.as_change()
@@ -131,6 +135,8 @@ class StoredStock:
                 "vt": self.version_at,
                 "ch": [[a.channel, a.allocated, a.reserved, a.use_shared] for a in r.channels],
                 **({"cl": [r.customer_limit, r.sale_id]} if r.customer_limit or r.sale_id else {}),
+                **({"loc": _locations_out(r)} if r.locations else {}),
+                **({"tr": _transfers_out(r)} if r.transfers else {}),
             }
         )
 
@@ -151,6 +157,8 @@ class StoredStock:
             ),
             customer_limit=d.get("cl", (0, ""))[0],
             sale_id=d.get("cl", (0, ""))[1],
+            locations=tuple(LocationStock(*x) for x in d.get("loc", ())),
+            transfers=tuple(Transfer(*t) for t in d.get("tr", ())),
         )
         return cls(
             record=record,
@@ -180,6 +188,16 @@ class StoredStock:
                 }
                 for c in core.channel_stock(r)
             },
+            "locations": {
+                x.location: {
+                    "on_hand": x.on_hand,
+                    "reserved": x.reserved,
+                    "damaged": x.damaged,
+                    "available": x.available,
+                    "inbound": x.inbound,
+                }
+                for x in core.location_figures(r)
+            },
         }
 
 
@@ -198,6 +216,7 @@ def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, An
         "closed_by": res.closed_by,
         "from_allocation": res.from_allocation,
         **({"cust": [res.customer_id, res.counted, res.sale_id]} if res.customer_id else {}),
+        **({"held": [list(h) for h in res.held]} if res.held else {}),
         "topic": topic,
         "offset": offset,
     }
@@ -220,6 +239,7 @@ def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
         customer_id=d.get("cust", ("", False, ""))[0],
         counted=bool(d.get("cust", ("", False, ""))[1]),
         sale_id=d.get("cust", ("", False, ""))[2],
+        held=tuple((str(at), int(units)) for at, units in d.get("held", ())),
     )
 
 
@@ -320,7 +340,21 @@ class StoredUsage:
 def _stock_changed(e: Any) -> tuple[str, dict[str, Any]]:
     d = e.__dict__.copy()
     d["channels"] = [c.__dict__.copy() for c in e.channels]
+    d["locations"] = [x.__dict__.copy() for x in e.locations]
     return "StockChanged", d
+
+
+def _locations_out(r: core.StockRecord) -> list[list[Any]]:
+    """Positional, in LocationStock's field order (location, on_hand, reserved, damaged,
+    safety_stock, inbound): a SKU record carries up to 64 of them."""
+    return [
+        [x.location, x.on_hand, x.reserved, x.damaged, x.safety_stock, x.inbound]
+        for x in r.locations
+    ]
+
+
+def _transfers_out(r: core.StockRecord) -> list[list[Any]]:
+    return [[t.transfer_id, t.source, t.destination, t.qty] for t in r.transfers]
 
 
 def _result(e: Any) -> tuple[str, dict[str, Any]]:

@@ -26,9 +26,12 @@ Idempotency rules that live here (the agent adds the Kafka-offset guard):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
+
+from pipeline.domain import locations as loc
+from pipeline.domain.locations import Hold, LocationStock, Transfer
 
 DEFAULT_DEDUPE_WINDOW = 256
 CUSTOMER_LIMIT_REASON = "customer_limit"
@@ -39,6 +42,15 @@ Avro ints (32-bit). A command that would pass it is refused (``LIMIT_EXCEEDED``)
 MAX_CHANNELS_PER_SKU = 32
 """Channel allocations one SKU may hold: every StockChanged carries them all, and a
 batch's changelog record carries every StockChanged, so their number bounds its size."""
+
+DEFAULT_LOCATION = "default"
+"""Where a SKU that never named a location keeps everything, and where a command whose
+``location`` is "" puts its units once the SKU has locations."""
+MAX_OPEN_TRANSFERS = 64
+"""Transfers one SKU may have on the way at once: the SKU record carries them all."""
+LOCATION_REASON = "insufficient_at_location"
+"""The reason of a ReserveStock the SKU could cover in total but no location (or not the
+named one, or not without a split the command did not ask for) can."""
 
 _T = TypeVar("_T")
 
@@ -77,6 +89,10 @@ class Outcome(str, Enum):
     DAMAGED_WRITTEN_OFF = "DAMAGED_WRITTEN_OFF"  # damaged units removed from stock
     INSUFFICIENT_DAMAGED = "INSUFFICIENT_DAMAGED"  # refused: fewer damaged units than asked
     CUSTOMER_LIMIT_SET = "CUSTOMER_LIMIT_SET"
+    TRANSFER_SHIPPED = "TRANSFER_SHIPPED"
+    TRANSFER_RECEIVED = "TRANSFER_RECEIVED"  # units lost on the way: in the reason
+    TRANSFER_CANCELLED = "TRANSFER_CANCELLED"
+    TRANSFER_REFUSED = "TRANSFER_REFUSED"  # unknown or already open transfer, too few units
 
 
 class ReservationStatus(str, Enum):
@@ -144,7 +160,16 @@ class StockRecord:
     reserve. ``damaged`` counts returned units that cannot be sold (never on
     hand) until a ``DamagedStockResolved`` puts them back on hand or writes them
     off. ``version`` rises by exactly one for every change of the published
-    numbers (:func:`_published`: the sellable ones, ``damaged`` and the allocations).
+    numbers (:func:`_published`: the sellable ones, ``damaged``, the allocations and
+    the locations).
+
+    ``locations`` is empty for a SKU that never named a location: everything is then at
+    the implicit :data:`DEFAULT_LOCATION` and the totals are the only figures (the
+    cheap path every existing SKU takes). Once a command names another location the
+    totals are carried into a :data:`DEFAULT_LOCATION` entry, and from then on every
+    change goes through :mod:`pipeline.domain.locations` and the totals are the sums
+    over ``locations`` (``available`` too: each location's own, summed). ``transfers``
+    are the ones shipped and not yet received or cancelled.
     """
 
     sku: str
@@ -157,9 +182,21 @@ class StockRecord:
     channels: tuple[ChannelAllocation, ...] = ()
     customer_limit: int = 0  # units one customer may hold + buy in the current sale (0 = none)
     sale_id: str = ""  # the current sale ("" = the SKU's standing limit); see CustomerLimitSet
+    locations: tuple[LocationStock, ...] = ()  # sorted by name; () = all at DEFAULT_LOCATION
+    transfers: tuple[Transfer, ...] = ()  # open: shipped, not yet received or cancelled
+    # the sum of the locations' own available, kept beside them (read several times per
+    # decision); set from ``locations`` here and by :func:`_with_locations`, the only
+    # place that changes them
+    located_available: int = field(default=0, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.locations:
+            object.__setattr__(self, "located_available", loc.available(self.locations))
 
     @property
     def available(self) -> int:
+        if self.locations:
+            return self.located_available
         return max(0, self.on_hand - self.reserved - self.safety_stock)
 
     @property
@@ -215,6 +252,7 @@ class Reservation:
     customer_id: str = ""
     counted: bool = False  # ``qty`` counts against (sku, sale_id, customer_id)'s usage
     sale_id: str = ""  # the sale it was counted in (when ``counted``)
+    held: Hold = ()  # where its units are held; () = all at DEFAULT_LOCATION
 
     def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
@@ -235,6 +273,8 @@ class ReserveStock:
     ttl_ms: int = 15 * 60 * 1000
     allow_partial: bool = False
     customer_id: str = ""  # "" = not capped by a per-customer limit
+    location: str = ""  # "" = pick by the configured priority
+    split: bool = False  # may take the units from more than one location
 
 
 @dataclass(frozen=True)
@@ -274,6 +314,7 @@ class RestockReceived:
     qty: int
     occurred_at: int
     channel: str = "warehouse"
+    location: str = ""  # "" = the SKU's default location
 
 
 @dataclass(frozen=True)
@@ -283,6 +324,7 @@ class StockCounted:
     on_hand: int
     occurred_at: int
     channel: str = "warehouse"
+    location: str = ""  # "" = the SKU's default location
 
 
 @dataclass(frozen=True)
@@ -294,6 +336,7 @@ class ReturnReceived:
     resellable: bool
     occurred_at: int
     channel: str = "web"
+    location: str = ""  # "" = the SKU's default location
 
 
 class DamagedAction(str, Enum):
@@ -308,7 +351,7 @@ class DamagedStockResolved:
     """``qty`` damaged (quality-control) units of ``sku`` resolved by ``action``.
 
     Refused (``INSUFFICIENT_DAMAGED``, nothing changes) when the SKU holds fewer than
-    ``qty`` damaged units. Per SKU today; a location field can narrow it later."""
+    ``qty`` damaged units (at ``location``, once the SKU has locations)."""
 
     event_id: str
     sku: str
@@ -317,6 +360,7 @@ class DamagedStockResolved:
     occurred_at: int
     reason: str = ""
     channel: str = "warehouse"
+    location: str = ""  # "" = the SKU's default location
 
 
 @dataclass(frozen=True)
@@ -326,6 +370,7 @@ class SafetyStockSet:
     qty: int
     occurred_at: int
     channel: str = "erp"
+    location: str = ""  # "" = the SKU's default location
 
 
 @dataclass(frozen=True)
@@ -356,6 +401,46 @@ class CustomerLimitSet:
 
 
 @dataclass(frozen=True)
+class TransferShipped:
+    """``qty`` units leave ``source``'s on_hand (only available ones) and are inbound at
+    ``destination`` until a TransferReceived or TransferCancelled of ``transfer_id``."""
+
+    event_id: str
+    transfer_id: str
+    sku: str
+    qty: int
+    source: str
+    destination: str
+    occurred_at: int
+    channel: str = "warehouse"
+
+
+@dataclass(frozen=True)
+class TransferReceived:
+    """Transfer ``transfer_id`` arrived with ``qty`` units (at most those shipped; the
+    difference is lost on the way and reported in the outcome's reason)."""
+
+    event_id: str
+    transfer_id: str
+    sku: str
+    qty: int
+    occurred_at: int
+    channel: str = "warehouse"
+
+
+@dataclass(frozen=True)
+class TransferCancelled:
+    """Transfer ``transfer_id`` called back before it arrived: its units go back to the
+    source's on_hand."""
+
+    event_id: str
+    transfer_id: str
+    sku: str
+    occurred_at: int
+    channel: str = "warehouse"
+
+
+@dataclass(frozen=True)
 class CustomerUsage:
     """Units of one SKU one customer holds plus bought in one sale (its own table key)."""
 
@@ -373,9 +458,13 @@ StockCommand = (
     | ChannelAllocationSet
     | DamagedStockResolved
     | CustomerLimitSet
+    | TransferShipped
+    | TransferReceived
+    | TransferCancelled
 )
 Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
+TRANSFER_COMMANDS = (TransferShipped, TransferReceived, TransferCancelled)
 
 
 # --------------------------------------------------------------------------
@@ -398,6 +487,26 @@ class StockChanged:
     processed_at: int
     channels: tuple[ChannelStock, ...] = ()
     damaged: int = 0
+    locations: tuple[LocationFigures, ...] = ()
+
+
+@dataclass(frozen=True)
+class LocationFigures:
+    """One location's numbers in a StockChanged (and in ``GET /stock/{sku}``)."""
+
+    location: str
+    on_hand: int
+    reserved: int
+    damaged: int
+    available: int
+    inbound: int
+
+
+def location_figures(record: StockRecord) -> tuple[LocationFigures, ...]:
+    return tuple(
+        LocationFigures(x.location, x.on_hand, x.reserved, x.damaged, x.available, x.inbound)
+        for x in record.locations
+    )
 
 
 @dataclass(frozen=True)
@@ -509,6 +618,7 @@ def decide(
     low_stock_threshold: int = -1,
     applied_before: bool = False,
     usage: CustomerUsage | None = None,
+    location_priority: tuple[str, ...] = (),
 ) -> Decision:
     """Apply one command to one SKU's state.
 
@@ -521,6 +631,8 @@ def decide(
     ``dedupe_window`` ids) holds this stock command's event id: it is a duplicate.
     ``usage`` is the stored :class:`CustomerUsage` of the key :func:`usage_key` names
     for this command (None when there is none yet; ignored when it names none).
+    ``location_priority`` is the order in which a reserve that names no location looks
+    at the SKU's locations (:func:`pipeline.domain.locations.plan_hold`).
     """
     if record is None:
         record = StockRecord(sku=command.sku)
@@ -536,7 +648,7 @@ def decide(
             usage = CustomerUsage(*wanted)
         elif (usage.sale_id, usage.customer_id) != wanted:
             raise ValueError("usage of another customer or sale passed to decide()")
-        decision = _decide_order(record, command, now, reservation, usage)
+        decision = _decide_order(record, command, now, reservation, usage, location_priority)
     else:
         decision = _decide_stock(record, command, now, dedupe_window, applied_before)
     return _with_low_stock(record, decision, command, low_stock_threshold)
@@ -593,6 +705,7 @@ def _decide_order(
     now: int,
     res: Reservation | None,
     usage: CustomerUsage | None = None,
+    priority: tuple[str, ...] = (),
 ) -> Decision:
     if isinstance(cmd, ReserveStock):
         if res is not None:
@@ -606,6 +719,8 @@ def _decide_order(
                 res.reason,
                 duplicate=True,
             )
+        if record.locations or (cmd.location and cmd.location != DEFAULT_LOCATION):
+            return _reserve_at_locations(record, cmd, now, usage, priority)
         return _reserve(record, cmd, now, usage)
     if res is None or res.status is ReservationStatus.REJECTED:
         reason = "no reservation for this order" if res is None else "reservation was rejected"
@@ -640,12 +755,52 @@ def _reserve(
     return _refuse(record, cmd, _refusal(record, cmd.channel, cmd.qty), avail)
 
 
-def _hold(
-    record: StockRecord, cmd: ReserveStock, now: int, qty: int, usage: CustomerUsage | None
+def _reserve_at_locations(
+    record: StockRecord,
+    cmd: ReserveStock,
+    now: int,
+    usage: CustomerUsage | None,
+    priority: tuple[str, ...],
 ) -> Decision:
+    """:func:`_reserve` on a SKU with locations (or naming one): the units are held where
+    :func:`pipeline.domain.locations.plan_hold` puts them, at ``cmd.location`` ("" = by
+    ``priority``), from one location unless ``cmd.split``; the channel and the
+    customer's cap bound it as on a SKU without locations."""
+    locs = _locations_of(record)
+    sku_avail = record.available_for(cmd.channel)
+    avail = min(sku_avail, loc.grantable(locs, at=cmd.location, split=cmd.split))
+    allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
+    qty = cmd.qty
+    if cmd.allow_partial and min(avail, allowance) < qty:
+        qty = min(avail, allowance)
+    if 0 < qty <= min(avail, allowance):
+        plan = loc.plan_hold(locs, qty, at=cmd.location, priority=priority, split=cmd.split)
+        if plan is not None:  # always, within grantable
+            return _hold(record, cmd, now, qty, usage, plan, locs)
+    if allowance < cmd.qty and (allowance == 0 or not cmd.allow_partial):
+        return _refuse(record, cmd, CUSTOMER_LIMIT_REASON, min(avail, allowance))
+    if sku_avail >= cmd.qty:
+        return _refuse(record, cmd, LOCATION_REASON, avail)
+    return _refuse(record, cmd, _refusal(record, cmd.channel, cmd.qty), avail)
+
+
+def _hold(
+    record: StockRecord,
+    cmd: ReserveStock,
+    now: int,
+    qty: int,
+    usage: CustomerUsage | None,
+    plan: Hold = (),
+    locs: tuple[LocationStock, ...] = (),
+) -> Decision:
+    """Hold ``qty`` units: at the locations of ``plan`` when given (of ``locs``)."""
     alloc = record.allocation(cmd.channel)
     from_alloc = min(qty, alloc.free) if alloc is not None else 0
-    new = _evolve(record, reserved=record.reserved + qty).with_allocation(cmd.channel, from_alloc)
+    if plan:
+        new = _with_locations(record, loc.hold(locs, plan))
+    else:
+        new = _evolve(record, reserved=record.reserved + qty)
+    new = new.with_allocation(cmd.channel, from_alloc)
     held = Reservation(
         order_id=cmd.order_id,
         sku=cmd.sku,
@@ -661,6 +816,7 @@ def _hold(
         customer_id=cmd.customer_id,
         counted=usage is not None,
         sale_id=usage.sale_id if usage is not None else "",
+        held=plan,
     )
     used = _evolve(usage, units=usage.units + qty) if usage is not None else None
     return _changed(record, new, cmd, now, Outcome.RESERVED, qty, held, held.reason, used)
@@ -725,10 +881,8 @@ def _commit(
     if cmd.occurred_at >= res.expires_at:
         # a commit that arrives after the expiry finds the units already due back
         return _expired(record, cmd, now, res, usage, cmd.occurred_at)
-    # the sold units leave the allocation they were taken from
-    new = _evolve(
-        record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty
-    ).with_allocation(res.channel, -res.from_allocation, -res.from_allocation)
+    # the sold units leave the locations and the allocation they were taken from
+    new = _sell(record, res)
     closed = _evolve(
         res,
         status=ReservationStatus.COMMITTED,
@@ -746,9 +900,7 @@ def _release(
     res: Reservation,
     usage: CustomerUsage | None,
 ) -> Decision:
-    new = _evolve(record, reserved=record.reserved - res.qty).with_allocation(
-        res.channel, -res.from_allocation
-    )
+    new = _unhold(record, res)
     closed = _evolve(
         res,
         status=ReservationStatus.RELEASED,
@@ -794,9 +946,7 @@ def _expired(
     at: int,
 ) -> Decision:
     """The hold ended by its expiry at ``at``: its units (and the customer's) go back."""
-    new = _evolve(record, reserved=record.reserved - res.qty).with_allocation(
-        res.channel, -res.from_allocation
-    )
+    new = _unhold(record, res)
     closed = _evolve(
         res,
         status=ReservationStatus.EXPIRED,
@@ -840,7 +990,10 @@ def _decide_stock(
         )
     remembered = (record.recent_event_ids + (cmd.event_id,))[-window:] if window > 0 else ()
     base = _evolve(record, recent_event_ids=remembered)
-    applied = _STOCK_RULES[type(cmd)](base, cmd)
+    if located_command(record, cmd):
+        applied = _at_location(base, cmd)
+    else:
+        applied = _STOCK_RULES[type(cmd)](base, cmd)
     new = applied.record
     limit = _over_limit(base, new)
     if limit:
@@ -927,8 +1080,10 @@ _STOCK_RULES: dict[type, Callable[[StockRecord, Any], _Applied]] = {
     ChannelAllocationSet: _set_allocation,
     CustomerLimitSet: _set_customer_limit,
 }
-"""The rule of each stock command (the StockCommand union is closed: a new command
-adds its rule here)."""
+"""The rule of each stock command on a SKU without locations (the StockCommand union is
+closed: a new command adds its rule here, or to :func:`_at_location`, which decides
+every command :func:`located_command` names: transfers, and any unit-moving command
+once the SKU has locations)."""
 
 
 # --------------------------------------------------------------------------
@@ -953,12 +1108,21 @@ def _over_limit(before: StockRecord, new: StockRecord) -> str:
         return f"damaged would be {new.damaged}, above {MAX_COUNT}"
     if len(new.channels) > MAX_CHANNELS_PER_SKU and len(new.channels) > len(before.channels):
         return f"a SKU holds at most {MAX_CHANNELS_PER_SKU} channel allocations"
+    if new.locations:
+        if len(new.locations) > loc.MAX_LOCATIONS_PER_SKU and len(new.locations) > len(
+            before.locations
+        ):
+            return f"a SKU holds at most {loc.MAX_LOCATIONS_PER_SKU} locations"
+        if max(max(x.on_hand, x.damaged, x.inbound) for x in new.locations) > MAX_COUNT:
+            return f"a location's count would pass {MAX_COUNT}"
+        if new.safety_stock > MAX_COUNT:
+            return f"safety_stock would be {new.safety_stock}, above {MAX_COUNT}"
     return ""
 
 
 def _published(r: StockRecord) -> tuple[Any, ...]:
     """The numbers a StockChanged publishes: a change of any of them is a new version."""
-    return (r.on_hand, r.reserved, r.safety_stock, r.damaged, r.channels)
+    return (r.on_hand, r.reserved, r.safety_stock, r.damaged, r.channels, r.locations)
 
 
 def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
@@ -977,6 +1141,7 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
         processed_at=now,
         channels=channel_stock(new),
         damaged=new.damaged,
+        locations=location_figures(new) if new.locations else (),
     )
 
 
@@ -1030,3 +1195,154 @@ def _answer(
         cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, available, reason, duplicate=duplicate
     )
     return Decision(record=record, events=(result, applied))
+
+
+# --------------------------------------------------------------------------
+# locations: a SKU's stock per location, by the rules of pipeline.domain.locations
+
+
+def _locations_of(record: StockRecord) -> tuple[LocationStock, ...]:
+    """The SKU's locations; for a SKU that has none yet, its totals as the one
+    :data:`DEFAULT_LOCATION` (nothing when it holds nothing)."""
+    if record.locations:
+        return record.locations
+    if record.on_hand or record.reserved or record.damaged or record.safety_stock:
+        return (
+            LocationStock(
+                DEFAULT_LOCATION,
+                on_hand=record.on_hand,
+                reserved=record.reserved,
+                damaged=record.damaged,
+                safety_stock=record.safety_stock,
+            ),
+        )
+    return ()
+
+
+def _with_locations(
+    record: StockRecord, locs: tuple[LocationStock, ...], **changes: Any
+) -> StockRecord:
+    """``record`` holding ``locs``, its totals their sums."""
+    on_hand, reserved, damaged = loc.totals(locs)
+    return _evolve(
+        record,
+        locations=locs,
+        located_available=loc.available(locs),
+        on_hand=on_hand,
+        reserved=reserved,
+        damaged=damaged,
+        safety_stock=sum(x.safety_stock for x in locs),
+        **changes,
+    )
+
+
+def _held(res: Reservation) -> Hold:
+    """Where ``res``'s units are held: a reservation made before its SKU had locations
+    holds them all at the default location (where the totals were carried)."""
+    return res.held or ((DEFAULT_LOCATION, res.qty),)
+
+
+def _unhold(record: StockRecord, res: Reservation) -> StockRecord:
+    """``record`` after open reservation ``res`` gave its units back (release, expiry):
+    to exactly the locations that hold them, and to the channel's allocation."""
+    if record.locations:
+        new = _with_locations(record, loc.release(record.locations, _held(res)))
+    else:
+        new = _evolve(record, reserved=record.reserved - res.qty)
+    return new.with_allocation(res.channel, -res.from_allocation)
+
+
+def _sell(record: StockRecord, res: Reservation) -> StockRecord:
+    """``record`` after open reservation ``res`` was committed: its units leave
+    reserved and on_hand where they are held, and the allocation they came from."""
+    if record.locations:
+        new = _with_locations(record, loc.commit(record.locations, _held(res)))
+    else:
+        new = _evolve(record, on_hand=record.on_hand - res.qty, reserved=record.reserved - res.qty)
+    return new.with_allocation(res.channel, -res.from_allocation, -res.from_allocation)
+
+
+def _at_location(base: StockRecord, cmd: StockCommand) -> _Applied:
+    """A stock command on a SKU with locations (or naming one), after the event-id check,
+    by the rules of :mod:`pipeline.domain.locations`; "" names the default location."""
+    locs = _locations_of(base)
+    if isinstance(cmd, TRANSFER_COMMANDS):
+        return _transfer(base, locs, cmd)
+    if isinstance(cmd, (ChannelAllocationSet, CustomerLimitSet)):  # pragma: no cover
+        raise TypeError(f"no location rule for {cmd!r}")  # see located_command
+    where = cmd.location or DEFAULT_LOCATION
+    if isinstance(cmd, RestockReceived):
+        return _Applied(_with_locations(base, loc.restock(locs, where, cmd.qty)), Outcome.RESTOCKED)
+    if isinstance(cmd, StockCounted):
+        counted, short = loc.count(locs, where, cmd.on_hand)
+        new = _with_locations(base, counted)
+        if not short:
+            return _Applied(new, Outcome.COUNTED)
+        held = cmd.on_hand + short
+        why = f"counted {cmd.on_hand} below reserved {held} at {where}"
+        shortfall = StockShortfall(cmd.sku, cmd.on_hand, held, short, cmd.event_id, cmd.occurred_at)
+        return _Applied(new, Outcome.SHORTFALL, why, (shortfall,))
+    if isinstance(cmd, ReturnReceived):
+        back = loc.return_units(locs, where, cmd.qty, resellable=cmd.resellable)
+        outcome = Outcome.RETURNED if cmd.resellable else Outcome.RETURN_DAMAGED
+        return _Applied(_with_locations(base, back), outcome)
+    if isinstance(cmd, SafetyStockSet):
+        safety = loc.set_safety(locs, where, cmd.qty)
+        return _Applied(_with_locations(base, safety), Outcome.SAFETY_STOCK_SET)
+    restock = cmd.action is DamagedAction.RESTOCK
+    got = loc.resolve_damaged(locs, where, cmd.qty, restock=restock)
+    if isinstance(got, str):
+        # refused and final, as without locations: the id is remembered (``base``)
+        return _Applied(base, Outcome.INSUFFICIENT_DAMAGED, got)
+    outcome = Outcome.DAMAGED_RESTOCKED if restock else Outcome.DAMAGED_WRITTEN_OFF
+    return _Applied(_with_locations(base, got), outcome, cmd.reason)
+
+
+def located_command(record: StockRecord, cmd: StockCommand) -> bool:
+    """True when stock command ``cmd`` takes the per-location path on ``record``."""
+    where = getattr(cmd, "location", None)
+    if where is None:  # a transfer, or per SKU (an allocation or a cap moves no unit)
+        return type(cmd) in _TRANSFERS
+    return bool(record.locations) or (bool(where) and where != DEFAULT_LOCATION)
+
+
+_TRANSFERS = frozenset(TRANSFER_COMMANDS)
+
+
+def _transfer(
+    base: StockRecord,
+    locs: tuple[LocationStock, ...],
+    cmd: TransferShipped | TransferReceived | TransferCancelled,
+) -> _Applied:
+    """Transfers; a refused one is final (TRANSFER_REFUSED, the id remembered)."""
+    refused = Outcome.TRANSFER_REFUSED
+    if isinstance(cmd, TransferShipped):
+        if any(t.transfer_id == cmd.transfer_id for t in base.transfers):
+            return _Applied(base, refused, f"transfer {cmd.transfer_id} is on the way")
+        if len(base.transfers) >= MAX_OPEN_TRANSFERS:
+            return _Applied(base, refused, f"{MAX_OPEN_TRANSFERS} transfers are on the way")
+        transfer = Transfer(
+            cmd.transfer_id,
+            cmd.source or DEFAULT_LOCATION,
+            cmd.destination or DEFAULT_LOCATION,
+            cmd.qty,
+        )
+        shipped = loc.ship(locs, transfer)
+        if isinstance(shipped, str):
+            return _Applied(base, refused, shipped)
+        new = _with_locations(base, shipped, transfers=(*base.transfers, transfer))
+        return _Applied(new, Outcome.TRANSFER_SHIPPED)
+    found = [t for t in base.transfers if t.transfer_id == cmd.transfer_id]
+    if not found:
+        return _Applied(base, refused, f"no transfer {cmd.transfer_id} on the way")
+    transfer = found[0]
+    rest = tuple(t for t in base.transfers if t.transfer_id != cmd.transfer_id)
+    if isinstance(cmd, TransferCancelled):
+        back = loc.cancel_transfer(locs, transfer)
+        return _Applied(_with_locations(base, back, transfers=rest), Outcome.TRANSFER_CANCELLED)
+    got = loc.receive(locs, transfer, cmd.qty)
+    if isinstance(got, str):
+        return _Applied(base, refused, got)
+    arrived, lost = got
+    why = f"{lost} of {transfer.qty} units lost in transit" if lost else ""
+    return _Applied(_with_locations(base, arrived, transfers=rest), Outcome.TRANSFER_RECEIVED, why)

@@ -1,4 +1,5 @@
-"""Stock per location: the pure rules of issue 16 item 1 (not wired into the ledger yet).
+"""Stock per location: the pure rules of issue 16 item 1 (:mod:`pipeline.domain.core`
+applies them to a SKU's record once the SKU names a location).
 
 A SKU's units live at locations (warehouses, stores). Each :class:`LocationStock`
 holds its own ``on_hand``, ``reserved``, ``damaged`` and ``safety_stock``; units
@@ -24,7 +25,7 @@ reported as the core reports it for the SKU).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 MAX_LOCATIONS_PER_SKU = 64
 """Locations one SKU may hold: every StockChanged would carry them all."""
@@ -97,8 +98,13 @@ def _put(
         names = [x.location for x in out]
     i = names.index(location)
     loc = out[i]
-    moved: dict[str, int] = {k: getattr(loc, k) + v for k, v in changes.items()}
-    out[i] = replace(loc, **moved)  # type: ignore[arg-type]  # only the int fields move
+    # a new instance from a copy of the fields (``dataclasses.replace`` introspects the
+    # fields on every call: most of a hold's cost on the ledger's hot path)
+    moved = object.__new__(LocationStock)
+    moved.__dict__.update(loc.__dict__)
+    for k, v in changes.items():
+        moved.__dict__[k] += v
+    out[i] = moved
     return tuple(out)
 
 
@@ -204,6 +210,38 @@ def count(
     loc = find(locations, location) or LocationStock(location)
     out = _put(locations, location, on_hand=on_hand - loc.on_hand)
     return out, max(0, loc.reserved - on_hand)
+
+
+def return_units(
+    locations: Sequence[LocationStock], location: str, qty: int, *, resellable: bool
+) -> tuple[LocationStock, ...]:
+    """A return of ``qty`` units at ``location``: back on hand when resellable, else
+    counted as damaged there (never sellable until resolved)."""
+    if resellable:
+        return _put(locations, location, on_hand=qty)
+    return _put(locations, location, damaged=qty)
+
+
+def resolve_damaged(
+    locations: Sequence[LocationStock], location: str, qty: int, *, restock: bool
+) -> tuple[LocationStock, ...] | str:
+    """``qty`` damaged units of ``location`` resolved: back on hand (``restock``) or
+    written off. Refused (a reason) when the location holds fewer damaged units."""
+    loc = find(locations, location)
+    have = loc.damaged if loc is not None else 0
+    if have < qty:
+        return f"{qty} damaged units asked, {have} held at {location}"
+    if restock:
+        return _put(locations, location, damaged=-qty, on_hand=qty)
+    return _put(locations, location, damaged=-qty)
+
+
+def set_safety(
+    locations: Sequence[LocationStock], location: str, qty: int
+) -> tuple[LocationStock, ...]:
+    """Sets (absolute) the safety stock kept back at ``location``."""
+    loc = find(locations, location) or LocationStock(location)
+    return _put(locations, location, safety_stock=qty - loc.safety_stock)
 
 
 def ship(locations: Sequence[LocationStock], transfer: Transfer) -> tuple[LocationStock, ...] | str:

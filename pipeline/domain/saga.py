@@ -129,6 +129,8 @@ class PlaceOrder:
     channel: str = "web"
     ttl_ms: int = 15 * 60 * 1000
     customer_id: str = ""  # passed to every line's ReserveStock (per-customer caps)
+    location: str = ""  # passed to every line's ReserveStock ("" = by priority)
+    split: bool = False  # passed to every line's ReserveStock
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,8 @@ class Saga:
     goal_event_id: str = ""  # the command whose answer the current goal owes
     first_result: OrderResult | None = None
     customer_id: str = ""
+    location: str = ""  # every line's ReserveStock holds there ("" = by priority)
+    split: bool = False
 
     @property
     def settled(self) -> bool:
@@ -282,6 +286,8 @@ def outstanding(saga: Saga) -> tuple[core.OrderCommand, ...]:
                     channel=saga.channel,
                     ttl_ms=saga.hold_ttl_ms,
                     customer_id=saga.customer_id,
+                    location=saga.location,
+                    split=saga.split,
                 )
             )
         elif line.state is LineState.RESERVED and saga.goal is Goal.COMMIT:
@@ -389,6 +395,8 @@ def _new_saga(cmd: PlaceOrder, grace_ms: int) -> Saga:
         place_event_id=cmd.event_id,
         goal_event_id=cmd.event_id,
         customer_id=cmd.customer_id,
+        location=cmd.location,
+        split=cmd.split,
     )
 
 

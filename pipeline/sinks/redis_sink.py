@@ -8,7 +8,10 @@ Layout (all names come from :class:`config.settings.Settings`):
   without an allocation can reserve) and ``damaged`` (returned units that cannot be
   sold; 0 for a change published before StockChanged carried it), plus, per channel with an allocation,
   ``channel:<name>:available``, ``channel:<name>:allocated`` and
-  ``channel:<name>:reserved``; all are decimal integers, times in
+  ``channel:<name>:reserved``, and, per location of a SKU that has locations (see
+  StockChanged ``locations``), ``location:<name>:on_hand``, ``location:<name>:reserved``,
+  ``location:<name>:damaged``, ``location:<name>:available`` and
+  ``location:<name>:inbound``; all are decimal integers, times in
   epoch milliseconds. ``updated_at`` is the Redis server's clock (``TIME``) at the
   moment the script wrote the hash, so freshness is measured on the target's clock.
 * ``cfg.redis_channel`` (``<prefix>stock-changes``) carries one compact JSON message
@@ -52,7 +55,7 @@ SOCKET_TIMEOUT_S = 2.0
 # ARGV = version, on_hand, reserved, safety_stock, available, in_stock (1/0), occurred_at,
 #        channel, message head (JSON up to and including '"updated_at":'), message tail
 #        (',"occurred_at":N}'), shared_available, damaged, then field/value pairs of the
-#        channels.
+#        channels and the locations.
 # Returns {1, now_ms} when applied, {0, now_ms} when the stored version is >= ARGV[1].
 APPLY_SCRIPT = """
 local held = tonumber(redis.call('HGET', KEYS[1], 'version'))
@@ -67,9 +70,12 @@ redis.call('HSET', KEYS[1],
   'available', ARGV[5], 'in_stock', ARGV[6], 'version', ARGV[1],
   'updated_at', now, 'occurred_at', ARGV[7], 'shared_available', ARGV[11],
   'damaged', ARGV[12])
--- the channel fields are replaced as a whole: a removed allocation leaves none behind
+-- the channel and location fields are replaced as a whole: a removed allocation
+-- leaves none behind
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-  if string.sub(f, 1, 8) == 'channel:' then redis.call('HDEL', KEYS[1], f) end
+  if string.sub(f, 1, 8) == 'channel:' or string.sub(f, 1, 9) == 'location:' then
+    redis.call('HDEL', KEYS[1], f)
+  end
 end
 for i = 13, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -77,6 +83,8 @@ end
 redis.call('PUBLISH', ARGV[8], ARGV[9] .. now .. ARGV[10])
 return {1, now}
 """
+
+_LOCATION_FIELDS = ("on_hand", "reserved", "damaged", "available", "inbound")
 
 # The connection / protocol / server-state errors that mean "retry later".
 _UNAVAILABLE = (RedisError, OSError, asyncio.TimeoutError)
@@ -252,6 +260,10 @@ class RedisProjection(Projection):
             name = str(c["channel"])
             for field in ("available", "allocated", "reserved"):
                 args += [f"channel:{name}:{field}", str(int(c[field]))]
+        for x in change.get("locations") or ():
+            name = str(x["location"])
+            for field in _LOCATION_FIELDS:
+                args += [f"location:{name}:{field}", str(int(x[field]))]
         return self._cfg.redis_stock_key(sku), args
 
     async def _run(self, calls: Sequence[tuple[str, list[str | bytes]]]) -> list[Any]:

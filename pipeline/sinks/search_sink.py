@@ -24,6 +24,19 @@ Storefront query, in-stock products only (``filter`` context: no scoring, cached
     await client.search(index=cfg.search_index, body={
         "query": {"bool": {"filter": [{"term": {"in_stock": True}}]}}})
 
+In stock at one location (a store): ``locations`` is a nested field, so both terms
+must hold for the same location entry (a SKU that never named a location has none;
+its units are all at its default location, ``"default"``)::
+
+    POST /inventory-stock/_search
+    {
+      "query": {"nested": {"path": "locations", "query": {"bool": {"filter": [
+        {"term": {"locations.location": "store-7"}},
+        {"term": {"locations.in_stock": true}}
+      ]}}}},
+      "_source": ["sku", "locations"]
+    }
+
 The sink's markers live in ``<index>-sink-markers`` (one document per changelog
 partition naming the uuid of the index it was fully applied to): a deleted or
 re-created index has another uuid, so the sink re-applies the changelog into it.
@@ -73,6 +86,20 @@ MAPPING: dict[str, Any] = {
         "reserved": {"type": "integer"},
         "safety_stock": {"type": "integer"},
         "damaged": {"type": "integer"},
+        # per location (empty for a SKU that never named one): nested, so one query can
+        # ask for the figures of one location ("in stock at store X", module docstring)
+        "locations": {
+            "type": "nested",
+            "properties": {
+                "location": {"type": "keyword"},
+                "available": {"type": "integer"},
+                "in_stock": {"type": "boolean"},
+                "on_hand": {"type": "integer"},
+                "reserved": {"type": "integer"},
+                "damaged": {"type": "integer"},
+                "inbound": {"type": "integer"},
+            },
+        },
         "version": {"type": "long"},
         "updated_at": {"type": "date", "format": "epoch_millis"},
         "occurred_at": {"type": "date", "format": "epoch_millis"},
@@ -180,7 +207,8 @@ class SearchProjection(Projection):
         mappings = next(iter(found.values()), {}).get("mappings", {})
         missing = _missing_fields(mappings)
         if missing and str(mappings.get("dynamic")) == "strict":
-            # an index of an earlier version of the sink (e.g. before ``damaged``): a strict
+            # an index of an earlier version of the sink (e.g. before ``damaged`` or
+            # ``locations``; a new nested field may be added in place too): a strict
             # mapping takes new fields in place, so its documents and uuid stay (no replay;
             # a document gets the field with its SKU's next change or a rebuild)
             try:
@@ -333,6 +361,18 @@ class SearchProjection(Projection):
                 "reserved": int(change["reserved"]),
                 "safety_stock": int(change["safety_stock"]),
                 "damaged": int(change.get("damaged") or 0),
+                "locations": [
+                    {
+                        "location": str(x["location"]),
+                        "available": int(x["available"]),
+                        "in_stock": int(x["available"]) > 0,
+                        "on_hand": int(x["on_hand"]),
+                        "reserved": int(x["reserved"]),
+                        "damaged": int(x["damaged"]),
+                        "inbound": int(x["inbound"]),
+                    }
+                    for x in change.get("locations") or ()
+                ],
                 "version": version,
                 "updated_at": now,
                 "occurred_at": int(change["occurred_at"]),

@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.web import Request, Response, View
 from prometheus_client import Counter, Gauge, Histogram
 
+from agents.ledger import PartitionLedger
 from agents.orders import checkouts_topic
 from config.settings import Settings, settings
 from pipeline import metrics
@@ -338,7 +339,7 @@ class ReservationStatus(View):
         # answered by the owner of the SKU's partition, like GET /stock/{sku}
         sku = request.query["sku"]
         ledger = await answering_ledger(self, sku)
-        if isinstance(ledger, Response):
+        if not isinstance(ledger, PartitionLedger):
             return ledger
         raw = ledger.store.get(reservation_key(sku, order_id))
         res = StoredReservation.from_bytes(raw).valid(ledger.lookup(sku)) if raw else None

@@ -160,7 +160,14 @@ def _checked(type_name: str, record: dict[str, Any], codec: AvroCodec) -> bytes:
 
 
 _STOCK_OPTIONAL: dict[str, dict[str, type]] = {
-    "ReserveStock": {"channel": str, "ttl_ms": int, "allow_partial": bool, "customer_id": str},
+    "ReserveStock": {
+        "channel": str,
+        "ttl_ms": int,
+        "allow_partial": bool,
+        "customer_id": str,
+        "location": str,
+        "split": bool,
+    },
     "CommitReservation": {"channel": str},
     "ReleaseReservation": {"channel": str, "reason": str},
 }
@@ -207,7 +214,13 @@ def stock_request(
 
 
 _ORDER_OPTIONAL: dict[str, dict[str, type]] = {
-    "PlaceOrder": {"channel": str, "ttl_ms": int, "customer_id": str},
+    "PlaceOrder": {
+        "channel": str,
+        "ttl_ms": int,
+        "customer_id": str,
+        "location": str,
+        "split": bool,
+    },
     "CommitOrder": {"channel": str},
     "CancelOrder": {"channel": str, "reason": str},
 }

@@ -85,7 +85,7 @@ class StockView(View):
     @owner_route(app, orders_topic, match_info="sku")
     async def get(self, request: Request, sku: str) -> Response:
         ledger = await answering_ledger(self, sku)
-        if isinstance(ledger, Response):
+        if not isinstance(ledger, PartitionLedger):
             return ledger
         stored: Any = ledger.lookup(sku)
         if stored is None:

@@ -456,6 +456,118 @@ def test_redis_hash_shows_availability_per_channel(redis_target: Target) -> None
     assert raw["shared_available"] == "40"
 
 
+def where(location: str, on_hand: int, reserved: int = 0, inbound: int = 0) -> dict[str, Any]:
+    """One entry of StockChanged ``locations``."""
+    return {
+        "location": location,
+        "on_hand": on_hand,
+        "reserved": reserved,
+        "damaged": 0,
+        "available": max(0, on_hand - reserved),
+        "inbound": inbound,
+    }
+
+
+def test_redis_hash_shows_the_figures_per_location(redis_target: Target) -> None:
+    sku = "SKU-LOC"
+    first = change(sku, 1, on_hand=7, reserved=2)
+    first["locations"] = [where("dc-1", 5, 2), where("store-7", 2, inbound=3)]
+    redis_target.apply([first])
+    raw = redis_target.raw(sku)
+    assert raw is not None
+    assert {k: v for k, v in raw.items() if k.startswith("location:")} == {
+        "location:dc-1:on_hand": "5",
+        "location:dc-1:reserved": "2",
+        "location:dc-1:damaged": "0",
+        "location:dc-1:available": "3",
+        "location:dc-1:inbound": "0",
+        "location:store-7:on_hand": "2",
+        "location:store-7:reserved": "0",
+        "location:store-7:damaged": "0",
+        "location:store-7:available": "2",
+        "location:store-7:inbound": "3",
+    }
+    # the figures are replaced as a whole by the next version
+    second = change(sku, 2, on_hand=5)
+    second["locations"] = [where("store-7", 5)]
+    redis_target.apply([second])
+    raw = redis_target.raw(sku)
+    assert raw is not None
+    assert sorted(k for k in raw if k.startswith("location:")) == [
+        f"location:store-7:{f}" for f in ("available", "damaged", "inbound", "on_hand", "reserved")
+    ]
+    assert raw["location:store-7:available"] == "5"
+
+
+def test_search_finds_the_skus_in_stock_at_one_location(search_target: Target) -> None:
+    """The README's query: ``locations`` is nested, so the location and its in_stock must
+    hold for the same entry (a SKU out of stock at X and in stock elsewhere is no hit)."""
+    projection = search_target
+    at_x = change("AT-X", 1, on_hand=4)
+    at_x["locations"] = [where("store-x", 4), where("dc-1", 0)]
+    elsewhere = change("ELSEWHERE", 1, on_hand=6)
+    elsewhere["locations"] = [where("store-x", 2, reserved=2), where("dc-1", 4)]
+    none = change("NO-LOCATIONS", 1, on_hand=9)
+    projection.apply([at_x, elsewhere, none])
+    assert projection.search is not None
+    projection.search.indices.refresh(index=projection.cfg.search_index)
+    body = {
+        "query": {
+            "nested": {
+                "path": "locations",
+                "query": {
+                    "bool": {
+                        "filter": [
+                            {"term": {"locations.location": "store-x"}},
+                            {"term": {"locations.in_stock": True}},
+                        ]
+                    }
+                },
+            }
+        },
+        "size": 100,
+    }
+    hits = projection.search.search(index=projection.cfg.search_index, body=body)
+    assert {h["_source"]["sku"] for h in hits["hits"]["hits"]} == {"AT-X"}
+    doc = projection.raw("ELSEWHERE")
+    assert doc is not None and doc["locations"][1] == {
+        "location": "dc-1",
+        "available": 4,
+        "in_stock": True,
+        "on_hand": 4,
+        "reserved": 0,
+        "damaged": 0,
+        "inbound": 0,
+    }
+    assert projection.raw("NO-LOCATIONS")["locations"] == []
+
+
+def test_an_index_from_before_locations_gets_the_nested_field_in_place(
+    search_target: Target,
+) -> None:
+    projection = search_target
+    assert projection.search is not None
+    index = projection.cfg.search_index + "-preloc"
+    old = {
+        **MAPPING,
+        "properties": {k: v for k, v in MAPPING["properties"].items() if k != "locations"},
+    }
+    projection.search.indices.create(index=index, body={"mappings": old})
+    try:
+        upgraded = SearchProjection(replace(projection.cfg, search_index=index))
+        projection.run(upgraded.setup())
+        got = projection.search.indices.get_mapping(index=index)[index]["mappings"]
+        assert got == MAPPING
+        c = change("OLD-2", 2, on_hand=5)
+        c["locations"] = [where("store-7", 5)]
+        projection.run(upgraded.apply([c]))
+        doc = projection.search.get(index=index, id="OLD-2")["_source"]
+        assert doc["locations"][0]["location"] == "store-7"
+        projection.run(upgraded.close())
+    finally:
+        projection.search.indices.delete(index=index, ignore_unavailable=True)
+
+
 def test_redis_reloads_the_script_on_noscript(redis_target: Target) -> None:
     """A server that lost the script (restart, failover, SCRIPT FLUSH) is handled in apply.
 

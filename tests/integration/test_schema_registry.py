@@ -111,7 +111,15 @@ def test_encode_writes_confluent_framing_with_an_id_registered_under_the_record_
 
 
 def test_round_trip_through_a_fresh_client(registry_url):
-    rec = _reserve(qty=5, allow_partial=True, channel="mobile", ttl_ms=60_000, customer_id="c-1")
+    rec = _reserve(
+        qty=5,
+        allow_partial=True,
+        channel="mobile",
+        ttl_ms=60_000,
+        customer_id="c-1",
+        location="store-7",
+        split=True,
+    )
     data = AvroCodec(SchemaRegistry(registry_url)).encode("ReserveStock", rec)
     # a new client has nothing cached: it must fetch the writer schema by id
     name, back = AvroCodec(SchemaRegistry(registry_url)).decode(data)
@@ -149,7 +157,15 @@ def test_older_writer_schema_under_the_same_subject_decodes_by_resolution(regist
     schemaless_writer(buf, parse_schema(old), rec)
     name, back = AvroCodec(SchemaRegistry(registry_url)).decode(buf.getvalue())
     assert name == "ReserveStock"
-    assert back == dict(rec, channel="web", ttl_ms=0, allow_partial=False, customer_id="")
+    assert back == dict(
+        rec,
+        channel="web",
+        ttl_ms=0,
+        allow_partial=False,
+        customer_id="",
+        location="",
+        split=False,
+    )
 
 
 def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
@@ -171,6 +187,7 @@ def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
             "shared_available": 4,
             "channels": {},
             "damaged": 0,
+            "locations": {},
         }
 
         reader = RawKeepingCodec(SchemaRegistry(registry_url))

@@ -44,6 +44,7 @@ def test_worker_applies_a_restock_and_answers_health_and_stock(kafka):
             "shared_available": 7,
             "channels": {},
             "damaged": 0,
+            "locations": {},
         }
         assert worker.get_json("/stock/NO-SUCH-SKU")[0] == 404
         changes = read_topic(

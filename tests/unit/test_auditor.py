@@ -182,3 +182,60 @@ def test_damaged_units_the_ledger_holds_must_be_published_and_projected():
     assert b.violations == []
     b.compare_projection("search", "S", (1, (10, 0, 0, 10, 0)), 0.0)  # lost the damaged units
     assert kinds(b) == [("projection_agreement", "counts")]
+
+
+def _located(cause: str, **over: object) -> dict[str, object]:
+    base = {
+        "sku": "L",
+        "version": 2,
+        "on_hand": 7,
+        "reserved": 3,
+        "safety_stock": 0,
+        "available": 4,
+        "damaged": 0,
+        "cause_type": cause,
+        "channels": [],
+        "locations": [
+            {
+                "location": "a",
+                "on_hand": 0,
+                "reserved": 2,
+                "damaged": 0,
+                "available": 0,
+                "inbound": 0,
+            },
+            {
+                "location": "b",
+                "on_hand": 7,
+                "reserved": 1,
+                "damaged": 0,
+                "available": 6,
+                "inbound": 2,
+            },
+        ],
+    }
+    return {**base, **over}
+
+
+def test_a_sku_with_locations_sums_its_locations_available() -> None:
+    from pipeline.auditor import check_counts, check_transition
+
+    # a count left 'a' holding 2 it does not have: the SKU's sum is 6, not 7 - 3
+    good = _located("ReserveStock", available=6)
+    assert check_counts(good) == []
+    assert check_transition((7, 2, 0, 7, 0), good) == []  # a reserve at b, no oversell
+    assert check_counts(_located("ReserveStock", available=4)) != []
+    assert check_counts(_located("ReserveStock", on_hand=8)) != []  # sums disagree
+
+
+def test_transfers_move_on_hand_and_nothing_else() -> None:
+    from pipeline.auditor import check_transition
+
+    shipped = {"on_hand": 5, "reserved": 1, "safety_stock": 0, "available": 4, "damaged": 0}
+    assert check_transition((7, 1, 0, 6, 0), {**shipped, "cause_type": "TransferShipped"}) == []
+    assert check_transition((7, 1, 0, 6, 0), {**shipped, "cause_type": "TransferCancelled"})
+    back = {**shipped, "on_hand": 9, "available": 8}
+    assert check_transition((7, 1, 0, 6, 0), {**back, "cause_type": "TransferReceived"}) == []
+    assert check_transition((7, 1, 0, 6, 0), {**back, "cause_type": "TransferShipped"})
+    held = {**back, "reserved": 2}
+    assert check_transition((7, 1, 0, 6, 0), {**held, "cause_type": "TransferReceived"})

@@ -56,9 +56,23 @@ def _command(kind: str, sku: str, order: int, qty: int, t: int, n: int) -> tuple
     if kind == "resolve":  # a damaged-unit resolution: some refused (qty above damaged)
         action = core.DamagedAction.RESTOCK if qty % 2 else core.DamagedAction.WRITE_OFF
         return RETURNS, core.DamagedStockResolved(eid, sku, 1 + qty // 3, action, t)
+    if kind == "restock_at":  # at one of two locations: the SKU then has locations
+        return RESTOCKS, core.RestockReceived(eid, sku, qty, t, location=PLACES[qty % 2])
+    if kind == "reserve_at":  # by priority, split or not, or at a named location
+        at = ("", "", PLACES[0])[qty % 3]
+        cmd = core.ReserveStock(eid, oid, sku, qty, t, ttl_ms=5_000, location=at, split=qty > 3)
+        return ORDERS, cmd
+    if kind == "ship":
+        src, dst = PLACES[qty % 2], PLACES[(qty + 1) % 2]
+        return RESTOCKS, core.TransferShipped(eid, f"t{order}", sku, qty, src, dst, t)
+    if kind == "receive":
+        return RESTOCKS, core.TransferReceived(eid, f"t{order}", sku, qty // 2, t)
+    if kind == "cancel":
+        return RESTOCKS, core.TransferCancelled(eid, f"t{order}", sku, t)
     return RETURNS, core.ReturnReceived(eid, oid, sku, qty, qty % 2 == 0, t)
 
 
+PLACES = ("wh-a", "wh-b")
 KINDS = (
     "reserve",
     "commit",
@@ -70,6 +84,11 @@ KINDS = (
     "alloc",
     "return",
     "resolve",
+    "restock_at",
+    "reserve_at",
+    "ship",
+    "receive",
+    "cancel",
 )
 
 steps = st.lists(

@@ -18,6 +18,7 @@ from config.settings import Settings
 from pipeline import batch
 from pipeline.dead_letters import dead_letter
 from pipeline.domain import core, saga
+from pipeline.domain.locations import MAX_LOCATIONS_PER_SKU, LocationStock, Transfer
 from schemas import validation
 from schemas.codec import AvroCodec
 from schemas.validation import MAX_ID_LEN, MAX_TEXT_LEN, MAX_TTL_MS, Invalid, to_command
@@ -171,27 +172,41 @@ def test_a_sku_holds_at_most_the_channel_cap():
     assert len(removed.record.channels) == core.MAX_CHANNELS_PER_SKU - 1
 
 
-def _worst_state() -> core.StockRecord:
+def _worst_state(located: bool = False) -> core.StockRecord:
     """A SKU at every bound: the longest SKU, a full dedupe window of the longest ids,
-    the most channels with the longest names."""
+    the most channels with the longest names (``located``: and the most locations and
+    open transfers, with the longest names)."""
     sku = "S" * S.max_sku_len
     channels = tuple(
         core.ChannelAllocation(f"{i:02d}".ljust(MAX_TEXT_LEN["channel"], "c"), 10**6, 0, True)
         for i in range(core.MAX_CHANNELS_PER_SKU)
     )
     ids = tuple(f"{i:04d}".ljust(MAX_ID_LEN, "i") for i in range(S.dedupe_window))
-    return core.StockRecord(
+    record = core.StockRecord(
         sku=sku, on_hand=10**9, version=7, recent_event_ids=ids, channels=channels
     )
+    if not located:
+        return record
+    width = MAX_TEXT_LEN["location"]
+    names = [f"{i:02d}".ljust(width, "l") for i in range(MAX_LOCATIONS_PER_SKU)]
+    locs = tuple(LocationStock(n, on_hand=10**7, inbound=10) for n in names)
+    transfers = tuple(
+        Transfer(f"{i:02d}".ljust(MAX_ID_LEN, "t"), names[i], names[i - 1], 10)
+        for i in range(core.MAX_OPEN_TRANSFERS)
+    )
+    return core._with_locations(record, locs, transfers=transfers)
 
 
-def test_a_batch_sku_record_stays_under_the_record_size_at_every_bound():
+@pytest.mark.parametrize("located", [False, True])
+def test_a_batch_sku_record_stays_under_the_record_size_at_every_bound(located: bool) -> None:
     """Feed the budget the worst commands the rules allow and fold what it admits: the
     SKU record it writes is below the broker's record size."""
     codec = AvroCodec()
-    start = StoredStock(_worst_state(), {S.orders_topic: 10})
+    start = StoredStock(_worst_state(located), {S.orders_topic: 10})
     sku = start.record.sku
-    max_bytes = 200_000  # small, so the budget (not the batch maximum) ends the batch
+    # small, so the budget (not the batch maximum) ends the batch; a SKU at 64 locations
+    # repeats them in every StockChanged, so a batch of a few dozen fills the broker's 1 MB
+    max_bytes = 1_000_000 if located else 200_000
     budget = batch.RecordBudget(max_bytes, lambda s: start if s == sku else None, S.restocks_topic)
     inputs: list[batch.Input] = []
     for n in range(5_000):

@@ -45,6 +45,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "ttl_ms": 0,
         "occurred_at": T,
         "customer_id": "cust-1",
+        "location": "store-7",
+        "split": False,
     },
     "CommitOrder": {"event_id": "e", "order_id": "o1", "channel": "web", "occurred_at": T},
     "CancelOrder": {
@@ -75,6 +77,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "occurred_at": T,
         "allow_partial": True,
         "customer_id": "",
+        "location": "store-7",
+        "split": True,
     },
     "CommitReservation": {
         "event_id": "e2",
@@ -121,6 +125,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "qty": 3,
         "occurred_at": T,
         "channel": "erp",
+        "location": "",
     },
     "ChannelAllocationSet": {
         "event_id": "e7a",
@@ -146,6 +151,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "resellable": False,
         "occurred_at": T,
         "channel": "web",
+        "location": "store-7",
     },
     "DamagedStockResolved": {
         "event_id": "e8a",
@@ -155,6 +161,35 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "reason": "crushed box",
         "occurred_at": T,
         "channel": "warehouse",
+        "location": "DC-1",
+    },
+    "TransferShipped": {
+        "event_id": "e9",
+        "transfer_id": "t1",
+        "sku": "SKU-1",
+        "qty": 4,
+        "source": "DC-1",
+        "destination": "store-7",
+        "occurred_at": T,
+        "channel": "warehouse",
+        "reference": "TO-3",
+    },
+    "TransferReceived": {
+        "event_id": "e10",
+        "transfer_id": "t1",
+        "sku": "SKU-1",
+        "qty": 3,
+        "occurred_at": T,
+        "channel": "store",
+        "reference": None,
+    },
+    "TransferCancelled": {
+        "event_id": "e11",
+        "transfer_id": "t1",
+        "sku": "SKU-1",
+        "occurred_at": T,
+        "channel": "warehouse",
+        "reference": None,
     },
     "StockChanged": {
         "sku": "SKU-1",
@@ -179,6 +214,16 @@ SAMPLES: dict[str, dict[str, Any]] = {
             }
         ],
         "damaged": 3,
+        "locations": [
+            {
+                "location": "DC-1",
+                "on_hand": 10,
+                "reserved": 4,
+                "damaged": 3,
+                "available": 5,
+                "inbound": 2,
+            }
+        ],
     },
     "ReservationResult": {
         "event_id": "e1",
@@ -269,6 +314,8 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("ttl_ms", L, 0),
         ("occurred_at", L, NO_DEFAULT),
         ("customer_id", S, ""),
+        ("location", S, ""),
+        ("split", B, False),
     ],
     "CommitOrder": [
         ("event_id", S, NO_DEFAULT),
@@ -304,6 +351,8 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("occurred_at", L, NO_DEFAULT),
         ("allow_partial", B, False),
         ("customer_id", S, ""),
+        ("location", S, ""),
+        ("split", B, False),
     ],
     "CommitReservation": [
         ("event_id", S, NO_DEFAULT),
@@ -350,6 +399,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("qty", INT, NO_DEFAULT),
         ("occurred_at", L, NO_DEFAULT),
         ("channel", S, "erp"),
+        ("location", S, ""),
     ],
     "ChannelAllocationSet": [
         ("event_id", S, NO_DEFAULT),
@@ -375,6 +425,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("resellable", B, NO_DEFAULT),
         ("occurred_at", L, NO_DEFAULT),
         ("channel", S, "web"),
+        ("location", S, ""),
     ],
     "DamagedStockResolved": [
         ("event_id", S, NO_DEFAULT),
@@ -384,6 +435,35 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("reason", S, ""),
         ("occurred_at", L, NO_DEFAULT),
         ("channel", S, "warehouse"),
+        ("location", S, ""),
+    ],
+    "TransferShipped": [
+        ("event_id", S, NO_DEFAULT),
+        ("transfer_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("qty", INT, NO_DEFAULT),
+        ("source", S, NO_DEFAULT),
+        ("destination", S, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "warehouse"),
+        ("reference", OPT_S, None),
+    ],
+    "TransferReceived": [
+        ("event_id", S, NO_DEFAULT),
+        ("transfer_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("qty", INT, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "warehouse"),
+        ("reference", OPT_S, None),
+    ],
+    "TransferCancelled": [
+        ("event_id", S, NO_DEFAULT),
+        ("transfer_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "warehouse"),
+        ("reference", OPT_S, None),
     ],
     "StockChanged": [
         ("sku", S, NO_DEFAULT),
@@ -400,6 +480,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("processed_at", L, NO_DEFAULT),
         ("channels", CHANNEL_STOCK, []),
         ("damaged", INT, 0),
+        ("locations", _field_type("StockChanged", "locations"), []),
     ],
     "ReservationResult": [
         ("event_id", S, NO_DEFAULT),
@@ -531,6 +612,8 @@ def test_missing_defaulted_fields_take_their_defaults(codec: AvroCodec) -> None:
         "ttl_ms": 0,
         "allow_partial": False,
         "customer_id": "",
+        "location": "",
+        "split": False,
     }
     _, restock = codec.decode(
         codec.encode("RestockReceived", {"event_id": "e", "sku": "A", "qty": 1, "occurred_at": T})
@@ -553,6 +636,8 @@ reserve_stock = st.fixed_dictionaries(
         "occurred_at": st.integers(-(2**63), 2**63 - 1),
         "allow_partial": st.booleans(),
         "customer_id": st.text(max_size=20),
+        "location": st.text(max_size=20),
+        "split": st.booleans(),
     }
 )
 
@@ -914,3 +999,16 @@ def test_retry_while_registry_down_waits_and_reports_each_wait() -> None:
 
     asyncio.run(main())
     assert len(calls) == 3 and waits == [0.5, 1.0]
+
+
+def test_stock_changed_locations_carry_the_per_location_figures() -> None:
+    items = _field_type("StockChanged", "locations")["items"]
+    assert items["name"] == "LocationStock"
+    assert [(f["name"], f["type"]) for f in items["fields"]] == [
+        ("location", S),
+        ("on_hand", INT),
+        ("reserved", INT),
+        ("damaged", INT),
+        ("available", INT),
+        ("inbound", INT),
+    ]

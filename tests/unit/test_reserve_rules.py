@@ -205,3 +205,17 @@ def test_a_customer_limit_refusal_is_409_with_the_allowance() -> None:
     answer = {"order_id": "o1", "sku": "A", "outcome": "REJECTED", "qty": 3, "available": 1}
     status, body = rr.response_for(req, {**answer, "reason": "customer_limit"})
     assert (status, body["reason"], body["available"]) == (409, "customer_limit", 1)
+
+
+def test_a_reserve_may_name_a_location_and_ask_for_a_split() -> None:
+    body = {"order_id": "o1", "sku": "A", "qty": 2, "location": "store-7", "split": True}
+    _, rec = CODEC.decode(reserve(body).value)
+    assert (rec["location"], rec["split"]) == ("store-7", True)
+    _, rec = CODEC.decode(reserve({"order_id": "o1", "sku": "A", "qty": 2}).value)
+    assert (rec["location"], rec["split"]) == ("", False)
+    with pytest.raises(rr.ApiError) as info:
+        reserve({**body, "location": "a\nb"})
+    assert (info.value.status, info.value.error) == (422, "invalid_location")
+    with pytest.raises(rr.ApiError) as info:
+        reserve({**body, "split": "yes"})
+    assert (info.value.status, info.value.error) == (422, "invalid_field")

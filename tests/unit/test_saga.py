@@ -633,6 +633,9 @@ def test_the_largest_valid_place_order_fits_the_pre_decode_bound() -> None:
         "lines": [{"sku": f"{i:064d}", "qty": 2**31 - 1} for i in range(limits.max_lines)],
         "ttl_ms": -(2**63),
         "occurred_at": -(2**63),
+        "customer_id": widest * validation.MAX_TEXT_LEN["customer_id"],
+        "location": widest * validation.MAX_TEXT_LEN["location"],
+        "split": True,
     }
     size = len(AvroCodec().encode("PlaceOrder", record))
     assert size <= bound
@@ -709,3 +712,19 @@ def test_finished_sagas_are_taken_earliest_first_bounded_and_once():
     assert f.take_due(due + 15, 10) == [b"k1"]
     assert f.take_due(due + 100, 10) == [b"k2"]
     assert f.take_due(due + 100, 10) == []
+
+
+def test_an_order_at_a_location_holds_every_line_there_and_keeps_it_when_stored():
+    record = rec(location="store-7", split=True)
+    cmd = validation.to_order_command(b"o1", "PlaceOrder", record, LIMITS)
+    assert (cmd.location, cmd.split) == ("store-7", True)
+    d = sg.decide(None, cmd, grace_ms=GRACE)
+    assert [(c.location, c.split) for c in d.sends] == [("store-7", True)]
+    back = StoredSaga.from_bytes(StoredSaga(d.saga).to_bytes()).saga
+    assert (back.location, back.split) == ("store-7", True)
+    plain_cmd = validation.to_order_command(b"o1", "PlaceOrder", rec(), LIMITS)
+    plain = sg.decide(None, plain_cmd, grace_ms=0)
+    assert [(c.location, c.split) for c in plain.sends] == [("", False)]
+    with pytest.raises(Invalid) as info:
+        validation.to_order_command(b"o1", "PlaceOrder", rec(location="a\x00"), LIMITS)
+    assert info.value.reason == "invalid_location"

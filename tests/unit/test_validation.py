@@ -136,3 +136,69 @@ def test_a_damaged_stock_resolution_is_read_from_the_returns_topic():
 )
 def test_bad_damaged_stock_resolutions_are_dead_lettered(topic, rec, expected):
     assert reason(topic, b"A", "DamagedStockResolved", rec) == expected
+
+
+def test_locations_are_read_from_every_command_that_names_one():
+    cmd = to_command(S.restocks_topic, b"A", "RestockReceived", restock(location="DC-1"), S)
+    assert cmd == core.RestockReceived("e", "A", 1, T0, "warehouse", location="DC-1")
+    # null (the RestockReceived/StockCounted default) is the default location, as "" is
+    cmd = to_command(S.restocks_topic, b"A", "RestockReceived", restock(location=None), S)
+    assert cmd.location == ""
+    count = {**restock(on_hand=2, location="store-7")}
+    del count["qty"]
+    assert to_command(S.restocks_topic, b"A", "StockCounted", count, S).location == "store-7"
+    got = to_command(S.orders_topic, b"A", "ReserveStock", reserve(location="S1", split=True), S)
+    assert (got.location, got.split) == ("S1", True)
+    plain = to_command(S.orders_topic, b"A", "ReserveStock", reserve(), S)
+    assert (plain.location, plain.split) == ("", False)
+
+
+def transfer(name: str, **over):
+    base = {"event_id": "e", "transfer_id": "t1", "sku": "A", "occurred_at": T0, **over}
+    if name == "TransferShipped":
+        return {"qty": 2, "source": "DC-1", "destination": "S1", **base}
+    if name == "TransferReceived":
+        return {"qty": 2, **base}
+    return base
+
+
+def test_transfers_are_read_from_the_restocks_topic():
+    ship = to_command(S.restocks_topic, b"A", "TransferShipped", transfer("TransferShipped"), S)
+    assert ship == core.TransferShipped("e", "t1", "A", 2, "DC-1", "S1", T0)
+    got = to_command(
+        S.restocks_topic, b"A", "TransferReceived", transfer("TransferReceived", qty=0), S
+    )
+    assert got == core.TransferReceived("e", "t1", "A", 0, T0)  # all lost is a receipt
+    back = to_command(S.restocks_topic, b"A", "TransferCancelled", transfer("TransferCancelled"), S)
+    assert back == core.TransferCancelled("e", "t1", "A", T0)
+
+
+@pytest.mark.parametrize(
+    ("name", "rec", "expected"),
+    [
+        ("TransferShipped", transfer("TransferShipped", qty=0), "qty_not_positive"),
+        ("TransferShipped", transfer("TransferShipped", source="x" * 129), "text_too_long"),
+        ("TransferShipped", transfer("TransferShipped", destination="a\nb"), "invalid_location"),
+        ("TransferShipped", transfer("TransferShipped", transfer_id=""), "missing_transfer_id"),
+        (
+            "TransferReceived",
+            transfer("TransferReceived", transfer_id="t" * 129),
+            "invalid_transfer_id",
+        ),
+        ("TransferReceived", transfer("TransferReceived", qty=101), "qty_too_large"),
+        (
+            "TransferCancelled",
+            transfer("TransferCancelled", transfer_id="a\x00"),
+            "invalid_transfer_id",
+        ),
+        ("RestockReceived", restock(location="x" * 129), "text_too_long"),
+        ("RestockReceived", restock(location="a\x00b"), "invalid_location"),
+    ],
+)
+def test_bad_transfers_and_locations_are_dead_lettered(name, rec, expected):
+    assert reason(S.restocks_topic, b"A", name, rec) == expected
+
+
+def test_a_transfer_is_not_accepted_on_the_returns_topic():
+    rec = transfer("TransferCancelled")
+    assert reason(S.returns_topic, b"A", "TransferCancelled", rec) == "wrong_topic"
