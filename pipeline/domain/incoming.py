@@ -98,6 +98,12 @@ tables and the sinks):
   one (RELEASED, reason ``po_short`` / ``po_cancelled``), so each customer's answer
   says what happened to its order. Whether a converted preorder is committed at once
   (paid when placed) or held for ``ttl_ms`` is the lead's call; the rule gives both.
+* with locations (item 1, now in main): a purchase order is delivered to one location
+  (``PurchaseOrder`` gains ``location: str = ""``, the SKU's default location;
+  IncomingStock carries it, RestockReceived already names one); converted backorders
+  are held there (``Hold = ((location, qty),)``) and its staged units count against
+  that location's available (``LocationStock`` needs them beside ``reserved``, and
+  ``located_available`` must leave them out). The rules here need no change for it.
 * a plain restock (no ``po_id``), a return or a count does not convert backorders:
   they wait on their purchase order, and on-hand units stay first come, first served.
   If the lead wants plain restocks to serve waiting backorders first, that is one more
