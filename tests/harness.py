@@ -326,6 +326,21 @@ def read_topic(
     return out
 
 
+def drop_projections(settings: Settings) -> None:
+    """Delete a namespace's own search index (and its sink markers) and Redis keys, so a
+    test that gave them a prefix of its own leaves nothing behind."""
+    import redis  # the tests that need no Redis never import it
+    from opensearchpy import OpenSearch
+
+    search = OpenSearch(hosts=[settings.opensearch_url], timeout=30)
+    for index in (settings.search_index, f"{settings.search_index}-sink-markers"):
+        search.indices.delete(index=index, ignore_unavailable=True)
+    r = redis.Redis.from_url(settings.redis_url)
+    keys = list(r.scan_iter(match=f"{settings.redis_key_prefix}*"))
+    if keys:
+        r.delete(*keys)
+
+
 def delete_index(index: str, url: str = base_settings.opensearch_url) -> None:
     """Delete a search index (a missing one is fine): a sink must re-create it."""
     req = urllib.request.Request(f"{url}/{index}", method="DELETE")

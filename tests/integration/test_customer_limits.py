@@ -12,6 +12,7 @@ back and a commit does not, and the refusals are counted in their own metric.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -28,14 +29,23 @@ CAP = 2
 
 
 def post(worker: Worker, path: str, body: Any, key: str) -> tuple[int, Any, dict[str, str]]:
+    """POST as a checkout does: a 503 (a worker still starting) or a 202 (no answer in
+    time) is retried with the same Idempotency-Key, which sends the same command again
+    and gets its one outcome; the final answer is returned."""
     headers = {"Content-Type": "application/json", "Idempotency-Key": key}
     data = json.dumps(body).encode()
-    req = urllib.request.Request(worker.url + path, data=data, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            return resp.status, json.loads(resp.read()), dict(resp.headers)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read()), dict(exc.headers)
+    deadline = time.monotonic() + 60
+    while True:
+        req = urllib.request.Request(worker.url + path, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=15) as resp:
+                answer = resp.status, json.loads(resp.read()), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            answer = exc.code, json.loads(exc.read()), dict(exc.headers)
+        if answer[0] not in (202, 503) or time.monotonic() > deadline:
+            return answer
+        print(f"POST {path} ({key}): {answer[0]} {answer[1]}; retried")
+        time.sleep(0.5)
 
 
 def held_plus_bought(worker: Worker, sku: str, orders: list[str]) -> int:

@@ -22,7 +22,7 @@ import pytest
 import redis
 from opensearchpy import OpenSearch
 
-from harness import Namespace, Worker, read_topic, wait_for, wait_stock
+from harness import Namespace, Worker, drop_projections, read_topic, wait_for, wait_stock
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -49,13 +49,7 @@ def worker(ns: Namespace, kafka: None, redis_service: None, opensearch: None):
     w = Worker(ns).start()
     yield w
     w.stop()
-    search = OpenSearch(hosts=[ns.settings.opensearch_url], timeout=30)
-    for index in (INDEX, f"{INDEX}-sink-markers"):
-        search.indices.delete(index=index, ignore_unavailable=True)
-    r = redis.Redis.from_url(ns.settings.redis_url)
-    keys = list(r.scan_iter(match=f"{PREFIX}*"))
-    if keys:
-        r.delete(*keys)
+    drop_projections(ns.settings)
 
 
 def _commands(worker: Worker, kind: str, outcome: str) -> float:
