@@ -121,6 +121,7 @@ class ChaosRun(FaultsMixin, SettleMixin):
         self._current_round = 0
         self.reported: set[str] = set()
         self.given_up: set[str] = set()  # commands reported unanswered: not awaited again
+        self.tail_refills: list[str] = []  # re-reads of the output topics and what they found
         self.tag = uuid.uuid4().hex[:8]
         self.index = f"chaos-{self.tag}"
 

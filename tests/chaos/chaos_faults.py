@@ -59,7 +59,7 @@ class FaultsMixin:
         t_down = time.time() - fr.start
         if down.returncode != 0:
             self.incident(f"stack.sh down kafka rc={down.returncode}: {down.stderr[-500:]}")
-        time.sleep(rng.uniform(0.5, 2.0))
+        time.sleep(rng.uniform(*self.cfg.broker_down_s))
         t1 = time.time()
         up = subprocess.run(
             [str(STACK), "up", "kafka"], capture_output=True, text=True, timeout=600

@@ -59,6 +59,7 @@ class ChaosConfig:
     fault_window: tuple[float, float] = (0.1, 0.8)  # when faults start, share of traffic_s
     outage_s: tuple[float, float] = (3.0, 7.0)  # redis/search outage length
     kill_down_s: tuple[float, float] = (0.5, 3.0)  # dead time of a killed worker
+    broker_down_s: tuple[float, float] = (0.5, 2.0)  # the broker stays stopped this long
     # run on the local 3-node cluster (tests/cluster.py: RF 3, min ISR 2, 1 standby)
     # instead of the shared single broker; its own fault: leader_kill
     cluster: bool = False

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 
+from agents.ledger import POSITIONS_KEY
 from chaos_checks import LedgerView, check_invariants
 from chaos_observe import FIELDS, high_watermarks, read_all
 from chaos_plan import INVARIANTS, ORDER_TYPES
@@ -39,12 +40,15 @@ class SettleMixin:
             for part, off, _, value in read_all(s, topic, avro):
                 if value.get("event_id") in want:
                     where[value["event_id"]].append((topic, part, off))
-        applied: set[tuple[str, int, int]] = set()
+        # the ledger's positions records (each batch's, in its transaction) hold every
+        # input's next offset: an input offset below one of them was decided. (A SKU
+        # record's watermarks hold only the last input of its batch that touched it.)
+        decided_to: dict[tuple[str, int], int] = defaultdict(int)
         for part, _, key, value in read_all(s, changelog_topic(s), lambda v: v):
-            if key is None or value is None or b"\x00" in key:
+            if key != POSITIONS_KEY or value is None:
                 continue
-            for topic, off in orjson.loads(value).get("w", {}).items():
-                applied.add((topic, part, off))
+            for topic, nxt in orjson.loads(value).items():
+                decided_to[(topic, part)] = max(decided_to[(topic, part)], nxt)
 
         def spot(t: str, p: int, o: int) -> str:
             return f"{t.rsplit('.', 1)[-1]}/{p}@{o}"
@@ -52,13 +56,13 @@ class SettleMixin:
         out = []
         for eid in eids:
             spots = where.get(eid, [])
-            lost = [spot(*x) for x in spots if x not in applied]
+            lost = [spot(*x) for x in spots if decided_to[(x[0], x[1])] <= x[2]]
             verdict = (
-                "never applied by the table (no changelog record carries the input offsets "
+                "never decided by the ledger (no committed batch's positions pass "
                 + ", ".join(lost)
                 + ")"
                 if lost
-                else "every input offset was applied (the answer was lost after the table)"
+                else "every input offset was decided (the answer was lost after the ledger)"
             )
             answered = "" if eid.startswith("rs-") else f", {len(self.tail.answers(eid))} answers"
             out.append(
@@ -66,6 +70,38 @@ class SettleMixin:
                 f"({', '.join(spot(*x) for x in spots)}){answered}; {verdict}"
             )
         return out
+
+    # -- the tail's ground truth --------------------------------------------
+    def refill_tail(self, why: str) -> int:
+        """Re-read the output topics from the beginning into the tail (its one consumer
+        may have lost its place across a broker restart); what the pass found goes into
+        the round's stats, so a tail that loses records shows, never a false violation."""
+        t0 = time.monotonic()
+        try:
+            found = self.tail.refill()
+        except Exception as exc:  # noqa: BLE001 - the checks then run on what the tail has
+            self.tail_refills.append(f"{why}: re-read failed: {exc}")
+            return 0
+        self.tail_refills.append(
+            f"{why}: re-read found {found} records the tail had not ({time.monotonic() - t0:.1f}s)"
+        )
+        return found
+
+    def await_tail(
+        self,
+        what: str,
+        pending: Callable[[], list[str]],
+        deadline: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[str]:
+        """Poll ``pending`` until it is empty or ``clock()`` passes ``deadline``; what is
+        still pending then is checked once more after a re-read of the topics."""
+        while (left := pending()) and clock() < deadline:
+            time.sleep(0.5)
+        if left:
+            self.refill_tail(f"{len(left)} {what} pending")
+            left = pending()
+        return left
 
     # -- settle, then check ------------------------------------------------
     def table_views(self, skus: Sequence[str], timeout: float = 90.0) -> tuple[dict, list[str]]:
@@ -129,8 +165,7 @@ class SettleMixin:
         last_expiry = max((o.expires_at for o in orders if o.short), default=0) / 1000
         dis = sum(b - a for a, b in self.disruptions if b >= last_expiry - cfg.traffic_s)
         deadline = max(time.time(), last_expiry) + cfg.expiry_slack_s + dis + 30
-        while (left := reserved_short_open()) and time.time() < deadline:
-            time.sleep(0.5)
+        left = self.await_tail("short-ttl closes", reserved_short_open, deadline, time.time)
         if left:
             settle["I6"].append(f"{len(left)} short-ttl reservations never closed: {left[:8]}")
 
@@ -147,8 +182,7 @@ class SettleMixin:
             ]
 
         deadline = time.monotonic() + cfg.answer_timeout_s
-        while (missing := unanswered()) and time.monotonic() < deadline:
-            time.sleep(0.5)
+        missing = self.await_tail("answers", unanswered, deadline)
         if missing:
             self.given_up.update(missing)
             settle["I6"].append(
@@ -163,6 +197,7 @@ class SettleMixin:
         # the table is stable and the relay has published its last version of every SKU
         skus = sorted(led.sku_round)
         deadline = time.monotonic() + 90
+        refilled = False
         while True:
             views, problems = self.table_views(skus)
             behind = [s for s in skus if tail.max_version(s) < views.get(s, {}).get("version", 0)]
@@ -171,6 +206,10 @@ class SettleMixin:
                 if again == views:
                     break
             if time.monotonic() > deadline:
+                if not refilled:  # first make sure it is the relay, not the tail
+                    refilled = True
+                    self.refill_tail("relay's versions")
+                    continue
                 settle["I4"].append(f"relay never published the table's version of {behind[:8]}")
                 break
             time.sleep(0.5)
@@ -181,6 +220,8 @@ class SettleMixin:
         deadline = time.monotonic() + 60
         while not tail.caught_up(hw) and time.monotonic() < deadline:
             time.sleep(0.2)
+        if not tail.caught_up(hw):
+            self.refill_tail(f"tail behind the high watermarks {tail.lag(hw)}")
         stats["settle_s"] = round(time.monotonic() - t_settle, 1)
 
         # I5: Redis and the search index reach the table's versions and numbers
@@ -232,6 +273,12 @@ class SettleMixin:
             rnd.number,
         )
         stats.update(extra)
+        stats["tail_errors"] = tail.errors
+        if tail.error_log:
+            stats["tail_error_log"] = list(tail.error_log)
+        if self.tail_refills:
+            stats["tail_refills"] = list(self.tail_refills)
+            self.tail_refills.clear()
         lost_restocks = [
             m.split()[1]
             for m in found.get("I3", [])

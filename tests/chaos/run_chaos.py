@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=chaos.ChaosConfig.rate)
     ap.add_argument("--broker-restarts", type=int, default=chaos.ChaosConfig.broker_restarts)
     ap.add_argument(
+        "--broker-down-s",
+        type=float,
+        default=float(os.environ.get("CHAOS_BROKER_DOWN_S") or 0),
+        help="keep the stopped broker down this many seconds (default 0.5-2 s, random)",
+    )
+    ap.add_argument(
         "--cluster",
         action="store_true",
         default=os.environ.get("CHAOS_CLUSTER", "") not in ("", "0"),
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic_s=args.traffic_s,
         rate=args.rate,
         broker_restarts=args.broker_restarts,
+        **({"broker_down_s": (args.broker_down_s,) * 2} if args.broker_down_s else {}),
         plan=plan,
         cluster=args.cluster,
         audit_changelog=args.cluster,
