@@ -254,3 +254,39 @@ def test_round_plan_of_the_single_broker_is_unchanged():
         ["broker", "search_blackhole"],
         ["search_refuse"],
     ]
+
+
+@pytest.mark.integration
+def test_tail_refill_finds_what_the_live_tail_missed(kafka):
+    """The checks' fallback when the live tail lags (a long broker restart): a re-read
+    from the beginning adds every record the tail has not seen, once."""
+    from confluent_kafka import Producer
+
+    from chaos_observe import TopicTail
+    from harness import Namespace
+    from pipeline.clients import confluent_config
+    from pipeline.kafka.topics import ensure_topics
+    from schemas.codec import AvroCodec
+
+    ns = Namespace.fresh("tail-refill", partitions=2)
+    s = ns.settings
+    ensure_topics(s)
+    codec = AvroCodec()
+    producer = Producer(confluent_config(s))
+    for i in range(30):
+        answer = {
+            "event_id": f"r-{i}",
+            "order_id": f"o-{i}",
+            "sku": "SKU-T",
+            "outcome": "RESERVED",
+            "qty": 1,
+            "available": 30 - i,
+        }
+        producer.produce(s.results_topic, codec.encode("ReservationResult", answer), f"o-{i}")
+    assert producer.flush(30) == 0
+    tail = TopicTail(s)  # never started: it saw nothing, as a tail that lost its place
+    assert tail.refill(timeout=60) == 30
+    assert sorted(tail.by_event) == sorted(f"r-{i}" for i in range(30))
+    assert tail.first_answer("r-7")["available"] == 23
+    assert tail.refill(timeout=60) == 0  # a position seen already is not added twice
+    assert tail.refilled == 30 and not tail.rewritten
