@@ -9,8 +9,9 @@ the key, like every producer of the pipeline), from the log start offset to the
 end offset as of the start of the run, with an assigned consumer that joins no
 group and commits nothing. Records keyed by the SKU are decoded and shown in
 version order: each ``StockChanged`` with its cause (command type, event id,
-order, channel) and stock, followed by the events it caused (``StockShortfall``,
-``LowStockCrossed``).
+order, channel) and stock, one line per location for a SKU whose stock is at named
+locations (on hand, reserved, available, damaged and inbound there), followed by the
+events it caused (``StockShortfall``, ``LowStockCrossed``).
 
 The relay publishes at least once, so a version may appear more than once
 with identical content: such copies are counted (``duplicates``) and shown
@@ -380,6 +381,17 @@ _COLUMNS = (
 )
 
 
+def _location_lines(change: Mapping[str, Any]) -> list[str]:
+    """The per-location figures of a change (none for a SKU that never named a location:
+    its totals are its default location's)."""
+    return [
+        f"      at {x['location']}: on_hand {x['on_hand']}, reserved {x['reserved']}, "
+        f"available {x['available']}, damaged {x['damaged']}"
+        + (f", inbound {x['inbound']}" if x.get("inbound") else "")
+        for x in change.get("locations") or ()
+    ]
+
+
 def render_table(doc: Mapping[str, Any]) -> str:
     """The human output: a header, one row per version (shortfalls and gaps inline), a summary."""
     lines = [
@@ -419,6 +431,7 @@ def render_table(doc: Mapping[str, Any]) -> str:
                 for _, key, _ in _COLUMNS
             }
         )
+        rows.extend(_location_lines(item))
     table_rows = [r for r in rows if isinstance(r, dict)]
     widths = {
         key: max([len(title)] + [len(r[key]) for r in table_rows]) for title, key, _ in _COLUMNS

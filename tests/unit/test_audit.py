@@ -365,3 +365,29 @@ def test_the_table_shows_damaged_units_and_resolutions():
     assert header[-1] == "damaged"
     assert lines[2].split()[-1] == "4" and "ReturnReceived" in lines[2]
     assert lines[3].split()[-1] == "1" and "DamagedStockResolved" in lines[3]
+
+
+def test_table_shows_each_location_of_a_located_change():
+    at = [
+        {
+            "location": "store-1",
+            "on_hand": 2,
+            "reserved": 1,
+            "damaged": 1,
+            "available": 1,
+            "inbound": 0,
+        },
+        {
+            "location": "wh-1",
+            "on_hand": 8,
+            "reserved": 1,
+            "damaged": 0,
+            "available": 7,
+            "inbound": 3,
+        },
+    ]
+    recs = records(("StockChanged", change(1)), ("StockChanged", change(2, locations=at)))
+    lines = audit.render_table(doc_for(recs)).splitlines()
+    assert not lines[2].startswith("      at ")  # no locations: the totals only
+    assert lines[4] == "      at store-1: on_hand 2, reserved 1, available 1, damaged 1"
+    assert lines[5] == "      at wh-1: on_hand 8, reserved 1, available 7, damaged 0, inbound 3"
