@@ -64,15 +64,17 @@ def read_to_end(
                 raise TimeoutError(f"{topic}: end not reached in {timeout} s")
             for msg in consumer.consume(chunk, 0.5):
                 err = msg.error()
-                part = msg.partition()
+                part, off = msg.partition(), msg.offset()
+                if part is None or off is None:  # a client-level error, of no partition
+                    continue
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF and msg.offset() >= ends[part]:
+                    if err.code() == KafkaError._PARTITION_EOF and off >= ends[part]:
                         done.add(part)
                     continue
                 if part in done:
                     continue
                 yield msg
-                if msg.offset() + 1 >= ends[part]:
+                if off + 1 >= ends[part]:
                     done.add(part)
     finally:
         consumer.close()

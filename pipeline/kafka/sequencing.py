@@ -420,17 +420,17 @@ def confluent_offsets(
 def install(app: Any, guard: InputGuard) -> None:
     """Wire the guard into the app: periodic commits and the rebalance signals."""
 
-    @app.timer(interval=guard.commit_interval_s)
+    @app.timer(interval=guard.commit_interval_s)  # type: ignore[untyped-decorator]  # Faust
     async def _commit_inputs() -> None:
         await guard.commit()
         await guard.watchdog()
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[untyped-decorator]
     async def _commit_before_revoke(sender: Any, revoked: set[Any], **_: Any) -> None:
         # sent after Faust stopped the flow and waited for in-flight events
         await guard.commit(revoked, revoking=True)
         guard.on_revoked(revoked)
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[untyped-decorator]
     async def _restart_sequencing(sender: Any, assigned: set[Any], **_: Any) -> None:
         guard.on_assigned()

@@ -61,7 +61,7 @@ class Out:
     partition: int
     key: bytes | None
     value: bytes | None
-    headers: list[tuple[str, bytes]] | None = None
+    headers: list[tuple[str, str | bytes | None]] | None = None
 
 
 def transactional_id(cfg: Settings, partition: int) -> str:
@@ -187,7 +187,10 @@ class PartitionWriter:
         if self._producer is None:
             raise WriterLost("no producer")
         try:
-            return await self._run(self._commit_sync, self._producer, records, offsets or {})
+            done: list[tuple[str, int, int]] = await self._run(
+                self._commit_sync, self._producer, records, offsets or {}
+            )
+            return done
         except _InDoubt as exc:
             # neither committed nor aborted for sure: a new producer's init_transactions
             # settles it, and the catch-up that follows reads whatever committed
@@ -355,12 +358,12 @@ def read_partition(
                 err = m.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        position = max(position, m.offset())
+                        position = max(position, _offset(m))
                         high = min(high, position)  # reached the (stable) end
                         continue
                     raise KafkaException(err)
-                batch.append((m.key(), m.value(), m.offset()))
-                position = m.offset() + 1
+                batch.append((m.key(), m.value(), _offset(m)))
+                position = _offset(m) + 1
             if batch:
                 apply(batch)
                 count += len(batch)
@@ -387,10 +390,19 @@ def first_committed_offset(
             for m in msgs:
                 err = m.error()
                 if err is None:
-                    return int(m.offset())
+                    return _offset(m)
                 if err.code() == KafkaError._PARTITION_EOF:
                     return None
                 raise KafkaException(err)
         raise TimeoutError(f"{topic}/{partition}: no answer from @{start}")
     finally:
         consumer.close()
+
+
+def _offset(msg: Any) -> int:
+    """The offset of a fetched record or end-of-partition event (always set for those;
+    the stubs type it optional for client-level errors)."""
+    off = msg.offset()
+    if off is None:
+        raise KafkaException(msg.error())
+    return int(off)
