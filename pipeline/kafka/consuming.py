@@ -56,9 +56,11 @@ async def run_forever(
     run: Callable[[], Awaitable[None]],
     what: str,
     on_cancel: Callable[[], Awaitable[None]] | None = None,
+    logger: logging.Logger = log,
 ) -> None:
     """Await ``run()`` again a second after any failure (a broker hiccup must not end a
-    relay or a sink); ``on_cancel`` releases clients when the worker stops."""
+    relay or a sink); ``on_cancel`` releases clients when the worker stops; failures
+    are logged to ``logger`` (the relays' by default, the sinks pass theirs)."""
     while True:
         try:
             await run()
@@ -67,7 +69,7 @@ async def run_forever(
                 await on_cancel()
             raise
         except Exception:  # noqa: BLE001 - logged, and retried
-            log.exception("%s failed; restarting in 1 s", what)
+            logger.exception("%s failed; restarting in 1 s", what)
             await asyncio.sleep(1.0)
 
 

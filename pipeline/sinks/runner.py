@@ -434,4 +434,4 @@ def build_projections(cfg: Settings) -> list[Projection]:
 async def run_forever(runner: SinkRunner) -> None:
     """Run one runner, restarting it after unexpected errors (logged); a stopping worker
     releases the target's client sessions."""
-    await restarted(runner.run, f"{runner.target} sink", runner.projection.close)
+    await restarted(runner.run, f"{runner.target} sink", runner.projection.close, log)
