@@ -348,7 +348,9 @@ def _event_text(item: Mapping[str, Any]) -> str:
     if item["type"] == SHORTFALL:
         return (
             f"! shortfall: counted {item['counted']}, reserved {item['reserved']}, "
-            f"short by {item['shortfall']} (event {item['cause_event_id']})"
+            f"short by {item['shortfall']}"
+            + (f" at {item['location']}" if item.get("location") else "")
+            + f" (event {item['cause_event_id']})"
         )
     if item["type"] == LOW_STOCK:
         return (

@@ -549,6 +549,7 @@ class StockShortfall:
     shortfall: int
     cause_event_id: str
     occurred_at: int
+    location: str = ""  # where the count found too few; "" = a SKU without locations
 
 
 @dataclass(frozen=True)
@@ -1280,7 +1281,9 @@ def _at_location(base: StockRecord, cmd: StockCommand) -> _Applied:
             return _Applied(new, Outcome.COUNTED)
         held = cmd.on_hand + short
         why = f"counted {cmd.on_hand} below reserved {held} at {where}"
-        shortfall = StockShortfall(cmd.sku, cmd.on_hand, held, short, cmd.event_id, cmd.occurred_at)
+        shortfall = StockShortfall(
+            cmd.sku, cmd.on_hand, held, short, cmd.event_id, cmd.occurred_at, where
+        )
         return _Applied(new, Outcome.SHORTFALL, why, (shortfall,))
     if isinstance(cmd, ReturnReceived):
         back = loc.return_units(locs, where, cmd.qty, resellable=cmd.resellable)

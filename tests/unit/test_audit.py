@@ -391,3 +391,12 @@ def test_table_shows_each_location_of_a_located_change():
     assert not lines[2].startswith("      at ")  # no locations: the totals only
     assert lines[4] == "      at store-1: on_hand 2, reserved 1, available 1, damaged 1"
     assert lines[5] == "      at wh-1: on_hand 8, reserved 1, available 7, damaged 0, inbound 3"
+
+
+def test_a_shortfall_at_a_location_names_it():
+    recs = records(
+        ("StockChanged", change(1, cause_event_id="c", cause_type="StockCounted")),
+        ("StockShortfall", shortfall("c", location="store-7")),
+    )
+    lines = audit.render_table(doc_for(recs)).splitlines()
+    assert "shortfall: counted 1, reserved 3, short by 2 at store-7 (event c)" in lines[3]

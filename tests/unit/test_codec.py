@@ -250,6 +250,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "shortfall": 2,
         "cause_event_id": "e6",
         "occurred_at": T,
+        "location": "store-7",
     },
     "DeadLetter": {
         "reason": "undecodable",
@@ -507,6 +508,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("shortfall", INT, NO_DEFAULT),
         ("cause_event_id", S, NO_DEFAULT),
         ("occurred_at", L, NO_DEFAULT),
+        ("location", S, ""),
     ],
     "DeadLetter": [
         ("reason", S, NO_DEFAULT),

@@ -163,7 +163,7 @@ def test_counts_returns_damaged_units_and_safety_stock_act_on_one_location() -> 
     d = led.apply(core.StockCounted(led.eid(), "S", 1, T0, location=A))
     assert d.outcome is Outcome.SHORTFALL
     short = next(e for e in d.events if isinstance(e, core.StockShortfall))
-    assert (short.counted, short.reserved, short.shortfall) == (1, 3, 2)
+    assert (short.counted, short.reserved, short.shortfall, short.location) == (1, 3, 2, A)
     assert led.at(B).on_hand == 4 and led.at(A).available == 0
     assert led.record is not None and led.record.available == 4  # A's holds lend nothing
     led.apply(core.ReturnReceived(led.eid(), "r", "S", 2, False, T0, location=B))
