@@ -129,10 +129,10 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
     locations = change.get("locations") or []
     if locations:
         problems.extend(_check_locations(locations, on_hand, reserved, damaged, available))
-    elif available != max(0, on_hand - reserved - safety):
+    elif available != max(0, on_hand - reserved - safety - int(change.get("staged") or 0)):
         problems.append(
             f"available {available} is not max(0, on_hand {on_hand} - reserved {reserved} "
-            f"- safety_stock {safety})"
+            f"- safety_stock {safety} - staged {change.get('staged') or 0})"
         )
     channels = change.get("channels") or []
     held = sum(int(c["reserved"]) for c in channels)
@@ -180,10 +180,15 @@ def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
     d_on, d_res, d_safe = on_hand - prev[0], reserved - prev[1], safety - prev[2]
     d_dmg = damaged - prev[4]
     cause = str(change.get("cause_type", ""))
+    # a SKU with an open purchase order (incoming units) may take and release backorders,
+    # which move no unit (a release may let staged units convert the next one); and a
+    # purchase order's arrival, cut or close converts backorders into holds
+    backorders = int(change.get("incoming") or 0) > 0
+    untouched = d_on == 0 and d_safe == 0 and d_dmg == 0
     # damaged units come only from returns that cannot be resold and leave only by a
     # DamagedStockResolved: back on hand (RESTOCK, the same units) or written off
     rules: dict[str, bool] = {
-        "RestockReceived": d_on > 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "RestockReceived": d_on > 0 and d_res >= 0 and d_safe == 0 and d_dmg == 0,
         "ReturnReceived": d_res == 0
         and d_safe == 0
         and ((d_on > 0 and d_dmg == 0) or (d_on == 0 and d_dmg > 0)),
@@ -191,8 +196,8 @@ def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
         "StockCounted": d_res == 0 and d_safe == 0 and d_dmg == 0,
         "SafetyStockSet": d_on == 0 and d_res == 0 and d_dmg == 0,
         "ChannelAllocationSet": d_on == 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
-        "ReserveStock": d_on == 0 and d_res > 0 and d_safe == 0 and d_dmg == 0,
-        "ReleaseReservation": d_on == 0 and d_res < 0 and d_safe == 0 and d_dmg == 0,
+        "ReserveStock": untouched and (d_res > 0 or (d_res == 0 and backorders)),
+        "ReleaseReservation": untouched and (d_res < 0 or backorders),
         "ExpireReservation": d_on == 0 and d_res < 0 and d_safe == 0 and d_dmg == 0,
         # a commit after the expiry releases instead (on_hand unchanged)
         "CommitReservation": d_res < 0 and d_on in (d_res, 0) and d_safe == 0 and d_dmg == 0,
@@ -200,6 +205,9 @@ def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
         "TransferShipped": d_on < 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
         "TransferReceived": d_on >= 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
         "TransferCancelled": d_on > 0 and d_res == 0 and d_safe == 0 and d_dmg == 0,
+        "IncomingStock": untouched and d_res >= 0,
+        "PurchaseOrderClosed": untouched and d_res >= 0,
+        "BackorderCapSet": untouched and d_res == 0,
     }
     problems = []
     if cause in rules and not rules[cause]:

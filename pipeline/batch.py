@@ -9,7 +9,10 @@ in input order) to the stored state, exactly as applying them one at a time with
   the batch) and *the batch's effects* for that SKU (every StockChanged, in
   version order, every ReservationResult, shortfall and low-stock crossing);
 * one :class:`tables.stock.StoredReservation` per (SKU, order) the batch
-  changed, in its final state;
+  changed, in its final state (the order's own, and the backorders an arrival, a
+  purchase order's close or cut, or a released backorder converted or released:
+  :func:`pipeline.domain.core.settling` names them, and their stored reservations and
+  usages are loaded before the decision);
 * one :class:`tables.stock.StoredUsage` per (SKU, sale, customer) whose usage
   under a per-customer cap the batch changed, in its final state.
 
@@ -171,6 +174,19 @@ def fold(
                 stored_use = load_usage(ukey)
                 if stored_use is not None:
                     usage = stored_use.valid(sku.stored)
+        others: dict[str, core.Reservation] = {}
+        other_uses: dict[tuple[str, str], core.CustomerUsage] = {}
+        for order_id in core.settling(sku.record, cmd, reservation):
+            okey = reservation_key(cmd.sku, order_id)
+            got = _load_res(okey, holds, load_reservation, sku.stored)
+            if got is None:
+                continue
+            others[order_id] = got
+            if got.counted:
+                pair = (got.sale_id, got.customer_id)
+                use = _load_use(usage_key(cmd.sku, *pair), uses, load_usage, sku.stored)
+                if use is not None:
+                    other_uses[pair] = use
         ekey = b""
         before_at: int | None = None
         if load_event is not None and not rkey:
@@ -188,6 +204,8 @@ def fold(
             applied_before=before_at is not None and now - before_at <= event_retention_ms,
             usage=usage,
             location_priority=location_priority,
+            others=others,
+            other_usages=other_uses,
         )
         decisions.append(decision)
         if ekey and decision.outcome not in _NOT_APPLIED:
@@ -202,6 +220,11 @@ def fold(
             holds[rkey] = (decision.reservation, inp.topic, inp.offset)
         if decision.usage is not None:
             uses[ukey] = (decision.usage, inp.topic, inp.offset)
+        for other in decision.others:
+            holds[reservation_key(cmd.sku, other.order_id)] = (other, inp.topic, inp.offset)
+        for use in decision.other_usages:
+            key = usage_key(cmd.sku, use.sale_id, use.customer_id)
+            uses[key] = (use, inp.topic, inp.offset)
         for event in decision.events:
             named = effect_of(event)
             if named is None:
@@ -225,6 +248,33 @@ def fold(
     return BatchResult(stocks, reservations, decisions, applied, events, usages)
 
 
+def _load_res(
+    key: bytes,
+    holds: dict[bytes, tuple[core.Reservation, str, int]],
+    load: ReservationLoader,
+    stock: StoredStock | None,
+) -> core.Reservation | None:
+    """A reservation as this batch left it, else as stored (valid for ``stock``)."""
+    held = holds.get(key)
+    if held is not None:
+        return held[0]
+    stored = load(key)
+    return stored.valid(stock) if stored is not None else None
+
+
+def _load_use(
+    key: bytes,
+    uses: dict[bytes, tuple[core.CustomerUsage, str, int]],
+    load: UsageLoader,
+    stock: StoredStock | None,
+) -> core.CustomerUsage | None:
+    held = uses.get(key)
+    if held is not None:
+        return held[0]
+    stored = load(key)
+    return stored.valid(stock) if stored is not None else None
+
+
 def stock_writes(result: BatchResult) -> list[tuple[bytes, StoredStock]]:
     """(key, value) of the SKU records, in a stable order."""
     return [(stock_key(name), result.stocks[name]) for name in sorted(result.stocks)]
@@ -241,8 +291,14 @@ class RecordBudget:
     twice the input record's own bytes (its text fields reappear in the answer and in
     StockChanged), a fixed cost for the effects' other fields, and the SKU's channel
     allocations and locations, which every StockChanged repeats (a command that names
-    a location may add one, as an allocation may add a channel). A SKU's first record is always
-    admitted; validation bounds every field, so one command's effects are small.
+    a location may add one, as an allocation may add a channel). Backorders live in the
+    SKU record too, and each gets one more answer when its purchase order settles it (an
+    arrival converting 256 of them writes 256 answers into one record): each waiting
+    backorder is counted once with its later answer, when the SKU is first seen, and so
+    is each order record that may place one (once the SKU takes backorders, or a
+    restocks record came for it in the batch); a restocks record may add a purchase
+    order. A SKU's first record is always admitted; validation bounds every field, so
+    one command's effects are small.
     """
 
     EFFECT_BYTES = 1200  # an answer, a StockChanged, a shortfall or low-stock crossing
@@ -251,6 +307,9 @@ class RecordBudget:
     BASE_BYTES = 1000  # the record's own counts, watermarks and keys
     LOCATION_BYTES = 300  # one location in a StockChanged (128-character name) and record
     TRANSFER_BYTES = 420  # one open transfer in the record (three 128-character texts)
+    BACKORDER_BYTES = 420  # one waiting backorder in the record (order, channel, customer ids)
+    SETTLED_BYTES = 700  # the answer its conversion or release adds (order, event and PO ids)
+    PO_BYTES = 360  # one purchase order in the record (its id and location)
 
     def __init__(
         self,
@@ -266,6 +325,7 @@ class RecordBudget:
         self._located_topics = located_topics  # other topics whose records may add a location
         self._used: dict[bytes, int] = {}
         self._channels: dict[bytes, int] = {}  # per SKU: channels * CHANNEL_BYTES + locations
+        self._backorders: set[bytes] = set()  # SKUs whose order records may place backorders
 
     def _base(self, key: bytes) -> tuple[int, int]:
         stored = self._load(key.decode("utf-8", "replace"))
@@ -275,6 +335,11 @@ class RecordBudget:
         repeated = len(r.channels) * self.CHANNEL_BYTES + len(r.locations) * self.LOCATION_BYTES
         size = self.BASE_BYTES + len(r.recent_event_ids) * self.ID_BYTES
         size += len(r.transfers) * self.TRANSFER_BYTES
+        incoming = r.incoming
+        if incoming.orders or incoming.cap:
+            self._backorders.add(key)
+            size += len(incoming.orders) * self.PO_BYTES
+            size += incoming.waiting * (self.BACKORDER_BYTES + self.SETTLED_BYTES)
         return size + repeated, repeated
 
     def admit(self, topic: str, key: bytes | None, value: bytes | None) -> bool:
@@ -289,11 +354,15 @@ class RecordBudget:
         most = core.MAX_CHANNELS_PER_SKU * self.CHANNEL_BYTES
         most += MAX_LOCATIONS_PER_SKU * self.LOCATION_BYTES
         if topic == self._allocations_topic:
-            # a command of this topic may add a channel or a location (and a transfer)
+            # a command of this topic may add a channel or a location (and a transfer, a
+            # purchase order, or a backorder cap: order records may then place backorders)
             repeated = min(repeated + self.CHANNEL_BYTES + self.LOCATION_BYTES, most)
-            used += self.TRANSFER_BYTES
+            used += self.TRANSFER_BYTES + self.PO_BYTES
+            self._backorders.add(k)
         elif topic in self._located_topics:  # e.g. a return may name a new location
             repeated = min(repeated + self.LOCATION_BYTES, most)
+        elif k in self._backorders:  # an order record may place a backorder
+            used += self.BACKORDER_BYTES + self.SETTLED_BYTES
         cost = 2 * len(value or b"") + self.EFFECT_BYTES + repeated
         if not first and used + cost > self.limit:
             return False

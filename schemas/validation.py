@@ -54,6 +54,9 @@ RESTOCK_RECORDS = (
     "TransferShipped",
     "TransferReceived",
     "TransferCancelled",
+    "IncomingStock",
+    "PurchaseOrderClosed",
+    "BackorderCapSet",
 )
 RETURN_RECORDS = ("ReturnReceived", "DamagedStockResolved")
 
@@ -139,6 +142,7 @@ def _reserve(r: Mapping[str, Any], s: Settings) -> core.Command:
         customer_id=_customer_text(r, "customer_id"),
         location=_location(r),
         split=bool(r.get("split")),
+        allow_backorder=bool(r.get("allow_backorder")),
     )
 
 
@@ -185,6 +189,7 @@ def _location(r: Mapping[str, Any], field: str = "location") -> str:
 
 
 def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
+    po_id = _po_id(r) if r.get("po_id") else ""
     return core.RestockReceived(
         _id(r, "event_id"),
         r["sku"],
@@ -192,6 +197,52 @@ def _restock(r: Mapping[str, Any], s: Settings) -> core.Command:
         _time(r),
         channel=r.get("channel") or "warehouse",
         location=_location(r),
+        po_id=po_id,
+        final=bool(r.get("final")) and bool(po_id),
+    )
+
+
+def _po_id(r: Mapping[str, Any]) -> str:
+    value = _id(r, "po_id")
+    if _CONTROL.search(value):
+        raise Invalid("invalid_po_id", "po_id contains control characters")
+    return value
+
+
+def _incoming(r: Mapping[str, Any], s: Settings) -> core.Command:
+    expected_at = int(r["expected_at"])
+    if expected_at < 0:
+        raise Invalid("invalid_expected_at", f"expected_at={expected_at}")
+    return core.IncomingStock(
+        _id(r, "event_id"),
+        r["sku"],
+        _po_id(r),
+        _qty(r["qty"], s, allow_zero=True),  # 0: an update down to nothing more coming
+        expected_at,
+        _time(r),
+        channel=r.get("channel") or "erp",
+        location=_location(r),
+    )
+
+
+def _po_closed(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.PurchaseOrderClosed(
+        _id(r, "event_id"),
+        r["sku"],
+        _po_id(r),
+        _time(r),
+        cancelled=bool(r.get("cancelled")),
+        channel=r.get("channel") or "erp",
+    )
+
+
+def _backorder_cap(r: Mapping[str, Any], s: Settings) -> core.Command:
+    return core.BackorderCapSet(
+        _id(r, "event_id"),
+        r["sku"],
+        _qty(r["max_units"], s, allow_zero=True, field="max_units"),
+        _time(r),
+        channel=r.get("channel") or "erp",
     )
 
 
@@ -338,6 +389,9 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], Settings], core.Command]] = {
     "TransferShipped": _shipped,
     "TransferReceived": _received,
     "TransferCancelled": _cancelled,
+    "IncomingStock": _incoming,
+    "PurchaseOrderClosed": _po_closed,
+    "BackorderCapSet": _backorder_cap,
 }
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 
 from pipeline.domain import core
+from pipeline.domain import incoming as inc
 from pipeline.domain.locations import LocationStock, Transfer
 from tables.index import LiveIndex
 
@@ -99,6 +100,7 @@ class StoredStock:
             "channels": [c.__dict__.copy() for c in core.channel_stock(r)],
             "damaged": r.damaged,
             "locations": [x.__dict__.copy() for x in core.location_figures(r)],
+            **incoming_figures(r),
         }
 
     def latest_change(self) -> dict[str, Any]:
@@ -137,6 +139,7 @@ class StoredStock:
                 **({"cl": [r.customer_limit, r.sale_id]} if r.customer_limit or r.sale_id else {}),
                 **({"loc": _locations_out(r)} if r.locations else {}),
                 **({"tr": _transfers_out(r)} if r.transfers else {}),
+                **({"inc": _incoming_out(r.incoming)} if _has_incoming(r.incoming) else {}),
             }
         )
 
@@ -159,6 +162,8 @@ class StoredStock:
             sale_id=d.get("cl", (0, ""))[1],
             locations=tuple(LocationStock(*x) for x in d.get("loc", ())),
             transfers=tuple(Transfer(*t) for t in d.get("tr", ())),
+            # a record written before purchase orders: expects nothing, cap 0
+            incoming=_incoming_in(d["inc"]) if "inc" in d else inc.Incoming(),
         )
         return cls(
             record=record,
@@ -198,7 +203,89 @@ class StoredStock:
                 }
                 for x in core.location_figures(r)
             },
+            "incoming": incoming_view(r.incoming),
         }
+
+
+def incoming_figures(r: core.StockRecord) -> dict[str, int]:
+    """The StockChanged (and Redis, search) figures of the SKU's purchase orders."""
+    i = r.incoming
+    return {
+        "incoming": inc.open_incoming(i),
+        "promised": i.promised,
+        "backorderable": inc.backorderable(i),
+        "staged": i.staged,
+    }
+
+
+def incoming_view(i: inc.Incoming) -> dict[str, Any]:
+    """``GET /stock/{sku}``'s ``incoming``: the open units, what is promised to waiting
+    backorders, what one more backorder could get, the cap, and each purchase order."""
+    return {
+        "open": inc.open_incoming(i),
+        "promised": i.promised,
+        "backorderable": inc.backorderable(i),
+        "cap": i.cap,
+        "staged": i.staged,
+        "waiting": i.waiting,
+        "purchase_orders": {
+            po.po_id: {
+                "status": po.status.value,
+                "expected": po.expected,
+                "expected_at": po.expected_at,
+                "received": po.received,
+                "open": po.open,
+                "promised": po.promised,
+                "staged": po.staged,
+                "backorders": len(po.backorders),
+                "location": po.location,
+            }
+            for po in i.orders
+        },
+    }
+
+
+def _has_incoming(i: inc.Incoming) -> bool:
+    return bool(i.orders or i.cap or i.placed)
+
+
+def _incoming_out(i: inc.Incoming) -> dict[str, Any]:
+    """Positional lists: a SKU record carries up to 16 purchase orders and 256 backorders."""
+    return {
+        "cap": i.cap,
+        "n": i.placed,
+        "po": [
+            [
+                po.po_id,
+                po.expected,
+                po.expected_at,
+                po.received,
+                po.status.value,
+                po.staged,
+                po.location,
+                [
+                    [b.order_id, b.qty, b.seq, b.placed_at, b.channel, b.customer_id, b.ttl_ms]
+                    for b in po.backorders
+                ],
+            ]
+            for po in i.orders
+        ],
+    }
+
+
+def _incoming_in(d: dict[str, Any]) -> inc.Incoming:
+    orders = []
+    for po_id, expected, at, received, status, staged, where, waiting in d.get("po", ()):
+        backorders = tuple(
+            inc.Backorder(order, qty, po_id, seq, placed, channel, customer, ttl)
+            for order, qty, seq, placed, channel, customer, ttl in waiting
+        )
+        orders.append(
+            inc.PurchaseOrder(
+                po_id, expected, at, received, inc.POStatus(status), staged, backorders, where
+            )
+        )
+    return inc.Incoming(tuple(orders), int(d.get("cap", 0)), int(d.get("n", 0)))
 
 
 def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, Any]:
@@ -217,6 +304,7 @@ def _res_to_dict(res: core.Reservation, topic: str, offset: int) -> dict[str, An
         "from_allocation": res.from_allocation,
         **({"cust": [res.customer_id, res.counted, res.sale_id]} if res.customer_id else {}),
         **({"held": [list(h) for h in res.held]} if res.held else {}),
+        **({"po": res.po_id} if res.po_id else {}),
         "topic": topic,
         "offset": offset,
     }
@@ -240,6 +328,7 @@ def _res_from_dict(d: dict[str, Any]) -> core.Reservation:
         counted=bool(d.get("cust", ("", False, ""))[1]),
         sale_id=d.get("cust", ("", False, ""))[2],
         held=tuple((str(at), int(units)) for at, units in d.get("held", ())),
+        po_id=d.get("po", ""),
     )
 
 
@@ -279,9 +368,10 @@ class StoredReservation:
     def closed_before(self, before: int) -> bool:
         """Closed (committed, released, expired or rejected), and both its expiry and
         its last decision earlier than ``before`` (ms): safe to forget after a retention
-        (a retry of the order is then a new order)."""
+        (a retry of the order is then a new order). A waiting backorder is never closed
+        (it has no expiry: it waits for its purchase order)."""
         cur = self.current
-        if core.ReservationStatus(cur["status"]).is_open:
+        if core.ReservationStatus(cur["status"]).is_live:
             return False
         return max(int(cur["expires_at"]), int(cur["decided_at"])) < before
 
@@ -346,9 +436,11 @@ def _stock_changed(e: Any) -> tuple[str, dict[str, Any]]:
 
 def _locations_out(r: core.StockRecord) -> list[list[Any]]:
     """Positional, in LocationStock's field order (location, on_hand, reserved, damaged,
-    safety_stock, inbound): a SKU record carries up to 64 of them."""
+    safety_stock, inbound, and staged when not 0: older records have six): a SKU record
+    carries up to 64 of them."""
     return [
         [x.location, x.on_hand, x.reserved, x.damaged, x.safety_stock, x.inbound]
+        + ([x.staged] if x.staged else [])
         for x in r.locations
     ]
 

@@ -25,12 +25,14 @@ Idempotency rules that live here (the agent adds the Kafka-offset guard):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
+from pipeline.domain import incoming as inc
 from pipeline.domain import locations as loc
+from pipeline.domain.incoming import Incoming, Settlement
 from pipeline.domain.locations import Hold, LocationStock, Transfer
 
 DEFAULT_DEDUPE_WINDOW = 256
@@ -48,6 +50,8 @@ DEFAULT_LOCATION = "default"
 ``location`` is "" puts its units once the SKU has locations."""
 MAX_OPEN_TRANSFERS = 64
 """Transfers one SKU may have on the way at once: the SKU record carries them all."""
+BACKORDER_FILLED = "backorder_filled"
+"""The reason of the RESERVED answer a backorder gets when its purchase order arrived."""
 LOCATION_REASON = "insufficient_at_location"
 """The reason of a ReserveStock the SKU could cover in total but no location (or not the
 named one, or not without a split the command did not ask for) can."""
@@ -93,6 +97,11 @@ class Outcome(str, Enum):
     TRANSFER_RECEIVED = "TRANSFER_RECEIVED"  # units lost on the way: in the reason
     TRANSFER_CANCELLED = "TRANSFER_CANCELLED"
     TRANSFER_REFUSED = "TRANSFER_REFUSED"  # unknown or already open transfer, too few units
+    BACKORDERED = "BACKORDERED"  # promised against a purchase order (ReserveStock.allow_backorder)
+    INCOMING_EXPECTED = "INCOMING_EXPECTED"  # IncomingStock applied (a new or updated PO)
+    PO_CLOSED = "PO_CLOSED"  # PurchaseOrderClosed applied (short or cancelled)
+    BACKORDER_CAP_SET = "BACKORDER_CAP_SET"
+    INCOMING_REFUSED = "INCOMING_REFUSED"  # an ended or unknown PO, too many POs...
 
 
 class ReservationStatus(str, Enum):
@@ -101,10 +110,17 @@ class ReservationStatus(str, Enum):
     RELEASED = "RELEASED"
     EXPIRED = "EXPIRED"
     REJECTED = "REJECTED"
+    BACKORDERED = "BACKORDERED"  # waiting on a purchase order (the SKU record's Incoming)
 
     @property
     def is_open(self) -> bool:
+        """Holds units (RESERVED): it may be committed, released, expired."""
         return self is ReservationStatus.RESERVED
+
+    @property
+    def is_live(self) -> bool:
+        """Not ended: RESERVED, or BACKORDERED (it never expires, and is never pruned)."""
+        return self is ReservationStatus.RESERVED or self is ReservationStatus.BACKORDERED
 
 
 # --------------------------------------------------------------------------
@@ -170,6 +186,13 @@ class StockRecord:
     change goes through :mod:`pipeline.domain.locations` and the totals are the sums
     over ``locations`` (``available`` too: each location's own, summed). ``transfers``
     are the ones shipped and not yet received or cancelled.
+
+    ``incoming`` holds the SKU's purchase orders, the backorders waiting on them and
+    the backorder cap (:mod:`pipeline.domain.incoming`; a record written before it reads
+    as "expects nothing, takes no backorders"). Their *staged* units (received, set
+    aside for a waiting backorder) are on hand but not available: ``staged`` keeps their
+    sum beside ``incoming`` (set here and by :func:`_with_incoming`), and once the SKU
+    has locations each location's ``staged`` holds those delivered there.
     """
 
     sku: str
@@ -188,16 +211,20 @@ class StockRecord:
     # decision); set from ``locations`` here and by :func:`_with_locations`, the only
     # place that changes them
     located_available: int = field(default=0, repr=False, compare=False)
+    incoming: Incoming = Incoming()
+    staged: int = field(default=0, repr=False, compare=False)  # incoming.staged
 
     def __post_init__(self) -> None:
         if self.locations:
             object.__setattr__(self, "located_available", loc.available(self.locations))
+        if self.incoming.orders:
+            object.__setattr__(self, "staged", self.incoming.staged)
 
     @property
     def available(self) -> int:
         if self.locations:
             return self.located_available
-        return max(0, self.on_hand - self.reserved - self.safety_stock)
+        return max(0, self.on_hand - self.reserved - self.safety_stock - self.staged)
 
     @property
     def shared_available(self) -> int:
@@ -253,6 +280,7 @@ class Reservation:
     counted: bool = False  # ``qty`` counts against (sku, sale_id, customer_id)'s usage
     sale_id: str = ""  # the sale it was counted in (when ``counted``)
     held: Hold = ()  # where its units are held; () = all at DEFAULT_LOCATION
+    po_id: str = ""  # the purchase order a backorder waits (or waited) on
 
     def status_outcome(self) -> Outcome:
         return Outcome(self.status.value)
@@ -275,6 +303,7 @@ class ReserveStock:
     customer_id: str = ""  # "" = not capped by a per-customer limit
     location: str = ""  # "" = pick by the configured priority
     split: bool = False  # may take the units from more than one location
+    allow_backorder: bool = False  # when stock cannot cover qty: promise incoming units
 
 
 @dataclass(frozen=True)
@@ -309,12 +338,17 @@ class ExpireReservation:
 
 @dataclass(frozen=True)
 class RestockReceived:
+    """``qty`` units arrived. Naming an open purchase order (``po_id``) they settle its
+    waiting backorders first (``final``: the supplier sends no more, it ends)."""
+
     event_id: str
     sku: str
     qty: int
     occurred_at: int
     channel: str = "warehouse"
-    location: str = ""  # "" = the SKU's default location
+    location: str = ""  # "" = the SKU's default location (or the purchase order's)
+    po_id: str = ""  # "" = a plain restock: converts no backorder
+    final: bool = False
 
 
 @dataclass(frozen=True)
@@ -441,6 +475,47 @@ class TransferCancelled:
 
 
 @dataclass(frozen=True)
+class IncomingStock:
+    """Purchase order ``po_id`` brings ``qty`` units (absolute) by ``expected_at`` to
+    ``location``: a new one, or an update of an open one (a cut releases the backorders
+    that no longer fit, ``po_short``)."""
+
+    event_id: str
+    sku: str
+    po_id: str
+    qty: int
+    expected_at: int
+    occurred_at: int
+    channel: str = "erp"
+    location: str = ""  # "" = the SKU's default location
+
+
+@dataclass(frozen=True)
+class PurchaseOrderClosed:
+    """Purchase order ``po_id`` ends short, or is ``cancelled``: its staged units go to
+    the waiting backorders that fit, in the order placed; the others are released."""
+
+    event_id: str
+    sku: str
+    po_id: str
+    occurred_at: int
+    cancelled: bool = False
+    channel: str = "erp"
+
+
+@dataclass(frozen=True)
+class BackorderCapSet:
+    """The units that may be promised against the SKU's purchase orders in total
+    (absolute; 0 = take no more backorders, the promises made stay)."""
+
+    event_id: str
+    sku: str
+    max_units: int
+    occurred_at: int
+    channel: str = "erp"
+
+
+@dataclass(frozen=True)
 class CustomerUsage:
     """Units of one SKU one customer holds plus bought in one sale (its own table key)."""
 
@@ -461,10 +536,14 @@ StockCommand = (
     | TransferShipped
     | TransferReceived
     | TransferCancelled
+    | IncomingStock
+    | PurchaseOrderClosed
+    | BackorderCapSet
 )
 Command = OrderCommand | StockCommand
 ORDER_COMMANDS = (ReserveStock, CommitReservation, ReleaseReservation, ExpireReservation)
 TRANSFER_COMMANDS = (TransferShipped, TransferReceived, TransferCancelled)
+INCOMING_COMMANDS = (IncomingStock, PurchaseOrderClosed, BackorderCapSet)
 
 
 # --------------------------------------------------------------------------
@@ -488,6 +567,10 @@ class StockChanged:
     channels: tuple[ChannelStock, ...] = ()
     damaged: int = 0
     locations: tuple[LocationFigures, ...] = ()
+    incoming: int = 0  # units the open purchase orders still bring
+    promised: int = 0  # units promised to waiting backorders
+    backorderable: int = 0  # the most units one new backorder could be promised now
+    staged: int = 0  # of on_hand, set aside for waiting backorders (not available)
 
 
 @dataclass(frozen=True)
@@ -539,6 +622,8 @@ class ReservationResult:
     available: int
     reason: str = ""
     duplicate: bool = False
+    po_id: str = ""  # a backorder's (BACKORDERED, or its later RESERVED / RELEASED answer)
+    expected_at: int = 0  # when that purchase order is expected (epoch ms; 0 = none)
 
 
 @dataclass(frozen=True)
@@ -585,6 +670,10 @@ class Decision:
     events: tuple[Event, ...]
     reservation: Reservation | None = None  # the order's reservation to store, if it changed
     usage: CustomerUsage | None = None  # the customer's usage to store, if it changed
+    # other orders' reservations (and their customers' usages) the decision changed: the
+    # backorders an arrival, a close or a cut converted or released, in the order placed
+    others: tuple[Reservation, ...] = ()
+    other_usages: tuple[CustomerUsage, ...] = ()
 
     @property
     def outcome(self) -> Outcome:
@@ -603,6 +692,7 @@ class _Applied:
     outcome: Outcome
     reason: str = ""
     extra: tuple[Event, ...] = ()
+    settled: Settlement | None = None  # backorders converted or released (incoming rules)
 
 
 # --------------------------------------------------------------------------
@@ -620,6 +710,8 @@ def decide(
     applied_before: bool = False,
     usage: CustomerUsage | None = None,
     location_priority: tuple[str, ...] = (),
+    others: Mapping[str, Reservation] | None = None,
+    other_usages: Mapping[tuple[str, str], CustomerUsage] | None = None,
 ) -> Decision:
     """Apply one command to one SKU's state.
 
@@ -634,7 +726,13 @@ def decide(
     for this command (None when there is none yet; ignored when it names none).
     ``location_priority`` is the order in which a reserve that names no location looks
     at the SKU's locations (:func:`pipeline.domain.locations.plan_hold`).
+    ``others`` are the stored reservations of the orders :func:`settling` names (by
+    order id; a missing one is rebuilt from its backorder) and ``other_usages`` the
+    stored usages of those of them counted under a per-customer cap, by (sale_id,
+    customer_id): the decision returns the ones it changed in ``Decision.others`` and
+    ``Decision.other_usages``.
     """
+    ctx = _Others(others or {}, dict(other_usages or {}))
     if record is None:
         record = StockRecord(sku=command.sku)
     if record.sku != command.sku:
@@ -649,10 +747,42 @@ def decide(
             usage = CustomerUsage(*wanted)
         elif (usage.sale_id, usage.customer_id) != wanted:
             raise ValueError("usage of another customer or sale passed to decide()")
-        decision = _decide_order(record, command, now, reservation, usage, location_priority)
+        decision = _decide_order(record, command, now, reservation, usage, location_priority, ctx)
     else:
-        decision = _decide_stock(record, command, now, dedupe_window, applied_before)
+        decision = _decide_stock(record, command, now, dedupe_window, applied_before, ctx)
     return _with_low_stock(record, decision, command, low_stock_threshold)
+
+
+def settling(
+    record: StockRecord | None, command: Command, reservation: Reservation | None = None
+) -> tuple[str, ...]:
+    """The orders whose backorders ``command`` may convert or release (their reservations,
+    and the usages of those counted under a cap, are :func:`decide`'s ``others`` and
+    ``other_usages``): the waiting backorders of the purchase order it names (an
+    arrival, a close, an update), or of the one a released backorder waited on."""
+    if record is None or not record.incoming.orders:
+        return ()
+    po_id = ""
+    if isinstance(command, (RestockReceived, IncomingStock, PurchaseOrderClosed)):
+        po_id = command.po_id
+    elif (
+        isinstance(command, ReleaseReservation)
+        and reservation is not None
+        and reservation.status is ReservationStatus.BACKORDERED
+    ):
+        po_id = reservation.po_id
+    po = inc.find_po(record.incoming, po_id) if po_id else None
+    if po is None:
+        return ()
+    return tuple(b.order_id for b in po.backorders)
+
+
+@dataclass(slots=True)
+class _Others:
+    """The other orders' state a decision may change (see :func:`decide`)."""
+
+    reservations: Mapping[str, Reservation]
+    usages: dict[tuple[str, str], CustomerUsage]
 
 
 def usage_key(
@@ -672,7 +802,8 @@ def usage_key(
             return (record.sale_id, command.customer_id)
         return None
     if isinstance(command, ORDER_COMMANDS) and reservation is not None:
-        if reservation.counted and reservation.status.is_open:
+        # a backorder counts like a hold: its release gives the units back
+        if reservation.counted and reservation.status.is_live:
             return (reservation.sale_id, reservation.customer_id)
     return None
 
@@ -707,6 +838,7 @@ def _decide_order(
     res: Reservation | None,
     usage: CustomerUsage | None = None,
     priority: tuple[str, ...] = (),
+    ctx: _Others | None = None,
 ) -> Decision:
     if isinstance(cmd, ReserveStock):
         if res is not None:
@@ -719,6 +851,8 @@ def _decide_order(
                 res.available_at_decision,
                 res.reason,
                 duplicate=True,
+                po_id=res.po_id,
+                expected_at=_expected_at(record, res.po_id),
             )
         if record.locations or (cmd.location and cmd.location != DEFAULT_LOCATION):
             return _reserve_at_locations(record, cmd, now, usage, priority)
@@ -726,6 +860,8 @@ def _decide_order(
     if res is None or res.status is ReservationStatus.REJECTED:
         reason = "no reservation for this order" if res is None else "reservation was rejected"
         return _answer(record, cmd, Outcome.UNKNOWN_RESERVATION, 0, record.available, reason)
+    if res.status is ReservationStatus.BACKORDERED and isinstance(cmd, ReleaseReservation):
+        return _release_backorder(record, cmd, now, res, usage, ctx or _Others({}, {}))
     if not res.status.is_open:
         return _closed_before(record, cmd, res)
     if isinstance(cmd, CommitReservation):
@@ -744,6 +880,12 @@ def _reserve(
     avail = record.available_for(cmd.channel)
     # the customer's allowance in the current sale (usage is None: not capped)
     allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
+    no_backorder = ""
+    if cmd.allow_backorder and avail < cmd.qty <= allowance:
+        got = _backorder(record, cmd, now, usage)
+        if not isinstance(got, str):
+            return got
+        no_backorder = got
     qty = cmd.qty
     if cmd.allow_partial and min(avail, allowance) < qty:
         qty = min(avail, allowance)
@@ -753,6 +895,8 @@ def _reserve(
         # the customer's cap refuses it: the answer's ``available`` is what the
         # customer could still reserve now
         return _refuse(record, cmd, CUSTOMER_LIMIT_REASON, min(avail, allowance))
+    if no_backorder:
+        return _refuse(record, cmd, no_backorder, inc.backorderable(record.incoming))
     return _refuse(record, cmd, _refusal(record, cmd.channel, cmd.qty), avail)
 
 
@@ -771,6 +915,12 @@ def _reserve_at_locations(
     sku_avail = record.available_for(cmd.channel)
     avail = min(sku_avail, loc.grantable(locs, at=cmd.location, split=cmd.split))
     allowance = max(0, record.customer_limit - usage.units) if usage is not None else MAX_COUNT
+    no_backorder = ""
+    if cmd.allow_backorder and avail < cmd.qty <= allowance:
+        got = _backorder(record, cmd, now, usage)
+        if not isinstance(got, str):
+            return got
+        no_backorder = got
     qty = cmd.qty
     if cmd.allow_partial and min(avail, allowance) < qty:
         qty = min(avail, allowance)
@@ -780,6 +930,8 @@ def _reserve_at_locations(
             return _hold(record, cmd, now, qty, usage, plan, locs)
     if allowance < cmd.qty and (allowance == 0 or not cmd.allow_partial):
         return _refuse(record, cmd, CUSTOMER_LIMIT_REASON, min(avail, allowance))
+    if no_backorder:
+        return _refuse(record, cmd, no_backorder, inc.backorderable(record.incoming))
     if sku_avail >= cmd.qty:
         return _refuse(record, cmd, LOCATION_REASON, avail)
     return _refuse(record, cmd, _refusal(record, cmd.channel, cmd.qty), avail)
@@ -972,7 +1124,12 @@ def _give_back(usage: CustomerUsage | None, res: Reservation) -> CustomerUsage |
 
 
 def _decide_stock(
-    record: StockRecord, cmd: StockCommand, now: int, window: int, applied_before: bool = False
+    record: StockRecord,
+    cmd: StockCommand,
+    now: int,
+    window: int,
+    applied_before: bool = False,
+    ctx: _Others | None = None,
 ) -> Decision:
     ctype = type(cmd).__name__
     if applied_before or cmd.event_id in record.recent_event_ids:
@@ -991,7 +1148,9 @@ def _decide_stock(
         )
     remembered = (record.recent_event_ids + (cmd.event_id,))[-window:] if window > 0 else ()
     base = _evolve(record, recent_event_ids=remembered)
-    if located_command(record, cmd):
+    if isinstance(cmd, INCOMING_COMMANDS) or (isinstance(cmd, RestockReceived) and cmd.po_id):
+        applied = _incoming_rule(base, cmd)
+    elif located_command(record, cmd):
         applied = _at_location(base, cmd)
     else:
         applied = _STOCK_RULES[type(cmd)](base, cmd)
@@ -1011,10 +1170,15 @@ def _decide_stock(
         new = _evolve(new, version=record.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=getattr(cmd, "order_id", "")))
     events.extend(applied.extra)
+    others: tuple[Reservation, ...] = ()
+    usages: tuple[CustomerUsage, ...] = ()
+    if applied.settled is not None:
+        others, usages, answers = _settle_orders(new, applied.settled, cmd, ctx or _Others({}, {}))
+        events.extend(answers)
     events.append(
         CommandApplied(cmd.event_id, cmd.sku, ctype, applied.outcome, cmd.channel, applied.reason)
     )
-    return Decision(record=new, events=tuple(events))
+    return Decision(record=new, events=tuple(events), others=others, other_usages=usages)
 
 
 def _restock(r: StockRecord, cmd: RestockReceived) -> _Applied:
@@ -1118,12 +1282,29 @@ def _over_limit(before: StockRecord, new: StockRecord) -> str:
             return f"a location's count would pass {MAX_COUNT}"
         if new.safety_stock > MAX_COUNT:
             return f"safety_stock would be {new.safety_stock}, above {MAX_COUNT}"
+    if new.incoming is not before.incoming:
+        # the incoming rules refuse both already; the SKU record carries them all
+        if len(new.incoming.orders) > inc.MAX_PURCHASE_ORDERS_PER_SKU:
+            return f"a SKU keeps at most {inc.MAX_PURCHASE_ORDERS_PER_SKU} purchase orders"
+        if new.incoming.waiting > inc.MAX_BACKORDERS_PER_SKU:
+            return f"a SKU has at most {inc.MAX_BACKORDERS_PER_SKU} backorders waiting"
+        if inc.open_incoming(new.incoming) > MAX_COUNT:
+            return f"incoming units would pass {MAX_COUNT}"
     return ""
 
 
 def _published(r: StockRecord) -> tuple[Any, ...]:
-    """The numbers a StockChanged publishes: a change of any of them is a new version."""
-    return (r.on_hand, r.reserved, r.safety_stock, r.damaged, r.channels, r.locations)
+    """The numbers a StockChanged publishes: a change of any of them is a new version
+    (``incoming``: its purchase orders, backorders and cap, whose figures it carries)."""
+    return (
+        r.on_hand,
+        r.reserved,
+        r.safety_stock,
+        r.damaged,
+        r.channels,
+        r.locations,
+        r.incoming,
+    )
 
 
 def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "") -> StockChanged:
@@ -1143,7 +1324,18 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
         channels=channel_stock(new),
         damaged=new.damaged,
         locations=location_figures(new) if new.locations else (),
+        **(_incoming_figures(new.incoming) if new.incoming.orders else {}),
     )
+
+
+def _incoming_figures(incoming: Incoming) -> dict[str, int]:
+    """StockChanged's ``incoming``, ``promised`` and ``backorderable``."""
+    return {
+        "incoming": inc.open_incoming(incoming),
+        "promised": incoming.promised,
+        "backorderable": inc.backorderable(incoming),
+        "staged": incoming.staged,
+    }
 
 
 def _changed(
@@ -1156,13 +1348,26 @@ def _changed(
     res: Reservation,
     reason: str,
     usage: CustomerUsage | None = None,
+    *,
+    po_id: str = "",
+    expected_at: int = 0,
 ) -> Decision:
     events: list[Event] = []
     if _published(new) != _published(old):
         new = _evolve(new, version=old.version + 1)
         events.append(_stock_changed(new, cmd, now, order_id=cmd.order_id))
     events.append(
-        ReservationResult(cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, new.available, reason)
+        ReservationResult(
+            cmd.event_id,
+            cmd.order_id,
+            cmd.sku,
+            outcome,
+            qty,
+            new.available,
+            reason,
+            po_id=po_id,
+            expected_at=expected_at,
+        )
     )
     events.append(
         CommandApplied(cmd.event_id, cmd.sku, type(cmd).__name__, outcome, cmd.channel, reason)
@@ -1180,6 +1385,8 @@ def _answer(
     *,
     duplicate: bool = False,
     silent: bool = False,
+    po_id: str = "",
+    expected_at: int = 0,
 ) -> Decision:
     """A decision that changes nothing but is still answered (unless ``silent``)."""
     applied = CommandApplied(
@@ -1193,7 +1400,16 @@ def _answer(
     if silent:
         return Decision(record=record, events=(applied,))
     result = ReservationResult(
-        cmd.event_id, cmd.order_id, cmd.sku, outcome, qty, available, reason, duplicate=duplicate
+        cmd.event_id,
+        cmd.order_id,
+        cmd.sku,
+        outcome,
+        qty,
+        available,
+        reason,
+        duplicate=duplicate,
+        po_id=po_id,
+        expected_at=expected_at,
     )
     return Decision(record=record, events=(result, applied))
 
@@ -1215,6 +1431,7 @@ def _locations_of(record: StockRecord) -> tuple[LocationStock, ...]:
                 reserved=record.reserved,
                 damaged=record.damaged,
                 safety_stock=record.safety_stock,
+                staged=record.staged,  # purchase orders of the default location
             ),
         )
     return ()
@@ -1269,7 +1486,16 @@ def _at_location(base: StockRecord, cmd: StockCommand) -> _Applied:
     locs = _locations_of(base)
     if isinstance(cmd, TRANSFER_COMMANDS):
         return _transfer(base, locs, cmd)
-    if isinstance(cmd, (ChannelAllocationSet, CustomerLimitSet)):  # pragma: no cover
+    if isinstance(
+        cmd,
+        (
+            ChannelAllocationSet,
+            CustomerLimitSet,
+            IncomingStock,
+            PurchaseOrderClosed,
+            BackorderCapSet,
+        ),
+    ):  # pragma: no cover
         raise TypeError(f"no location rule for {cmd!r}")  # see located_command
     where = cmd.location or DEFAULT_LOCATION
     if isinstance(cmd, RestockReceived):
@@ -1349,3 +1575,258 @@ def _transfer(
     arrived, lost = got
     why = f"{lost} of {transfer.qty} units lost in transit" if lost else ""
     return _Applied(_with_locations(base, arrived, transfers=rest), Outcome.TRANSFER_RECEIVED, why)
+
+
+# --------------------------------------------------------------------------
+# incoming stock and backorders, by the rules of pipeline.domain.incoming
+
+
+def _expected_at(record: StockRecord, po_id: str) -> int:
+    po = inc.find_po(record.incoming, po_id) if po_id else None
+    return po.expected_at if po is not None else 0
+
+
+def _with_incoming(record: StockRecord, incoming: Incoming) -> StockRecord:
+    return _evolve(record, incoming=incoming, staged=incoming.staged)
+
+
+def _po_location(incoming: Incoming, po_id: str) -> str:
+    po = inc.find_po(incoming, po_id)
+    return (po.location if po is not None else "") or DEFAULT_LOCATION
+
+
+def _settled_record(record: StockRecord, s: Settlement, where: str) -> StockRecord:
+    """``record`` after settlement ``s`` of a purchase order delivered to ``where``: the
+    received units on hand, the converted backorders' units held, the staged units moved
+    (at ``where`` once the SKU has locations, or when it is not the default one)."""
+    if record.locations or where != DEFAULT_LOCATION:
+        locs = loc.settle(_locations_of(record), where, s.received, s.held, s.staged_change)
+        return _with_locations(record, locs, incoming=s.incoming, staged=s.incoming.staged)
+    return _evolve(
+        record,
+        on_hand=record.on_hand + s.received,
+        reserved=record.reserved + s.held,
+        incoming=s.incoming,
+        staged=s.incoming.staged,
+    )
+
+
+def _incoming_rule(
+    r: StockRecord, cmd: IncomingStock | PurchaseOrderClosed | BackorderCapSet | RestockReceived
+) -> _Applied:
+    """IncomingStock, PurchaseOrderClosed, BackorderCapSet and a RestockReceived naming a
+    purchase order, after the event-id check. A refusal is final (INCOMING_REFUSED, the
+    id remembered). An arrival for a purchase order the SKU does not expect (or one that
+    ended), or delivered to another location than the order's, is a plain restock (its
+    reason says why): goods that arrived are never refused."""
+    if isinstance(cmd, BackorderCapSet):
+        cap = inc.set_cap(r.incoming, cmd.max_units)
+        if isinstance(cap, str):
+            return _Applied(r, Outcome.INCOMING_REFUSED, cap)
+        return _Applied(_with_incoming(r, cap), Outcome.BACKORDER_CAP_SET)
+    if isinstance(cmd, IncomingStock):
+        got = inc.expect(r.incoming, cmd.po_id, cmd.qty, cmd.expected_at, cmd.location)
+        outcome = Outcome.INCOMING_EXPECTED
+    elif isinstance(cmd, PurchaseOrderClosed):
+        got = inc.close(r.incoming, cmd.po_id, cancelled=cmd.cancelled)
+        outcome = Outcome.PO_CLOSED
+    else:
+        po = inc.find_po(r.incoming, cmd.po_id)
+        why = ""
+        if po is None:
+            why = f"{inc.UNKNOWN_PO}: {cmd.po_id}"
+        elif not po.status.is_open:
+            why = f"{inc.PO_ENDED}: {cmd.po_id} is {po.status.value}"
+        elif cmd.location and cmd.location != (po.location or DEFAULT_LOCATION):
+            where = po.location or DEFAULT_LOCATION
+            why = f"purchase order {cmd.po_id} is delivered to {where}, not {cmd.location}"
+        if why:
+            plain = _at_location(r, cmd) if located_command(r, cmd) else _restock(r, cmd)
+            return _Applied(plain.record, plain.outcome, why)
+        got = inc.arrive(r.incoming, cmd.po_id, cmd.qty, final=cmd.final)
+        outcome = Outcome.RESTOCKED
+    if isinstance(got, str):
+        return _Applied(r, Outcome.INCOMING_REFUSED, got)
+    new = _settled_record(r, got, _po_location(got.incoming, cmd.po_id))
+    return _Applied(new, outcome, "", settled=got)
+
+
+def _backorder(
+    record: StockRecord, cmd: ReserveStock, now: int, usage: CustomerUsage | None
+) -> Decision | str:
+    """``cmd`` promised against a purchase order (:func:`pipeline.domain.incoming.backorder`):
+    a BACKORDERED reservation, counted in the customer's usage like a hold; or why not."""
+    got = inc.backorder(
+        record.incoming,
+        cmd.order_id,
+        cmd.qty,
+        cmd.occurred_at,
+        channel=cmd.channel,
+        customer_id=cmd.customer_id,
+        ttl_ms=cmd.ttl_ms,
+    )
+    if isinstance(got, str):
+        return got
+    incoming, b = got
+    new = _with_incoming(record, incoming)
+    waiting = Reservation(
+        order_id=cmd.order_id,
+        sku=cmd.sku,
+        qty=cmd.qty,
+        status=ReservationStatus.BACKORDERED,
+        expires_at=0,  # never expires: it ends converted, released or cancelled
+        channel=cmd.channel,
+        event_id=cmd.event_id,
+        decided_at=cmd.occurred_at,
+        available_at_decision=new.available_for(cmd.channel),
+        customer_id=cmd.customer_id,
+        counted=usage is not None,
+        sale_id=usage.sale_id if usage is not None else "",
+        po_id=b.po_id,
+    )
+    used = _evolve(usage, units=usage.units + cmd.qty) if usage is not None else None
+    return _changed(
+        record,
+        new,
+        cmd,
+        now,
+        Outcome.BACKORDERED,
+        cmd.qty,
+        waiting,
+        "",
+        used,
+        po_id=b.po_id,
+        expected_at=_expected_at(new, b.po_id),
+    )
+
+
+def _release_backorder(
+    record: StockRecord,
+    cmd: ReleaseReservation,
+    now: int,
+    res: Reservation,
+    usage: CustomerUsage | None,
+    ctx: _Others,
+) -> Decision:
+    """ReleaseReservation of a waiting backorder: its promise is given back (and the
+    customer's units); the purchase order's staged units may now convert the next one."""
+    closed = _evolve(
+        res,
+        status=ReservationStatus.RELEASED,
+        decided_at=cmd.occurred_at,
+        reason=cmd.reason,
+        closed_by=cmd.event_id,
+    )
+    got = inc.cancel(record.incoming, cmd.order_id)
+    if isinstance(got, str):  # pragma: no cover - a BACKORDERED order waits in its SKU
+        new = record
+    else:
+        new = _settled_record(record, got, _po_location(got.incoming, res.po_id))
+    decision = _changed(
+        record,
+        new,
+        cmd,
+        now,
+        Outcome.RELEASED,
+        res.qty,
+        closed,
+        cmd.reason,
+        _give_back(usage, res),
+        po_id=res.po_id,
+        expected_at=_expected_at(record, res.po_id),
+    )
+    if isinstance(got, str) or not got.converted:  # pragma: no branch
+        return decision
+    others, usages, answers = _settle_orders(decision.record, got, cmd, ctx)
+    events = (*decision.events[:-1], *answers, decision.events[-1])
+    return _evolve(decision, events=events, others=others, other_usages=usages)
+
+
+def _from_backorder(sku: str, b: inc.Backorder) -> Reservation:
+    """The reservation of a backorder whose stored reservation was not given (it always
+    is, by the batch: see :func:`settling`)."""
+    return Reservation(
+        order_id=b.order_id,
+        sku=sku,
+        qty=b.qty,
+        status=ReservationStatus.BACKORDERED,
+        expires_at=0,
+        channel=b.channel,
+        event_id="",
+        decided_at=b.placed_at,
+        customer_id=b.customer_id,
+        po_id=b.po_id,
+    )
+
+
+def _settle_orders(
+    new: StockRecord, s: Settlement, cmd: Command, ctx: _Others
+) -> tuple[tuple[Reservation, ...], tuple[CustomerUsage, ...], list[ReservationResult]]:
+    """The reservations, usages and answers of the backorders settlement ``s`` converted
+    (now RESERVED: held for their ``ttl_ms`` from ``cmd``'s occurred_at, where the
+    purchase order is delivered; committed by the checkout like any hold) and released
+    (RELEASED with the reason, their customer's units given back)."""
+    out: list[Reservation] = []
+    answers: list[ReservationResult] = []
+    touched: list[tuple[str, str]] = []
+    for b in s.converted:
+        old = ctx.reservations.get(b.order_id) or _from_backorder(cmd.sku, b)
+        where = _po_location(s.incoming, b.po_id)
+        held = _evolve(
+            old,
+            status=ReservationStatus.RESERVED,
+            qty=b.qty,
+            expires_at=cmd.occurred_at + b.ttl_ms,
+            decided_at=cmd.occurred_at,
+            reason=BACKORDER_FILLED,
+            available_at_decision=new.available_for(old.channel),
+            from_allocation=0,  # arrived for it: never from a channel's allocation
+            held=((where, b.qty),) if new.locations else (),
+            po_id=b.po_id,
+        )
+        out.append(held)
+        answers.append(
+            ReservationResult(
+                cmd.event_id,
+                b.order_id,
+                cmd.sku,
+                Outcome.RESERVED,
+                b.qty,
+                new.available,
+                BACKORDER_FILLED,
+                po_id=b.po_id,
+                expected_at=_expected_at(new, b.po_id),
+            )
+        )
+    for gone in s.released:
+        b = gone.backorder
+        old = ctx.reservations.get(b.order_id) or _from_backorder(cmd.sku, b)
+        out.append(
+            _evolve(
+                old,
+                status=ReservationStatus.RELEASED,
+                decided_at=cmd.occurred_at,
+                reason=gone.reason,
+                closed_by=cmd.event_id,
+            )
+        )
+        if old.counted:
+            key = (old.sale_id, old.customer_id)
+            had = ctx.usages.get(key) or CustomerUsage(*key)
+            ctx.usages[key] = _evolve(had, units=max(0, had.units - old.qty))
+            if key not in touched:
+                touched.append(key)
+        answers.append(
+            ReservationResult(
+                cmd.event_id,
+                b.order_id,
+                cmd.sku,
+                Outcome.RELEASED,
+                b.qty,
+                new.available,
+                gone.reason,
+                po_id=b.po_id,
+                expected_at=_expected_at(new, b.po_id),
+            )
+        )
+    return tuple(out), tuple(ctx.usages[k] for k in touched), answers

@@ -1,5 +1,7 @@
-"""Incoming stock, preorders and backorders: the pure rules of issue 16 item 2 (not wired
-into the ledger yet).
+"""Incoming stock, preorders and backorders: the pure rules of issue 16 item 2 (wired
+into the ledger by :mod:`pipeline.domain.core`: IncomingStock, PurchaseOrderClosed,
+BackorderCapSet, a RestockReceived naming a ``po_id`` and a ReserveStock with
+``allow_backorder``).
 
 A SKU's :class:`Incoming` holds the purchase orders it expects (:class:`PurchaseOrder`:
 an expected quantity and date, the units received so far, OPEN / RECEIVED / CANCELLED)
@@ -197,6 +199,7 @@ class PurchaseOrder:
     status: POStatus = POStatus.OPEN
     staged: int = 0  # received units set aside for the first waiting backorder
     backorders: tuple[Backorder, ...] = ()
+    location: str = ""  # where it is delivered ("" = the SKU's default location)
 
     @property
     def open(self) -> int:
@@ -300,12 +303,15 @@ def set_cap(incoming: Incoming, cap: int) -> Incoming | str:
     return _evolve(incoming, cap=cap)
 
 
-def expect(incoming: Incoming, po_id: str, qty: int, expected_at: int) -> Settlement | str:
+def expect(
+    incoming: Incoming, po_id: str, qty: int, expected_at: int, location: str = ""
+) -> Settlement | str:
     """IncomingStock: purchase order ``po_id`` brings ``qty`` units in total by
-    ``expected_at``. A new one is added (open); an open one is updated (the same values
-    again change nothing). A lower quantity releases the backorders that no longer fit
-    (``po_short``); one at or below what was received completes it. An ended one is
-    refused (a purchase order id is not used again)."""
+    ``expected_at`` to ``location``. A new one is added (open); an open one is updated
+    (the same values again change nothing). A lower quantity releases the backorders
+    that no longer fit (``po_short``); one at or below what was received completes it.
+    An ended one is refused (a purchase order id is not used again), and so is an update
+    naming another location (its staged units and holds are there)."""
     if not po_id:
         return "a purchase order needs a po_id"
     if qty < 0:
@@ -317,10 +323,12 @@ def expect(incoming: Incoming, po_id: str, qty: int, expected_at: int) -> Settle
         orders = _room_for_one_more(incoming.orders)
         if orders is None:
             return f"{MAX_PURCHASE_ORDERS_PER_SKU} purchase orders are open"
-        new = PurchaseOrder(po_id, qty, expected_at)
+        new = PurchaseOrder(po_id, qty, expected_at, location=location)
         return Settlement(_evolve(incoming, orders=(*orders, new)))
     if not po.status.is_open:
         return f"purchase order {po_id} is {po.status.value}"
+    if po.location != location:
+        return f"purchase order {po_id} is delivered to {po.location or 'the default location'}"
     if (po.expected, po.expected_at) == (qty, expected_at):
         return Settlement(incoming)
     changed = _evolve(po, expected=qty, expected_at=expected_at)

@@ -41,10 +41,13 @@ class LocationStock:
     damaged: int = 0
     safety_stock: int = 0
     inbound: int = 0  # shipped here by open transfers, not received yet
+    # on hand, set aside for the first waiting backorder of a purchase order delivered
+    # here (pipeline.domain.incoming): not sellable, never in ``reserved``
+    staged: int = 0
 
     @property
     def available(self) -> int:
-        return max(0, self.on_hand - self.reserved - self.safety_stock)
+        return max(0, self.on_hand - self.reserved - self.safety_stock - self.staged)
 
 
 Hold = tuple[tuple[str, int], ...]
@@ -195,6 +198,16 @@ def commit(locations: Sequence[LocationStock], held: Hold) -> tuple[LocationStoc
     return out
 
 
+def settle(
+    locations: Sequence[LocationStock], location: str, received: int, held: int, staged: int
+) -> tuple[LocationStock, ...]:
+    """A purchase order's settlement at ``location`` (see
+    :class:`pipeline.domain.incoming.Settlement`): ``received`` units arrive on hand,
+    ``held`` of them (or of the staged ones) are now held by converted backorders, and
+    the staged units move by ``staged``."""
+    return _put(locations, location, on_hand=received, reserved=held, staged=staged)
+
+
 def restock(
     locations: Sequence[LocationStock], location: str, qty: int
 ) -> tuple[LocationStock, ...]:
@@ -281,7 +294,7 @@ def cancel_transfer(
 
 def consistent(locations: Sequence[LocationStock]) -> str:
     """Why the locations break an invariant, or "" (no location twice, no negative
-    reserved, damaged, safety or inbound count)."""
+    reserved, damaged, safety, inbound or staged count)."""
     names = [loc.location for loc in locations]
     if len(set(names)) != len(names):
         return f"a location listed twice: {names}"
@@ -290,6 +303,6 @@ def consistent(locations: Sequence[LocationStock]) -> str:
     for loc in locations:
         # on_hand alone may go below 0: units sold after a count found fewer than held
         # (as pipeline.domain.core does for the SKU; the shortfall was reported)
-        if min(loc.reserved, loc.damaged, loc.safety_stock, loc.inbound) < 0:
+        if min(loc.reserved, loc.damaged, loc.safety_stock, loc.inbound, loc.staged) < 0:
             return f"{loc.location}: a negative count {loc}"
     return ""

@@ -119,6 +119,7 @@ def test_round_trip_through_a_fresh_client(registry_url):
         customer_id="c-1",
         location="store-7",
         split=True,
+        allow_backorder=True,
     )
     data = AvroCodec(SchemaRegistry(registry_url)).encode("ReserveStock", rec)
     # a new client has nothing cached: it must fetch the writer schema by id
@@ -165,6 +166,7 @@ def test_older_writer_schema_under_the_same_subject_decodes_by_resolution(regist
         customer_id="",
         location="",
         split=False,
+        allow_backorder=False,
     )
 
 
@@ -188,6 +190,15 @@ def test_worker_reads_and_writes_the_confluent_format(kafka, registry_url):
             "channels": {},
             "damaged": 0,
             "locations": {},
+            "incoming": {
+                "open": 0,
+                "promised": 0,
+                "backorderable": 0,
+                "cap": 0,
+                "staged": 0,
+                "waiting": 0,
+                "purchase_orders": {},
+            },
         }
 
         reader = RawKeepingCodec(SchemaRegistry(registry_url))

@@ -45,6 +45,15 @@ def test_worker_applies_a_restock_and_answers_health_and_stock(kafka):
             "channels": {},
             "damaged": 0,
             "locations": {},
+            "incoming": {
+                "open": 0,
+                "promised": 0,
+                "backorderable": 0,
+                "cap": 0,
+                "staged": 0,
+                "waiting": 0,
+                "purchase_orders": {},
+            },
         }
         assert worker.get_json("/stock/NO-SUCH-SKU")[0] == 404
         changes = read_topic(

@@ -69,6 +69,24 @@ def _command(kind: str, sku: str, order: int, qty: int, t: int, n: int) -> tuple
         return RESTOCKS, core.TransferReceived(eid, f"t{order}", sku, qty // 2, t)
     if kind == "cancel":
         return RESTOCKS, core.TransferCancelled(eid, f"t{order}", sku, t)
+    # purchase orders and backorders: two POs per SKU, conversions and releases that
+    # change other orders' reservations in the same decision
+    po = f"po{order % 2}"
+    if kind == "cap":
+        return RESTOCKS, core.BackorderCapSet(eid, sku, 10 * qty, t)
+    if kind == "expect":
+        return RESTOCKS, core.IncomingStock(eid, sku, po, 4 * qty + 8, t + qty * 1000, t)
+    if kind == "backorder":  # more than the stock usually holds; its own order ids
+        cmd = core.ReserveStock(
+            eid, f"b{order}", sku, qty + 4, t, ttl_ms=5_000, allow_backorder=True
+        )
+        return ORDERS, cmd
+    if kind == "release_backorder":
+        return ORDERS, core.ReleaseReservation(eid, f"b{order}", sku, t)
+    if kind == "arrive":
+        return RESTOCKS, core.RestockReceived(eid, sku, 2 * qty, t, po_id=po, final=qty == 6)
+    if kind == "close":
+        return RESTOCKS, core.PurchaseOrderClosed(eid, sku, po, t, cancelled=qty % 2 == 0)
     return RETURNS, core.ReturnReceived(eid, oid, sku, qty, qty % 2 == 0, t)
 
 
@@ -89,6 +107,15 @@ KINDS = (
     "ship",
     "receive",
     "cancel",
+    "cap",
+    "expect",
+    "backorder",
+    "backorder",
+    "backorder",
+    "arrive",
+    "arrive",
+    "close",
+    "release_backorder",
 )
 
 steps = st.lists(
@@ -109,6 +136,13 @@ def arrivals(drawn: list[tuple[str, str, int, int, int]]) -> list[Arrival]:
     out: list[Arrival] = []
     next_offset = {ORDERS: 0, RESTOCKS: 0, RETURNS: 0}
     t = T0
+    if any(kind == "backorder" for kind, *_ in drawn):
+        # both SKUs take backorders from the start (a "cap" step may change it)
+        for sku in SKUS:
+            out.append(
+                Arrival(RESTOCKS, next_offset[RESTOCKS], core.BackorderCapSet(sku, sku, 30, t))
+            )
+            next_offset[RESTOCKS] += 1
     for n, (kind, sku, order, qty, dt) in enumerate(drawn):
         t += dt
         if kind == "resend":
@@ -136,6 +170,8 @@ def one_at_a_time(
         cmd = a.command
         order = isinstance(cmd, core.ORDER_COMMANDS)
         res = holds.get((cmd.sku, cmd.order_id)) if order else None
+        names = core.settling(records.get(cmd.sku), cmd, res)
+        others = {o: holds[(cmd.sku, o)] for o in names if (cmd.sku, o) in holds}
         d = core.decide(
             records.get(cmd.sku),
             cmd,
@@ -144,12 +180,15 @@ def one_at_a_time(
             low_stock_threshold=2,
             dedupe_window=window,
             applied_before=ids and (cmd.sku, cmd.event_id) in applied,
+            others=others,
         )
         if ids and not order and d.outcome is not core.Outcome.DUPLICATE:
             applied.add((cmd.sku, cmd.event_id))
         records[cmd.sku] = d.record
         if d.reservation is not None:
             holds[(cmd.sku, d.reservation.order_id)] = d.reservation
+        for other in d.others:
+            holds[(cmd.sku, other.order_id)] = other
         for e in d.events:
             named = effect_of(e)
             if named is not None:

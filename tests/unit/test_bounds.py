@@ -239,3 +239,97 @@ def test_a_batch_sku_record_stays_under_the_record_size_at_every_bound(located: 
     assert len(record) < max_bytes, f"{len(inputs)} commands made {len(record)} bytes"
     # and the estimate is not wildly loose: the record uses a fair share of the budget
     assert len(record) > max_bytes * 0.25
+
+
+def _worst_incoming() -> core.StockRecord:
+    """A SKU at every bound of incoming stock: the most purchase orders with the longest
+    ids and locations, backorders waiting on them up to the most a SKU may have but a
+    few, each with the longest order, channel and customer ids."""
+    from pipeline.domain import incoming as inc
+
+    width = MAX_TEXT_LEN["location"]
+    orders = []
+    per_po = (inc.MAX_BACKORDERS_PER_SKU - 16) // inc.MAX_PURCHASE_ORDERS_PER_SKU
+    seq = 0
+    for p in range(inc.MAX_PURCHASE_ORDERS_PER_SKU):
+        po_id = f"{p:02d}".ljust(MAX_ID_LEN, "p")
+        waiting = []
+        for _ in range(per_po):
+            waiting.append(
+                inc.Backorder(
+                    f"{seq:05d}".ljust(saga.MAX_ORDER_ID_LEN, "b"),
+                    1,
+                    po_id,
+                    seq,
+                    T0,
+                    "w" * MAX_TEXT_LEN["channel"],
+                    "c" * MAX_TEXT_LEN["customer_id"],
+                )
+            )
+            seq += 1
+        location = "" if p else "l" * width  # one delivered to a location, the rest default
+        orders.append(
+            inc.PurchaseOrder(po_id, 10**6, T0, backorders=tuple(waiting), location=location)
+        )
+    incoming = inc.Incoming(tuple(orders), cap=10**6, placed=seq)
+    return core.StockRecord(
+        sku=_worst_state().sku,
+        on_hand=10,
+        version=7,
+        recent_event_ids=_worst_state().recent_event_ids,
+        channels=_worst_state().channels,
+        incoming=incoming,
+    )
+
+
+def test_a_batch_converting_every_backorder_stays_under_the_record_size() -> None:
+    """Backorders placed in the batch, then arrivals that convert every waiting one (each
+    an answer in the SKU's record): the budget ends the batch in time."""
+    codec = AvroCodec()
+    state = _worst_incoming()
+    start = StoredStock(state, {S.orders_topic: 10, S.restocks_topic: 10})
+    sku = state.sku
+    max_bytes = 1_000_000
+    budget = batch.RecordBudget(max_bytes, lambda s: start if s == sku else None, S.restocks_topic)
+    inputs: list[batch.Input] = []
+    po_ids = [po.po_id for po in state.incoming.orders]
+    for n in range(5_000):
+        if n % 3 == 2:  # an arrival that converts every backorder of one purchase order
+            topic, name = S.restocks_topic, "RestockReceived"
+            fields: dict = {
+                "event_id": f"{n:06d}".ljust(MAX_ID_LEN, "e"),
+                "sku": sku,
+                "qty": 100_000,
+                "occurred_at": T0 + n,
+                "po_id": po_ids[(n // 3) % len(po_ids)],
+            }
+        else:
+            topic, name = S.orders_topic, "ReserveStock"
+            fields = {
+                "event_id": f"{n:06d}".ljust(MAX_ID_LEN, "e"),
+                "order_id": f"{n:06d}".ljust(saga.MAX_ORDER_ID_LEN, "o"),
+                "sku": sku,
+                "qty": 50,
+                "occurred_at": T0 + n,
+                "channel": "w" * MAX_TEXT_LEN["channel"],
+                "customer_id": "c" * MAX_TEXT_LEN["customer_id"],
+                "allow_backorder": True,
+            }
+        value = codec.encode(name, fields)
+        if not budget.admit(topic, sku.encode(), value):
+            break
+        command = to_command(topic, sku.encode(), name, fields, S)
+        inputs.append(batch.Input(topic, 11 + n, command))
+    assert 10 < len(inputs) < 5_000, "the budget ended the batch"
+    result = batch.fold(
+        inputs,
+        lambda s: start if s == sku else None,
+        lambda k: None,
+        T0 + 10_000,
+        max_commands_per_sku=len(inputs),
+    )
+    settled = sum(1 for d in result.decisions if d is not None for _ in d.others)
+    assert settled > 150, "the arrivals converted most waiting backorders"
+    record = dict(batch.stock_writes(result))[sku.encode()].to_bytes()
+    assert len(record) < max_bytes, f"{len(inputs)} commands made {len(record)} bytes"
+    assert len(record) > max_bytes * 0.25

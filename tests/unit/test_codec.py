@@ -79,6 +79,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "customer_id": "",
         "location": "store-7",
         "split": True,
+        "allow_backorder": False,
     },
     "CommitReservation": {
         "event_id": "e2",
@@ -110,6 +111,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "channel": "warehouse",
         "location": "DC-1",
         "reference": "PO-9",
+        "po_id": "PO-9",
+        "final": True,
     },
     "StockCounted": {
         "event_id": "e6",
@@ -191,6 +194,31 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "channel": "warehouse",
         "reference": None,
     },
+    "IncomingStock": {
+        "event_id": "e12",
+        "sku": "SKU-1",
+        "po_id": "PO-9",
+        "qty": 40,
+        "expected_at": T + 86_400_000,
+        "occurred_at": T,
+        "channel": "erp",
+        "location": "DC-1",
+    },
+    "PurchaseOrderClosed": {
+        "event_id": "e13",
+        "sku": "SKU-1",
+        "po_id": "PO-9",
+        "occurred_at": T,
+        "cancelled": True,
+        "channel": "erp",
+    },
+    "BackorderCapSet": {
+        "event_id": "e14",
+        "sku": "SKU-1",
+        "max_units": 30,
+        "occurred_at": T,
+        "channel": "erp",
+    },
     "StockChanged": {
         "sku": "SKU-1",
         "version": 7,
@@ -224,6 +252,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
                 "inbound": 2,
             }
         ],
+        "incoming": 40,
+        "promised": 6,
+        "backorderable": 24,
+        "staged": 1,
     },
     "ReservationResult": {
         "event_id": "e1",
@@ -234,6 +266,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "available": 1,
         "reason": "insufficient stock",
         "duplicate": True,
+        "po_id": "PO-9",
+        "expected_at": T + 86_400_000,
     },
     "LowStockCrossed": {
         "sku": "SKU-1",
@@ -354,6 +388,7 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("customer_id", S, ""),
         ("location", S, ""),
         ("split", B, False),
+        ("allow_backorder", B, False),
     ],
     "CommitReservation": [
         ("event_id", S, NO_DEFAULT),
@@ -385,6 +420,8 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("channel", S, "warehouse"),
         ("location", OPT_S, None),
         ("reference", OPT_S, None),
+        ("po_id", S, ""),
+        ("final", B, False),
     ],
     "StockCounted": [
         ("event_id", S, NO_DEFAULT),
@@ -466,6 +503,31 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("channel", S, "warehouse"),
         ("reference", OPT_S, None),
     ],
+    "IncomingStock": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("po_id", S, NO_DEFAULT),
+        ("qty", INT, NO_DEFAULT),
+        ("expected_at", L, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "erp"),
+        ("location", S, ""),
+    ],
+    "PurchaseOrderClosed": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("po_id", S, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("cancelled", B, False),
+        ("channel", S, "erp"),
+    ],
+    "BackorderCapSet": [
+        ("event_id", S, NO_DEFAULT),
+        ("sku", S, NO_DEFAULT),
+        ("max_units", INT, NO_DEFAULT),
+        ("occurred_at", L, NO_DEFAULT),
+        ("channel", S, "erp"),
+    ],
     "StockChanged": [
         ("sku", S, NO_DEFAULT),
         ("version", L, NO_DEFAULT),
@@ -482,6 +544,10 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("channels", CHANNEL_STOCK, []),
         ("damaged", INT, 0),
         ("locations", _field_type("StockChanged", "locations"), []),
+        ("incoming", INT, 0),
+        ("promised", INT, 0),
+        ("backorderable", INT, 0),
+        ("staged", INT, 0),
     ],
     "ReservationResult": [
         ("event_id", S, NO_DEFAULT),
@@ -492,6 +558,8 @@ CONTRACT: dict[str, list[tuple[str, Any, Any]]] = {
         ("available", INT, NO_DEFAULT),
         ("reason", S, ""),
         ("duplicate", B, False),
+        ("po_id", S, ""),
+        ("expected_at", L, 0),
     ],
     "LowStockCrossed": [
         ("sku", S, NO_DEFAULT),
@@ -616,6 +684,7 @@ def test_missing_defaulted_fields_take_their_defaults(codec: AvroCodec) -> None:
         "customer_id": "",
         "location": "",
         "split": False,
+        "allow_backorder": False,
     }
     _, restock = codec.decode(
         codec.encode("RestockReceived", {"event_id": "e", "sku": "A", "qty": 1, "occurred_at": T})
@@ -625,6 +694,7 @@ def test_missing_defaulted_fields_take_their_defaults(codec: AvroCodec) -> None:
         None,
         None,
     )
+    assert (restock["po_id"], restock["final"]) == ("", False)  # a plain restock
 
 
 reserve_stock = st.fixed_dictionaries(
@@ -640,6 +710,7 @@ reserve_stock = st.fixed_dictionaries(
         "customer_id": st.text(max_size=20),
         "location": st.text(max_size=20),
         "split": st.booleans(),
+        "allow_backorder": st.booleans(),
     }
 )
 

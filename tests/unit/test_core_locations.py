@@ -5,8 +5,10 @@ The per-location rules are pipeline.domain.locations'; these tests check that
 SKU which never names a location takes the old path unchanged, and, over random
 command sequences through ``decide`` (restocks, counts, returns, damaged units,
 safety stock, reserves at a named location, by priority or split, commits, releases,
-expiries, transfers shipped, received in part or cancelled, and re-sends): no
-location is oversold and units are conserved per location and in total.
+expiries, transfers shipped, received in part or cancelled, purchase orders expected,
+cut, closed and arriving at a location, backorders placed and released, and re-sends):
+no location is oversold, units are conserved per location and in total (staged units
+too), backorders never pass their cap and are converted first placed, first served.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import event
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pipeline.domain import core
+from pipeline.domain import incoming as inc
 from pipeline.domain import locations as loc
 from pipeline.domain.core import DEFAULT_LOCATION, Outcome
 from pipeline.domain.locations import LocationStock
@@ -45,12 +49,21 @@ class Ledger:
 
     def apply(self, cmd: core.Command, now: int = T0) -> core.Decision:
         res = self.reservations.get(cmd.order_id) if isinstance(cmd, core.ORDER_COMMANDS) else None
+        # the backorders the command may settle: their reservations, as pipeline.batch does
+        names = core.settling(self.record, cmd, res)
         d = core.decide(
-            self.record, cmd, now, res, dedupe_window=10_000, location_priority=self.priority
+            self.record,
+            cmd,
+            now,
+            res,
+            dedupe_window=10_000,
+            location_priority=self.priority,
+            others={o: self.reservations[o] for o in names if o in self.reservations},
         )
         self.record = d.record
-        if d.reservation is not None:
-            self.reservations[d.reservation.order_id] = d.reservation
+        for r in (d.reservation, *d.others):
+            if r is not None:
+                self.reservations[r.order_id] = r
         return d
 
     def restock(self, qty: int, at: str = "") -> core.Decision:
@@ -303,6 +316,12 @@ class Model:
     inbound: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     transfers: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # open
     lost: int = 0
+    cap: int = 0
+    promised_when_lowered: int = 0  # a lower cap keeps the promises made
+    settled: set[str] = field(default_factory=set)  # backorders converted or released
+
+
+POS = st.sampled_from(["p1", "p1", "p1", "p2", "p3"])
 
 
 PLACES = st.sampled_from(["", A, B, C])
@@ -326,9 +345,40 @@ class LocationsMachine(RuleBasedStateMachine):
             if isinstance(e, core.StockChanged):
                 self.versions.append(e.version)
                 assert e.locations == core.location_figures(d.record)
+                assert (e.promised, e.staged) == (
+                    d.record.incoming.promised,
+                    d.record.incoming.staged,
+                )
         if before is not None and d.record.version == before.version:
             assert d.record.locations == before.locations
+        self._settled(before, d)
         return d
+
+    def _settled(self, before: core.StockRecord | None, d: core.Decision) -> None:
+        """Every backorder a decision settled is answered once in its life, and none was
+        converted while an earlier one of its purchase order still waits."""
+        answered = [
+            e.order_id
+            for e in d.events
+            if isinstance(e, core.ReservationResult)
+            and not e.duplicate  # a re-sent reserve re-answers the order's state
+            and e.reason in (core.BACKORDER_FILLED, inc.PO_SHORT, inc.PO_CANCELLED)
+        ]
+        assert sorted(answered) == sorted(r.order_id for r in d.others)
+        for order in answered:
+            assert order not in self.model.settled, f"{order} settled twice"
+            self.model.settled.add(order)
+        for r in d.others:
+            event(f"a backorder {r.status.value}")  # seen in --hypothesis-show-statistics
+        if before is None:
+            return
+        seq = {b.order_id: b.seq for po in before.incoming.orders for b in po.backorders}
+        for r in d.others:
+            if r.status is not core.ReservationStatus.RESERVED:
+                continue
+            po = inc.find_po(d.record.incoming, r.po_id)
+            assert po is not None
+            assert all(seq[r.order_id] < b.seq for b in po.backorders), (r.order_id, po)
 
     def _where(self, at: str) -> str:
         return at or DEFAULT_LOCATION
@@ -337,9 +387,21 @@ class LocationsMachine(RuleBasedStateMachine):
         r = self.led.record
         if r is not None and not r.locations and at == DEFAULT_LOCATION:
             # everything is at the implicit default location
-            return LocationStock(at, r.on_hand, r.reserved, r.damaged, r.safety_stock)
+            return LocationStock(
+                at, r.on_hand, r.reserved, r.damaged, r.safety_stock, staged=r.staged
+            )
         found = loc.find(r.locations, at) if r is not None else None
         return found or LocationStock(at)
+
+    def _delivered_to(self, po_id: str, at: str) -> str:
+        """Where an arrival naming ``po_id`` puts its units: the open purchase order's
+        location (a restock naming another one is a plain restock there)."""
+        r = self.led.record
+        po = inc.find_po(r.incoming, po_id) if r is not None else None
+        if po is None or not po.status.is_open:
+            return self._where(at)
+        ordered = po.location or DEFAULT_LOCATION
+        return ordered if not at or self._where(at) == ordered else self._where(at)
 
     # -- rules
     @rule(qty=st.integers(1, 9), at=PLACES)
@@ -440,6 +502,59 @@ class LocationsMachine(RuleBasedStateMachine):
         self.model.inbound[dst] += qty
         self.model.transfers[tid] = (src, dst, qty)
 
+    @initialize(cap=st.integers(0, 30), qty=st.integers(3, 20), at=st.sampled_from(["", A]))
+    def a_purchase_order_is_expected(self, cap: int, qty: int, at: str) -> None:
+        """Most runs start taking backorders against an open purchase order (cap 0: none)."""
+        self.backorder_cap(cap)
+        self.expect("p1", qty, at, 1)
+
+    @rule(units=st.integers(0, 20))
+    def backorder_cap(self, units: int) -> None:
+        r = self.led.record
+        promised = r.incoming.promised if r is not None else 0
+        self._apply(core.BackorderCapSet(self.led.eid(), "S", units, self.now))
+        self.model.cap = units
+        self.model.promised_when_lowered = promised if units < promised else 0
+
+    @rule(po=POS, qty=st.integers(0, 10), at=st.sampled_from(["", A]), days=st.integers(1, 3))
+    def expect(self, po: str, qty: int, at: str, days: int) -> None:
+        when = T0 + days * 86_400_000
+        self._apply(core.IncomingStock(self.led.eid(), "S", po, qty, when, self.now, location=at))
+
+    @rule(qty=st.integers(1, 9), at=PLACES)
+    def backorder(self, qty: int, at: str) -> None:
+        order = f"b{self.led.n}"
+        cmd = core.ReserveStock(
+            self.led.eid(), order, "S", qty, self.now, ttl_ms=TTL, location=at, allow_backorder=True
+        )
+        d = self._apply(cmd)
+        self.orders.append(order)
+        event(f"backorder {d.outcome.value} {d.events[-1].reason}")
+        if d.outcome is Outcome.BACKORDERED:
+            assert self.led.record is not None
+            assert self.led.record.incoming.promised <= self.model.cap
+
+    @rule(po=POS, qty=st.integers(1, 12), final=st.booleans(), at=st.sampled_from(["", "", A, B]))
+    def arrive(self, po: str, qty: int, final: bool, at: str) -> None:
+        where = self._delivered_to(po, at)
+        cmd = core.RestockReceived(
+            self.led.eid(), "S", qty, self.now, location=at, po_id=po, final=final
+        )
+        d = self._apply(cmd)
+        assert d.outcome is Outcome.RESTOCKED
+        self.model.flows[where].into += qty
+
+    @rule(po=POS, short=st.integers(0, 3))
+    def a_purchase_order_arrives_about_in_full(self, po: str, short: int) -> None:
+        r = self.led.record
+        found = inc.find_po(r.incoming, po) if r is not None else None
+        if found is not None and found.open > short:
+            self.arrive(po, found.open - short, False, "")
+
+    @rule(po=POS, cancelled=st.booleans())
+    def close(self, po: str, cancelled: bool) -> None:
+        self._apply(core.PurchaseOrderClosed(self.led.eid(), "S", po, self.now, cancelled))
+
     @precondition(lambda self: self.model.transfers)
     @rule(data=st.data(), cancel=st.booleans())
     def transfer_ends(self, data: st.DataObject, cancel: bool) -> None:
@@ -483,7 +598,38 @@ class LocationsMachine(RuleBasedStateMachine):
         r = self.led.record
         for x in r.locations if r is not None else ():
             if not self.model.flows[x.location].counted:
-                assert x.reserved <= x.on_hand, x
+                assert x.reserved + x.staged <= x.on_hand, x
+
+    @invariant()
+    def backorders_stay_within_the_cap_and_wait_in_their_orders(self) -> None:
+        r = self.led.record
+        if r is None:
+            return
+        assert inc.consistent(r.incoming) == ""
+        assert r.incoming.promised <= max(self.model.cap, self.model.promised_when_lowered)
+        waiting = {b.order_id: (b.qty, po.po_id) for po in r.incoming.orders for b in po.backorders}
+        backordered = {
+            o: (res.qty, res.po_id)
+            for o, res in self.led.reservations.items()
+            if res.status is core.ReservationStatus.BACKORDERED
+        }
+        assert waiting == backordered
+
+    @invariant()
+    def staged_units_are_at_their_purchase_orders_locations(self) -> None:
+        r = self.led.record
+        if r is None:
+            return
+        staged: dict[str, int] = defaultdict(int)
+        for po in r.incoming.orders:
+            if po.staged:
+                staged[po.location or DEFAULT_LOCATION] += po.staged
+        if r.locations:
+            assert {x.location: x.staged for x in r.locations if x.staged} == dict(staged)
+        else:
+            assert dict(staged).keys() <= {DEFAULT_LOCATION}
+            assert r.staged == staged[DEFAULT_LOCATION]
+        assert r.staged == r.incoming.staged
 
     @invariant()
     def conservation_per_location(self) -> None:

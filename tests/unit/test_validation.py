@@ -202,3 +202,59 @@ def test_bad_transfers_and_locations_are_dead_lettered(name, rec, expected):
 def test_a_transfer_is_not_accepted_on_the_returns_topic():
     rec = transfer("TransferCancelled")
     assert reason(S.returns_topic, b"A", "TransferCancelled", rec) == "wrong_topic"
+
+
+def incoming(name: str, **over):
+    base = {"event_id": "e", "sku": "A", "occurred_at": T0, **over}
+    if name == "IncomingStock":
+        return {"po_id": "po-1", "qty": 10, "expected_at": T0 + 1, "location": "", **base}
+    if name == "PurchaseOrderClosed":
+        return {"po_id": "po-1", "cancelled": True, **base}
+    return {"max_units": 5, **base}
+
+
+def test_incoming_records_build_their_core_commands_from_the_restocks_topic():
+    got = to_command(S.restocks_topic, b"A", "IncomingStock", incoming("IncomingStock"), S)
+    assert got == core.IncomingStock("e", "A", "po-1", 10, T0 + 1, T0)
+    got = to_command(
+        S.restocks_topic, b"A", "PurchaseOrderClosed", incoming("PurchaseOrderClosed"), S
+    )
+    assert got == core.PurchaseOrderClosed("e", "A", "po-1", T0, cancelled=True)
+    got = to_command(S.restocks_topic, b"A", "BackorderCapSet", incoming("BackorderCapSet"), S)
+    assert got == core.BackorderCapSet("e", "A", 5, T0)
+    for name in ("IncomingStock", "PurchaseOrderClosed", "BackorderCapSet"):
+        assert reason(S.orders_topic, b"A", name, incoming(name)) == "wrong_topic"
+
+
+def test_a_restock_naming_a_purchase_order_and_a_reserve_allowing_a_backorder():
+    cmd = to_command(
+        S.restocks_topic, b"A", "RestockReceived", restock(po_id="po-1", final=True), S
+    )
+    assert (cmd.po_id, cmd.final) == ("po-1", True)
+    plain = to_command(S.restocks_topic, b"A", "RestockReceived", restock(final=True), S)
+    assert (plain.po_id, plain.final) == ("", False)  # final means nothing without a PO
+    cmd = to_command(S.orders_topic, b"A", "ReserveStock", reserve(allow_backorder=True), S)
+    assert cmd.allow_backorder is True
+
+
+@pytest.mark.parametrize(
+    ("name", "over", "expected"),
+    [
+        ("IncomingStock", {"po_id": ""}, "missing_po_id"),
+        ("IncomingStock", {"po_id": "p" * 129}, "invalid_po_id"),
+        ("IncomingStock", {"po_id": "a\x00"}, "invalid_po_id"),
+        ("IncomingStock", {"qty": -1}, "qty_not_positive"),
+        ("IncomingStock", {"qty": 101}, "qty_too_large"),
+        ("IncomingStock", {"expected_at": -5}, "invalid_expected_at"),
+        ("IncomingStock", {"location": "a\x01"}, "invalid_location"),
+        ("PurchaseOrderClosed", {"po_id": ""}, "missing_po_id"),
+        ("BackorderCapSet", {"max_units": -1}, "qty_not_positive"),
+    ],
+)
+def test_bad_incoming_records_are_dead_letters(name, over, expected):
+    assert reason(S.restocks_topic, b"A", name, incoming(name, **over)) == expected
+
+
+def test_a_restock_with_a_bad_po_id_is_a_dead_letter():
+    rec = restock(po_id="x\x02")
+    assert reason(S.restocks_topic, b"A", "RestockReceived", rec) == "invalid_po_id"
