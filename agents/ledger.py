@@ -969,8 +969,9 @@ class Counters:
                         e.reason,
                         extra={"sku": e.sku, "event_id": e.event_id},
                     )
-                elif e.outcome is core.Outcome.TRANSFER_RECEIVED and e.reason:
+                elif e.outcome is core.Outcome.TRANSFER_RECEIVED and e.units_lost:
                     # units lost in transit: reported, never silently dropped
+                    metrics.TRANSFER_UNITS_LOST.inc(e.units_lost)
                     log.warning(
                         "transfer received short on %s: %s",
                         e.sku,

@@ -32,6 +32,12 @@ REJECTIONS = Counter(
     ["channel"],
     registry=REGISTRY,
 )
+TRANSFER_UNITS_LOST = Counter(
+    "inventory_transfer_units_lost_total",
+    "Units shipped by transfers that did not arrive (a TransferReceived below the shipped "
+    "qty); the ledger logs each one with its SKU and transfer.",
+    registry=REGISTRY,
+)
 CUSTOMER_LIMIT_REJECTIONS = Counter(
     "inventory_customer_limit_rejections_total",
     "Reservations refused by a SKU's per-customer cap (CustomerLimitSet); not counted "

@@ -659,6 +659,7 @@ class CommandApplied:
     outcome: Outcome
     channel: str
     reason: str = ""
+    units_lost: int = 0  # a transfer received short: units that did not arrive
 
 
 Event = StockChanged | ReservationResult | StockShortfall | LowStockCrossed | CommandApplied
@@ -693,6 +694,7 @@ class _Applied:
     reason: str = ""
     extra: tuple[Event, ...] = ()
     settled: Settlement | None = None  # backorders converted or released (incoming rules)
+    units_lost: int = 0  # units a transfer lost on the way (reported, never dropped)
 
 
 # --------------------------------------------------------------------------
@@ -1176,7 +1178,15 @@ def _decide_stock(
         others, usages, answers = _settle_orders(new, applied.settled, cmd, ctx or _Others({}, {}))
         events.extend(answers)
     events.append(
-        CommandApplied(cmd.event_id, cmd.sku, ctype, applied.outcome, cmd.channel, applied.reason)
+        CommandApplied(
+            cmd.event_id,
+            cmd.sku,
+            ctype,
+            applied.outcome,
+            cmd.channel,
+            applied.reason,
+            applied.units_lost,
+        )
     )
     return Decision(record=new, events=tuple(events), others=others, other_usages=usages)
 
@@ -1574,7 +1584,12 @@ def _transfer(
         return _Applied(base, refused, got)
     arrived, lost = got
     why = f"{lost} of {transfer.qty} units lost in transit" if lost else ""
-    return _Applied(_with_locations(base, arrived, transfers=rest), Outcome.TRANSFER_RECEIVED, why)
+    return _Applied(
+        _with_locations(base, arrived, transfers=rest),
+        Outcome.TRANSFER_RECEIVED,
+        why,
+        units_lost=lost,
+    )
 
 
 # --------------------------------------------------------------------------

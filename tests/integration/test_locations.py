@@ -22,7 +22,15 @@ import pytest
 import redis
 from opensearchpy import OpenSearch
 
-from harness import Namespace, Worker, drop_projections, read_topic, wait_for, wait_stock
+from harness import (
+    Namespace,
+    Worker,
+    drop_projections,
+    metric_total,
+    read_topic,
+    wait_for,
+    wait_stock,
+)
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -231,3 +239,4 @@ def test_units_are_held_sold_and_moved_per_location_exactly_once(
     assert _commands(worker, "TransferReceived", "TRANSFER_REFUSED") == 1
     assert _commands(worker, "TransferCancelled", "TRANSFER_CANCELLED") == 1
     assert "1 of 4 units lost in transit" in worker.tail(400)
+    assert metric_total(worker.url, "inventory_transfer_units_lost_total") == 1

@@ -209,9 +209,8 @@ def test_a_transfer_leaves_the_source_travels_and_arrives_once() -> None:
     received = core.TransferReceived(led.eid(), "t1", "S", 3, T0)
     d = led.apply(received)
     assert (d.outcome, d.record.on_hand) == (Outcome.TRANSFER_RECEIVED, 4)
-    assert "1 of 4 units lost" in next(
-        e.reason for e in d.events if isinstance(e, core.CommandApplied)
-    )
+    applied = next(e for e in d.events if isinstance(e, core.CommandApplied))
+    assert "1 of 4 units lost" in applied.reason and applied.units_lost == 1
     assert led.at(C) == LocationStock(C, on_hand=3) and led.record.transfers == ()
     assert led.apply(received).outcome is Outcome.DUPLICATE
     resent = core.TransferReceived(led.eid(), "t1", "S", 3, T0)  # a new id, same transfer
