@@ -155,25 +155,13 @@ def fold(
         rkey = b""
         if isinstance(cmd, core.ORDER_COMMANDS):
             rkey = reservation_key(cmd.sku, cmd.order_id)
-            held = holds.get(rkey)
-            if held is not None:
-                reservation = held[0]
-            else:
-                stored_res = load_reservation(rkey)
-                if stored_res is not None:
-                    reservation = stored_res.valid(sku.stored)
+            reservation = _load_res(rkey, holds, load_reservation, sku.stored)
         usage = None
         ukey = b""
         wanted = core.usage_key(sku.record, cmd, reservation) if rkey else None
         if wanted is not None:
             ukey = usage_key(cmd.sku, *wanted)
-            held_use = uses.get(ukey)
-            if held_use is not None:
-                usage = held_use[0]
-            else:
-                stored_use = load_usage(ukey)
-                if stored_use is not None:
-                    usage = stored_use.valid(sku.stored)
+            usage = _load_use(ukey, uses, load_usage, sku.stored)
         others: dict[str, core.Reservation] = {}
         other_uses: dict[tuple[str, str], core.CustomerUsage] = {}
         for order_id in core.settling(sku.record, cmd, reservation):
@@ -268,6 +256,7 @@ def _load_use(
     load: UsageLoader,
     stock: StoredStock | None,
 ) -> core.CustomerUsage | None:
+    """A customer's usage as this batch left it, else as stored (valid for ``stock``)."""
     held = uses.get(key)
     if held is not None:
         return held[0]
