@@ -62,11 +62,16 @@ class Namespace:
 
     @property
     def settings(self) -> Settings:
+        """The namespace's settings, with its own Redis key prefix and search index when
+        its environment names them (so drop_projections removes the namespace's own)."""
+        env = self.extra_env
         return replace(
             self.base,
             app_id=f"inv-{self.name}",
             topic_prefix=f"{self.name}.",
             partitions=self.partitions,
+            redis_key_prefix=env.get("INVENTORY_REDIS_KEY_PREFIX", self.base.redis_key_prefix),
+            search_index=env.get("INVENTORY_SEARCH_INDEX", self.base.search_index),
         )
 
     def env(self, web_port: int, data_dir: Path) -> dict[str, str]:

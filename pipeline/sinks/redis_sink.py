@@ -46,7 +46,13 @@ from config.settings import Settings
 from pipeline.clients import redis_kwargs
 from pipeline.clock import now_ms
 from pipeline.domain.core import free_units, in_stock, shared_pool
-from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
+from pipeline.sinks.base import (
+    INCOMING_FIELDS,
+    ApplyReport,
+    Projection,
+    StockChange,
+    TargetUnavailable,
+)
 
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 2.0
@@ -54,7 +60,8 @@ SOCKET_TIMEOUT_S = 2.0
 # KEYS[1] = the SKU's hash.
 # ARGV = version, on_hand, reserved, safety_stock, available, in_stock (1/0), occurred_at,
 #        channel, message head (JSON up to and including '"updated_at":'), message tail
-#        (',"occurred_at":N}'), shared_available, damaged, then field/value pairs of the
+#        (',"occurred_at":N}'), shared_available, damaged, incoming, promised,
+#        backorderable, staged (INCOMING_FIELDS), then field/value pairs of the
 #        channels and the locations.
 # Returns {1, now_ms} when applied, {0, now_ms} when the stored version is >= ARGV[1].
 APPLY_SCRIPT = """
@@ -69,7 +76,8 @@ redis.call('HSET', KEYS[1],
   'on_hand', ARGV[2], 'reserved', ARGV[3], 'safety_stock', ARGV[4],
   'available', ARGV[5], 'in_stock', ARGV[6], 'version', ARGV[1],
   'updated_at', now, 'occurred_at', ARGV[7], 'shared_available', ARGV[11],
-  'damaged', ARGV[12])
+  'damaged', ARGV[12], 'incoming', ARGV[13], 'promised', ARGV[14],
+  'backorderable', ARGV[15], 'staged', ARGV[16])
 -- the channel and location fields are replaced as a whole: a removed allocation
 -- leaves none behind
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -77,7 +85,7 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
     redis.call('HDEL', KEYS[1], f)
   end
 end
-for i = 13, #ARGV, 2 do
+for i = 17, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 redis.call('PUBLISH', ARGV[8], ARGV[9] .. now .. ARGV[10])
@@ -256,6 +264,7 @@ class RedisProjection(Projection):
         free = sum(free_units(int(c["allocated"]), int(c["reserved"])) for c in channels)
         args.append(str(shared_pool(available, free)))
         args.append(str(int(change.get("damaged") or 0)))
+        args += [str(int(change.get(f) or 0)) for f in INCOMING_FIELDS]
         for c in channels:
             name = str(c["channel"])
             for field in ("available", "allocated", "reserved"):

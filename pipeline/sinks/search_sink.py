@@ -61,7 +61,13 @@ from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
 from pipeline.clock import now_ms
 from pipeline.domain.core import in_stock
-from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
+from pipeline.sinks.base import (
+    INCOMING_FIELDS,
+    ApplyReport,
+    Projection,
+    StockChange,
+    TargetUnavailable,
+)
 
 log = logging.getLogger("inventory.sink")
 
@@ -86,6 +92,13 @@ MAPPING: dict[str, Any] = {
         "reserved": {"type": "integer"},
         "safety_stock": {"type": "integer"},
         "damaged": {"type": "integer"},
+        # the purchase orders' figures (StockChanged v5): units still coming, promised to
+        # backorders, what one more backorder could get ("can be preordered": > 0), and
+        # units on hand staged for the next backorder
+        "incoming": {"type": "integer"},
+        "promised": {"type": "integer"},
+        "backorderable": {"type": "integer"},
+        "staged": {"type": "integer"},
         # per location (empty for a SKU that never named one): nested, so one query can
         # ask for the figures of one location ("in stock at store X", module docstring)
         "locations": {
@@ -361,6 +374,7 @@ class SearchProjection(Projection):
                 "reserved": int(change["reserved"]),
                 "safety_stock": int(change["safety_stock"]),
                 "damaged": int(change.get("damaged") or 0),
+                **{f: int(change.get(f) or 0) for f in INCOMING_FIELDS},
                 "locations": [
                     {
                         "location": str(x["location"]),

@@ -2,7 +2,8 @@
 
 One worker (ledger, relay and both sinks) on a fresh namespace. A SKU takes backorders
 (BackorderCapSet) against a purchase order (IncomingStock); customers' reserves that
-allow a backorder are answered BACKORDERED with the purchase order and its date. The
+allow a backorder are answered BACKORDERED with the purchase order and its date, and the
+Redis hash and the search document show what is incoming, promised and backorderable. The
 purchase order arrives short and final: the first-placed backorders that the units
 cover become holds in the order they were placed (RESERVED, backorder_filled), the rest
 are released (RELEASED, po_short), and each customer's answer on reservation-results
@@ -22,8 +23,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import redis
+from opensearchpy import OpenSearch
 
-from harness import Namespace, Worker, drop_projections, read_topic, wait_stock
+from harness import Namespace, Worker, drop_projections, read_topic, wait_for, wait_stock
 from pipeline.produce import CommandProducer
 
 pytestmark = pytest.mark.integration
@@ -62,6 +65,22 @@ def answers_of(ns: Namespace, sku: str, until: Any, timeout: float = 90) -> list
     return [x.value for x in records if x.value.get("sku") == sku]
 
 
+def hash_of(ns: Namespace, sku: str) -> dict[str, str]:
+    """The SKU's Redis hash as the worker's sink wrote it."""
+    with redis.Redis.from_url(ns.settings.redis_url, decode_responses=True) as r:
+        return r.hgetall(ns.settings.redis_stock_key(sku))
+
+
+def doc_of(ns: Namespace, sku: str) -> dict[str, Any]:
+    """The SKU's search document ({} until the sink wrote it)."""
+    search = OpenSearch(hosts=[ns.settings.opensearch_url], timeout=30)
+    try:
+        got = search.get(index=ns.settings.search_index, id=sku, ignore=404)
+        return got.get("_source") or {}
+    finally:
+        search.close()
+
+
 def backorder(order: str, sku: str, qty: int, **more: Any) -> dict[str, Any]:
     return {
         "order_id": order,
@@ -92,6 +111,12 @@ def test_a_short_purchase_order_converts_the_first_placed_and_tells_the_rest(
         body = wait_stock(worker, sku, version=7)
         assert (body["on_hand"], body["reserved"], body["available"]) == (1, 0, 1)
         assert (body["incoming"]["promised"], body["incoming"]["waiting"]) == (9, 4)
+        # the sinks store the purchase order figures of StockChanged v5
+        projected = {"incoming": 10, "promised": 9, "backorderable": 1, "staged": 0}
+        wait_for(lambda: hash_of(ns, sku).get("version") == "7", 30, "the Redis hash at 7")
+        assert {f: int(hash_of(ns, sku)[f]) for f in projected} == projected
+        wait_for(lambda: doc_of(ns, sku).get("version") == 7, 30, "the search document at 7")
+        assert {f: doc_of(ns, sku)[f] for f in projected} == projected
         # 4 of the 10 arrive and the supplier sends no more
         producer.send("RestockReceived", {"sku": sku, "qty": 4, "po_id": "po-1", "final": True})
         producer.flush()

@@ -22,7 +22,7 @@ import redis
 from opensearchpy import OpenSearch
 
 from config.settings import Settings, settings
-from pipeline.sinks.base import ApplyReport, Projection
+from pipeline.sinks.base import INCOMING_FIELDS, ApplyReport, Projection
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.search_sink import MAPPING, SearchProjection
 
@@ -270,12 +270,19 @@ def test_record_layout_and_updated_at(projection: Target) -> None:
     assert raw is not None
     stored = projection.stored(sku)
     if projection.kind == "redis":
-        assert set(raw) == MESSAGE_FIELDS - {"sku"} | {"shared_available", "damaged"}
+        assert set(raw) == MESSAGE_FIELDS - {"sku"} | {
+            "shared_available",
+            "damaged",
+            *INCOMING_FIELDS,
+        }
         assert raw["in_stock"] == "1" and raw["shared_available"] == "6"
         assert raw["damaged"] == "4"
+        # a change without purchase orders (or a StockChanged of v4 or older) holds 0
+        assert [raw[f] for f in INCOMING_FIELDS] == ["0"] * 4
     else:
         assert set(raw) == set(MAPPING["properties"])
         assert raw["damaged"] == 4
+        assert [raw[f] for f in INCOMING_FIELDS] == [0] * 4
         assert raw["sku"] == sku and raw["in_stock"] is True
     assert stored["available"] == 6 and stored["damaged"] == 4
     # clocks of a local target: allow a little skew either way
@@ -335,14 +342,16 @@ def test_search_index_mapping_is_strict_single_shard(search_target: Target) -> N
 
 
 def test_an_index_of_an_earlier_sink_gets_the_new_fields_in_place(search_target: Target) -> None:
-    """An index created before ``damaged`` existed: setup adds the field to its (strict)
-    mapping and keeps the index, its uuid and its documents, so no replay is needed."""
+    """An index created before ``damaged`` and the purchase order figures existed: setup
+    adds the fields to its (strict) mapping and keeps the index, its uuid and its
+    documents, so no replay is needed."""
     projection = search_target
     assert projection.search is not None
     index = projection.cfg.search_index + "-old"
+    newer = {"damaged", *INCOMING_FIELDS}
     old = {
         **MAPPING,
-        "properties": {k: v for k, v in MAPPING["properties"].items() if k != "damaged"},
+        "properties": {k: v for k, v in MAPPING["properties"].items() if k not in newer},
     }
     projection.search.indices.create(index=index, body={"mappings": old})
     try:
@@ -353,11 +362,15 @@ def test_an_index_of_an_earlier_sink_gets_the_new_fields_in_place(search_target:
         upgraded = SearchProjection(replace(projection.cfg, search_index=index))
         projection.run(upgraded.setup())
         got = projection.search.indices.get(index=index)[index]
-        assert got["mappings"]["properties"]["damaged"] == {"type": "integer"}
+        for f in newer:
+            assert got["mappings"]["properties"][f] == {"type": "integer"}, f
         assert got["settings"]["index"]["uuid"] == uuid_before
         assert projection.search.get(index=index, id="OLD-1")["found"]
-        projection.run(upgraded.apply([change("OLD-1", 2, on_hand=5, damaged=3)]))
-        assert projection.search.get(index=index, id="OLD-1")["_source"]["damaged"] == 3
+        projection.run(
+            upgraded.apply([{**change("OLD-1", 2, on_hand=5, damaged=3), "incoming": 40}])
+        )
+        src = projection.search.get(index=index, id="OLD-1")["_source"]
+        assert (src["damaged"], src["incoming"]) == (3, 40)
         projection.run(upgraded.close())
     finally:
         projection.search.indices.delete(index=index, ignore_unavailable=True)
@@ -540,6 +553,60 @@ def test_search_finds_the_skus_in_stock_at_one_location(search_target: Target) -
         "inbound": 0,
     }
     assert projection.raw("NO-LOCATIONS")["locations"] == []
+
+
+def test_both_targets_hold_the_purchase_order_figures(projection: Target) -> None:
+    """incoming / promised / backorderable / staged of StockChanged v5 are stored as they
+    come, and replaced by the next version (the SKU's last purchase order ended)."""
+    sku = "SKU-PO"
+    first = {
+        **change(sku, 1, on_hand=3),
+        "incoming": 40,
+        "promised": 12,
+        "backorderable": 28,
+        "staged": 3,
+    }
+    projection.apply([first])
+    raw = projection.raw(sku)
+    assert raw is not None
+    want = [40, 12, 28, 3]
+    if projection.kind == "redis":
+        assert [raw[f] for f in INCOMING_FIELDS] == [str(n) for n in want]
+    else:
+        assert [raw[f] for f in INCOMING_FIELDS] == want
+    projection.apply([change(sku, 2, on_hand=43)])  # v4-style record: no figures, all 0
+    raw = projection.raw(sku)
+    assert raw is not None
+    assert [int(raw[f]) for f in INCOMING_FIELDS] == [0, 0, 0, 0]
+
+
+def test_search_finds_the_skus_that_can_be_preordered(search_target: Target) -> None:
+    """The README's preorder query: out of stock now, but a backorder would be taken."""
+    projection = search_target
+    sold_out = change("PRE-1", 1, on_hand=0)
+    projection.apply(
+        [
+            {**sold_out, "incoming": 20, "backorderable": 20},
+            {**change("PRE-FULL", 1, on_hand=0), "incoming": 20, "promised": 20},
+            {**change("IN-STOCK", 1, on_hand=5), "incoming": 10, "backorderable": 10},
+            change("NOTHING", 1, on_hand=0),
+        ]
+    )
+    assert projection.search is not None
+    projection.search.indices.refresh(index=projection.cfg.search_index)
+    body = {
+        "query": {
+            "bool": {
+                "filter": [
+                    {"term": {"in_stock": False}},
+                    {"range": {"backorderable": {"gt": 0}}},
+                ]
+            }
+        },
+        "size": 100,
+    }
+    hits = projection.search.search(index=projection.cfg.search_index, body=body)
+    assert {h["_source"]["sku"] for h in hits["hits"]["hits"]} == {"PRE-1"}
 
 
 def test_an_index_from_before_locations_gets_the_nested_field_in_place(
