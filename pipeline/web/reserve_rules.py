@@ -167,6 +167,7 @@ _STOCK_OPTIONAL: dict[str, dict[str, type]] = {
         "customer_id": str,
         "location": str,
         "split": bool,
+        "allow_backorder": bool,
     },
     "CommitReservation": {"channel": str},
     "ReleaseReservation": {"channel": str, "reason": str},
@@ -298,6 +299,7 @@ def summed_lines(lines: list[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
 
 _RESERVATION_STATUS = {
     "RESERVED": 200,
+    "BACKORDERED": 200,  # accepted: promised against a purchase order (po_id, expected_at)
     "COMMITTED": 200,
     "RELEASED": 200,
     "REJECTED": 409,
@@ -342,6 +344,9 @@ def reservation_response(req: Request, answer: Mapping[str, Any]) -> tuple[int, 
         "qty": qty,
         "available": int(answer["available"]),
         "reason": answer.get("reason", ""),
+        # a backorder's purchase order and when it is expected ("" and 0 for the others)
+        "po_id": answer.get("po_id", ""),
+        "expected_at": int(answer.get("expected_at", 0)),
         "event_id": req.event_id,
     }
     return _RESERVATION_STATUS.get(outcome, 409), body

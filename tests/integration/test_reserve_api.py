@@ -220,3 +220,43 @@ def test_bad_requests_are_answered_at_once_and_send_nothing(cluster: Cluster) ->
     assert w1.get_json(f"/reservations/bad-1?sku={sku}")[0] == 404
     assert w1.get_json("/reservations/bad-1")[0] == 400
     assert w1.status("/livez") == 200
+
+
+def test_a_checkout_can_take_a_preorder_and_commit_it_once_the_goods_arrive(
+    cluster: Cluster,
+) -> None:
+    """allow_backorder over HTTP: 200 BACKORDERED with the purchase order and its date,
+    409 with the reason once the cap is reached, a retry answers the same; the delivery
+    turns the backorder into a hold (the status URL shows it) that the checkout commits."""
+    w1 = cluster.w1
+    sku = f"RA-pre-{uuid.uuid4().hex[:6]}"
+    due = 1_800_000_000_000
+    p = cluster.producer
+    p.send("BackorderCapSet", {"sku": sku, "max_units": 3})
+    p.send("IncomingStock", {"sku": sku, "po_id": "po-1", "qty": 5, "expected_at": due})
+    p.flush()
+    wait_stock(w1, sku, version=2)
+    body = {"order_id": "pre-1", "sku": sku, "qty": 2, "allow_backorder": True}
+    status, got, _ = post(w1, "/reservations", body, key="pre-1")
+    assert status == 200, got
+    assert (got["outcome"], got["qty"], got["po_id"], got["expected_at"]) == (
+        "BACKORDERED",
+        2,
+        "po-1",
+        due,
+    )
+    status, again, headers = post(w1, "/reservations", body, key="pre-1")
+    assert (status, again, headers.get("Idempotent-Replayed")) == (200, got, "true")
+    # one unit of the cap is left: a second preorder of 2 is refused with the reason
+    status, got, _ = post(w1, "/reservations", {**body, "order_id": "pre-2"}, key="pre-2")
+    assert status == 409 and got["reason"] == "backorder_cap" and got["available"] == 1, got
+    # without allow_backorder a sold-out SKU is refused as before
+    plain = {"order_id": "pre-3", "sku": sku, "qty": 1}
+    assert post(w1, "/reservations", plain, key="pre-3")[0] == 409
+    p.send("RestockReceived", {"sku": sku, "qty": 5, "po_id": "po-1", "final": True})
+    p.flush()
+    wait_stock(w1, sku, on_hand=5, reserved=2, available=3)
+    assert w1.get_json(f"/reservations/pre-1?sku={sku}")[1]["status"] == "RESERVED"
+    status, got, _ = post(w1, "/reservations/pre-1/commit", {"sku": sku}, key="pay-pre-1")
+    assert status == 200 and got["outcome"] == "COMMITTED", got
+    wait_stock(w1, sku, on_hand=3, reserved=0, available=3)

@@ -219,3 +219,30 @@ def test_a_reserve_may_name_a_location_and_ask_for_a_split() -> None:
     with pytest.raises(rr.ApiError) as info:
         reserve({**body, "split": "yes"})
     assert (info.value.status, info.value.error) == (422, "invalid_field")
+
+
+def test_a_reserve_may_allow_a_backorder_and_its_answer_is_200_with_the_purchase_order() -> None:
+    body = {"order_id": "o1", "sku": "A", "qty": 2, "allow_backorder": True}
+    req = reserve(body)
+    _, rec = CODEC.decode(req.value)
+    assert rec["allow_backorder"] is True
+    _, rec = CODEC.decode(reserve({"order_id": "o1", "sku": "A", "qty": 2}).value)
+    assert rec["allow_backorder"] is False
+    with pytest.raises(rr.ApiError) as info:
+        reserve({**body, "allow_backorder": 1})
+    assert (info.value.status, info.value.error) == (422, "invalid_field")
+    due = 1_800_000_000_000
+    answer = _result(outcome="BACKORDERED", available=0, po_id="po-7", expected_at=due)
+    status, got = rr.reservation_response(req, answer)
+    assert (status, got["outcome"], got["po_id"], got["expected_at"]) == (
+        200,
+        "BACKORDERED",
+        "po-7",
+        due,
+    )
+    # refused backorders are 409 with the reason, like any refused reserve
+    refused = _result(outcome="REJECTED", qty=2, available=1, reason="backorder_cap")
+    assert rr.reservation_response(req, refused)[0] == 409
+    # answers without the fields (not a backorder) say "" and 0
+    plain = rr.reservation_response(req, _result())[1]
+    assert (plain["po_id"], plain["expected_at"]) == ("", 0)
