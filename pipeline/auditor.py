@@ -31,7 +31,9 @@ invariant, a ``kind`` and the evidence. The checks (``invariant`` label values):
   Each changelog record's state too: nothing negative.
 * ``changelog_agreement``: the latest published version of each SKU equals the
   changelog's (the relay publishes what the ledger stored, and nothing else), with the
-  same counts when the versions are equal (checked at once); a different version is
+  same counts when the versions are equal (checked at once; the counts are on_hand,
+  reserved, safety_stock, available, damaged and the purchase orders' incoming,
+  promised, backorderable and staged); a different version is
   counted only when it lasts longer than ``INVENTORY_AUDITOR_GRACE_S``.
 * ``projection_agreement`` (I4, I5): each interval ``INVENTORY_AUDITOR_SAMPLE_SKUS``
   SKUs (round robin) are read from Redis and the search index; a projection at the
@@ -44,9 +46,9 @@ to their ends as of the end of the grace, so a slow auditor does not count its o
 lag. One disagreement is counted once, however long it lasts.
 
 Memory: at most ``INVENTORY_AUDITOR_MAX_SKUS`` SKUs (the least recently changed are
-forgotten first), each about 0.55 KB (measured: last published version, its counts and the
-digests of the last :data:`DIGEST_WINDOW` versions; the changelog's version and
-counts): 100,000 SKUs (the default) take about 55 MB.
+forgotten first), each about 0.7 KB (measured, 680 bytes: last published version, its
+counts and the digests of the last :data:`DIGEST_WINDOW` versions; the changelog's version
+and counts): 100,000 SKUs (the default) take about 68 MB.
 """
 
 from __future__ import annotations
@@ -69,8 +71,11 @@ from config.settings import Settings, settings
 from pipeline import metrics
 from pipeline.cli import prog
 from pipeline.clients import confluent_config, opensearch_kwargs, redis_kwargs
+from pipeline.domain import core
+from pipeline.domain.core import StockRecord
 from pipeline.kafka.topics import changelog_topic
 from pipeline.logs import configure_logging
+from pipeline.sinks.base import INCOMING_FIELDS
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
 
@@ -82,7 +87,9 @@ _DIGEST = 8  # bytes per digest
 
 VERSION_CHAIN, CONSERVATION, CHANGELOG, PROJECTION = metrics.INVARIANTS
 
-Counts = tuple[int, int, int, int, int]  # on_hand, reserved, safety_stock, available, damaged
+# on_hand, reserved, safety_stock, available, damaged, then the purchase orders' figures:
+# incoming, promised, backorderable, staged (INCOMING_FIELDS)
+Counts = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,21 @@ def counts_of(change: Mapping[str, Any]) -> Counts:
         int(change["safety_stock"]),
         int(change["available"]),
         int(change.get("damaged") or 0),  # 0 in StockChanged v1/v2 (its default)
+        # 0 in StockChanged v1..v4 (their defaults)
+        *(int(change.get(f) or 0) for f in INCOMING_FIELDS),
+    )
+
+
+def ledger_counts(r: StockRecord) -> Counts:
+    """The counts of a changelog record, as :func:`counts_of` gives them for a change."""
+    po = core.incoming_figures(r.incoming)
+    return (
+        r.on_hand,
+        r.reserved,
+        r.safety_stock,
+        r.available,
+        r.damaged,
+        *(po[f] for f in INCOMING_FIELDS),
     )
 
 
@@ -114,7 +136,7 @@ def digest(change: Mapping[str, Any]) -> bytes:
 
 def check_counts(change: Mapping[str, Any]) -> list[str]:
     """What is wrong with one StockChanged's counts on their own ([] = nothing)."""
-    on_hand, reserved, safety, available, damaged = counts_of(change)
+    on_hand, reserved, safety, available, damaged, *po = counts_of(change)
     problems = [
         f"{name} is {value}"
         for name, value in (
@@ -123,6 +145,7 @@ def check_counts(change: Mapping[str, Any]) -> list[str]:
             ("safety_stock", safety),
             ("available", available),
             ("damaged", damaged),
+            *zip(INCOMING_FIELDS, po, strict=True),
         )
         if value < 0
     ]
@@ -176,7 +199,7 @@ def _check_locations(
 def check_transition(prev: Counts, change: Mapping[str, Any]) -> list[str]:
     """What is wrong with the change from the previous version's counts to ``change``,
     given its cause ([] = nothing; an unknown cause is not judged)."""
-    on_hand, reserved, safety, available, damaged = counts_of(change)
+    on_hand, reserved, safety, available, damaged, *_ = counts_of(change)
     d_on, d_res, d_safe = on_hand - prev[0], reserved - prev[1], safety - prev[2]
     d_dmg = damaged - prev[4]
     cause = str(change.get("cause_type", ""))
@@ -386,7 +409,7 @@ class Auditor:
         if negative:
             self._violate(CONSERVATION, r.sku, "ledger_state", version=r.version, negative=negative)
         state.cl_version = r.version
-        state.cl_counts = (r.on_hand, r.reserved, r.safety_stock, r.available, r.damaged)
+        state.cl_counts = ledger_counts(r)
         self._agree(r.sku, state, now)
 
     def _agree(self, sku: str, state: SkuState, now: float) -> None:
@@ -547,8 +570,17 @@ def _int_or_none(value: Any) -> int | None:
 
 def redis_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tuple[int, Any]]:
     """(version, counts) of each SKU's hash; (0, None) when it has none. A hash without
-    ``damaged`` (written before it existed) holds 0 of them."""
-    fields = ("version", "on_hand", "reserved", "safety_stock", "available", "damaged")
+    ``damaged`` or the purchase orders' figures (written before they existed) holds 0
+    of them."""
+    fields = (
+        "version",
+        "on_hand",
+        "reserved",
+        "safety_stock",
+        "available",
+        "damaged",
+        *INCOMING_FIELDS,
+    )
     pipe = client.pipeline(transaction=False)
     for sku in skus:
         pipe.hmget(cfg.redis_stock_key(sku), fields)
@@ -558,7 +590,8 @@ def redis_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tup
         if nums[0] is None:
             out[sku] = (0, None)
         else:
-            out[sku] = (nums[0], (*nums[1:5], 0 if values[5] is None else nums[5]))
+            later = (0 if v is None else n for v, n in zip(values[5:], nums[5:], strict=True))
+            out[sku] = (nums[0], (*nums[1:5], *later))
     return out
 
 
@@ -583,7 +616,8 @@ def search_held(cfg: Settings, client: Any, skus: Sequence[str]) -> dict[str, tu
                     _int_or_none(src.get(k))
                     for k in ("on_hand", "reserved", "safety_stock", "available")
                 ),
-                _int_or_none(src.get("damaged", 0)),  # absent in documents written before it
+                # absent in documents written before they existed
+                *(_int_or_none(src.get(k, 0)) for k in ("damaged", *INCOMING_FIELDS)),
             ),
         )
     return out

@@ -209,13 +209,7 @@ class StoredStock:
 
 def incoming_figures(r: core.StockRecord) -> dict[str, int]:
     """The StockChanged (and Redis, search) figures of the SKU's purchase orders."""
-    i = r.incoming
-    return {
-        "incoming": inc.open_incoming(i),
-        "promised": i.promised,
-        "backorderable": inc.backorderable(i),
-        "staged": i.staged,
-    }
+    return core.incoming_figures(r.incoming)
 
 
 def incoming_view(i: inc.Incoming) -> dict[str, Any]:

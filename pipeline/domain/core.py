@@ -1334,12 +1334,13 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
         channels=channel_stock(new),
         damaged=new.damaged,
         locations=location_figures(new) if new.locations else (),
-        **(_incoming_figures(new.incoming) if new.incoming.orders else {}),
+        **(incoming_figures(new.incoming) if new.incoming.orders else {}),
     )
 
 
-def _incoming_figures(incoming: Incoming) -> dict[str, int]:
-    """StockChanged's ``incoming``, ``promised`` and ``backorderable``."""
+def incoming_figures(incoming: Incoming) -> dict[str, int]:
+    """StockChanged's (and the Redis hash's, the search document's) ``incoming``,
+    ``promised``, ``backorderable`` and ``staged``."""
     return {
         "incoming": inc.open_incoming(incoming),
         "promised": incoming.promised,

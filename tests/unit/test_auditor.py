@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.auditor import Auditor, check_counts, check_transition
 from pipeline.domain import core
+from pipeline.domain import incoming as inc
 from tables.stock import StoredStock
 
 
@@ -135,19 +136,21 @@ def test_projection_behind_after_the_grace_and_at_once_for_other_counts():
     a = Auditor(grace_s=10, max_skus=10)  # the history starts at 2 (FROM=LATEST)
     a.observe_change(0, change(2, 10), 0.0)
     a.observe_stock(0, stored(2, 10), 0.0)
-    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0)), 0.0)
-    a.compare_projection("search", "S", (2, (10, 0, 0, 9, 0)), 0.0)
+    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 0.0)
+    a.compare_projection("search", "S", (2, (10, 0, 0, 9, 0, 0, 0, 0, 0)), 0.0)
     assert kinds(a) == [("projection_agreement", "counts")]
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 1.0)  # behind: suspected
+    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 1.0)  # behind: suspected
     (sus,) = a.due(11.0)
     sus.snapshot = {}
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 5.0, judged=True)  # not due yet
+    a.compare_projection(
+        "redis", "S", (1, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 5.0, judged=True
+    )  # not due yet
     assert len(a.violations) == 1
-    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0)), 11.0, judged=True)
+    a.compare_projection("redis", "S", (1, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 11.0, judged=True)
     assert kinds(a)[1:] == [("projection_agreement", "behind")]
     # a projection that caught up is no violation
     a.compare_projection("redis", "S", (0, None), 20.0)
-    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0)), 31.0)
+    a.compare_projection("redis", "S", (2, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 31.0)
     assert len(a.violations) == 2
 
 
@@ -178,10 +181,33 @@ def test_damaged_units_the_ledger_holds_must_be_published_and_projected():
     b = Auditor(grace_s=10, max_skus=10, complete={0})
     b.observe_change(0, change(1, 10, damaged=3), 0.0)
     b.observe_stock(0, StoredStock(core.StockRecord("S", 10, 0, 0, 3, 1)), 0.0)
-    b.compare_projection("redis", "S", (1, (10, 0, 0, 10, 3)), 0.0)
+    b.compare_projection("redis", "S", (1, (10, 0, 0, 10, 3, 0, 0, 0, 0)), 0.0)
     assert b.violations == []
-    b.compare_projection("search", "S", (1, (10, 0, 0, 10, 0)), 0.0)  # lost the damaged units
+    b.compare_projection(
+        "search", "S", (1, (10, 0, 0, 10, 0, 0, 0, 0, 0)), 0.0
+    )  # lost the damaged units
     assert kinds(b) == [("projection_agreement", "counts")]
+
+
+def test_purchase_order_figures_the_ledger_holds_must_be_published_and_projected():
+    """incoming / promised / backorderable / staged are counts like the others: a
+    StockChanged or a projection that drops them disagrees with the changelog."""
+    po = inc.PurchaseOrder("po-1", 10, 1_800_000_000_000)
+    record = core.StockRecord("S", 0, 0, 0, 0, 1, incoming=inc.Incoming((po,), cap=8))
+    figures = {"incoming": 10, "promised": 0, "backorderable": 8, "staged": 0}
+    assert core.incoming_figures(record.incoming) == figures
+    a = Auditor(grace_s=10, max_skus=10, complete={0})
+    a.observe_change(0, {**change(1, 0, cause="IncomingStock"), **figures}, 0.0)
+    a.observe_stock(0, StoredStock(record), 0.0)
+    a.compare_projection("redis", "S", (1, (0, 0, 0, 0, 0, 10, 0, 8, 0)), 0.0)
+    assert a.violations == []
+    a.compare_projection("search", "S", (1, (0, 0, 0, 0, 0, 0, 0, 0, 0)), 0.0)  # dropped
+    assert kinds(a) == [("projection_agreement", "counts")]
+    b = Auditor(grace_s=10, max_skus=10, complete={0})
+    b.observe_change(0, change(1, 0, cause="IncomingStock"), 0.0)  # published without them
+    b.observe_stock(0, StoredStock(record), 0.0)
+    assert kinds(b) == [("changelog_agreement", "counts")]
+    assert check_counts({**change(1, 0), **figures, "backorderable": -1}) == ["backorderable is -1"]
 
 
 def _located(cause: str, **over: object) -> dict[str, object]:
