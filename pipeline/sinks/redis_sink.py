@@ -243,6 +243,7 @@ class RedisProjection(Projection):
                     "safety_stock": safety_stock,
                     "available": available,
                     "in_stock": stocked,
+                    "backorderable": int(change.get("backorderable") or 0),
                 }
             )[:-1]
             + b',"updated_at":'

@@ -100,8 +100,18 @@ FIELDS: Final = (
     "in_stock",
     "updated_at",
     "occurred_at",
+    "backorderable",
 )
-_INT_FIELDS: Final = ("on_hand", "reserved", "safety_stock", "available", "updated_at")
+# backorderable: what one more backorder could get (0 in messages and hashes written
+# before it existed); a page shows "preorder" when it is above 0 and nothing is in stock
+_INT_FIELDS: Final = (
+    "on_hand",
+    "reserved",
+    "safety_stock",
+    "available",
+    "updated_at",
+    "backorderable",
+)
 _INTEGER: Final = re.compile(r"-?[0-9]+")
 
 STREAMS = Gauge("inventory_live_streams", "Open /live/stock streams.", registry=metrics.REGISTRY)
@@ -158,6 +168,7 @@ class StockUpdate:
     in_stock: bool
     updated_at: int
     occurred_at: int
+    backorderable: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}

@@ -129,8 +129,19 @@ def test_the_product_page_follows_restocks_and_reservations_live(
         shows(0, "Sold out", "the rest reserved")
         page.screenshot(path=str(shots / "3-sold-out.png"))
 
+        # a purchase order and a backorder cap: still nothing available, but preorderable
+        producer.send("BackorderCapSet", {"sku": sku, "max_units": 5})
+        producer.send(
+            "IncomingStock",
+            {"sku": sku, "po_id": "po-1", "qty": 20, "expected_at": 1_800_000_000_000},
+        )
+        producer.flush()
+        expect(page.locator("#version")).to_have_text("5", timeout=TIMEOUT_MS)
+        shows(0, "Preorder", "a purchase order with backorders")
+        page.screenshot(path=str(shots / "4-preorder.png"))
+
         shown = [int(v) for v in page.evaluate("window.__versions") if v.isdigit()]
-        assert shown == sorted(set(shown)) and shown[-1] == 3, shown
+        assert shown == sorted(set(shown)) and shown[-1] == 5, shown
         assert page.text_content("#connection") == "live"
         assert problems == []
     finally:

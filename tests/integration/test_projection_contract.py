@@ -41,6 +41,7 @@ MESSAGE_FIELDS = {
     "in_stock",
     "updated_at",
     "occurred_at",
+    "backorderable",
 }
 BASE_MS = 1_767_225_600_000
 
@@ -393,7 +394,7 @@ def test_redis_publishes_one_message_per_applied_change(redis_target: Target) ->
             change("A", 2),
             change("A", 1),  # stale
             change("A", 2),  # duplicate
-            change(odd, 1, on_hand=0),
+            {**change(odd, 1, on_hand=0), "incoming": 9, "backorderable": 5},  # preorderable
             change("B", 4, on_hand=3, reserved=1, safety_stock=1),
         ]
         start = int(time.time() * 1000)
@@ -416,9 +417,10 @@ def test_redis_publishes_one_message_per_applied_change(redis_target: Target) ->
     for m, c in zip(messages, applied, strict=True):
         assert set(m) == MESSAGE_FIELDS
         assert m["sku"] == c["sku"]
-        # the live message keeps its fields (the product page's); damaged is in the hash
+        # the live message has the product page's fields; damaged is in the hash only
         want = {k: v for k, v in expected(c).items() if k != "damaged"}
         assert {k: m[k] for k in (*NUMBERS, "in_stock") if k != "damaged"} == want
+        assert m["backorderable"] == c.get("backorderable", 0)
         assert isinstance(m["in_stock"], bool) and isinstance(m["updated_at"], int)
         assert start - 1000 <= m["updated_at"] <= end + 1000
     # the message of a SKU's last change carries the hash's updated_at

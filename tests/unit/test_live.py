@@ -180,6 +180,17 @@ def test_a_redis_hash_of_decimal_strings_parses_with_the_sku_given():
     )
 
 
+def test_backorderable_is_carried_and_reads_as_zero_where_it_is_missing():
+    """A message or hash of a sink from before it existed still parses (0), and the
+    stream's JSON carries it for the product page's "Preorder"."""
+    old = {"sku": "A", "version": 3, "available": 0, "in_stock": False}
+    assert parse_update(old).backorderable == 0
+    update = parse_update({**old, "backorderable": "12"})
+    assert update is not None and update.backorderable == 12
+    assert update.to_json()["backorderable"] == 12
+    assert parse_update({**old, "backorderable": "many"}) is None
+
+
 def test_in_stock_defaults_to_available_above_zero():
     assert parse_update({"sku": "A", "version": 2, "available": 0}).in_stock is False
     assert parse_update({"sku": "A", "version": 2, "available": 3}).in_stock is True
@@ -228,6 +239,7 @@ def test_the_event_frame_is_named_stock_with_the_id_and_one_line_of_json():
         "in_stock": True,
         "updated_at": 1_767_225_600_123,
         "occurred_at": 1_767_225_600_000,
+        "backorderable": 0,
     }
 
 
@@ -338,7 +350,7 @@ def test_a_stream_opened_while_subscribed_resyncs_first():
 
 def test_the_product_page_ships_with_the_package_and_uses_the_live_stream():
     html = product_html()
-    for marker in ('id="available"', 'id="status"', 'id="version"', "EventSource("):
+    for marker in ('id="available"', 'id="status"', 'id="version"', "EventSource(", "Preorder"):
         assert marker in html
     assert "http://" not in html and "https://" not in html  # no external resources
 
