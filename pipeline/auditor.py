@@ -72,10 +72,9 @@ from pipeline import metrics
 from pipeline.cli import prog
 from pipeline.clients import confluent_config, opensearch_kwargs, redis_kwargs
 from pipeline.domain import core
-from pipeline.domain.core import StockRecord
+from pipeline.domain.core import INCOMING_FIELDS, StockRecord
 from pipeline.kafka.topics import changelog_topic
 from pipeline.logs import configure_logging
-from pipeline.sinks.base import INCOMING_FIELDS
 from schemas.codec import AvroCodec, DecodeError, codec_from_settings
 from tables.stock import StoredStock, is_stock_key
 

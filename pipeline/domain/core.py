@@ -1338,6 +1338,11 @@ def _stock_changed(new: StockRecord, cmd: Command, now: int, order_id: str = "")
     )
 
 
+INCOMING_FIELDS = ("incoming", "promised", "backorderable", "staged")
+"""The purchase orders' figures of StockChanged v5 (absent, read as 0, in older records),
+under these names in the Redis hash and the search document too: :func:`incoming_figures`."""
+
+
 def incoming_figures(incoming: Incoming) -> dict[str, int]:
     """StockChanged's (and the Redis hash's, the search document's) ``incoming``,
     ``promised``, ``backorderable`` and ``staged``."""

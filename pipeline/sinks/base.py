@@ -18,10 +18,6 @@ from typing import Any
 
 StockChange = Mapping[str, Any]
 
-INCOMING_FIELDS = ("incoming", "promised", "backorderable", "staged")
-"""The purchase orders' figures of a change (StockChanged v5; absent, read as 0, in older
-records), which both projections store under these names."""
-
 
 class TargetUnavailable(RuntimeError):
     """The target is down, slow or refused the batch; retry the same batch later."""

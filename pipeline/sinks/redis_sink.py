@@ -45,14 +45,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from config.settings import Settings
 from pipeline.clients import redis_kwargs
 from pipeline.clock import now_ms
-from pipeline.domain.core import free_units, in_stock, shared_pool
-from pipeline.sinks.base import (
-    INCOMING_FIELDS,
-    ApplyReport,
-    Projection,
-    StockChange,
-    TargetUnavailable,
-)
+from pipeline.domain.core import INCOMING_FIELDS, free_units, in_stock, shared_pool
+from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 CONNECT_TIMEOUT_S = 2.0
 SOCKET_TIMEOUT_S = 2.0

@@ -60,14 +60,8 @@ from opensearchpy.exceptions import NotFoundError, OpenSearchException, Transpor
 from config.settings import Settings
 from pipeline.clients import opensearch_kwargs
 from pipeline.clock import now_ms
-from pipeline.domain.core import in_stock
-from pipeline.sinks.base import (
-    INCOMING_FIELDS,
-    ApplyReport,
-    Projection,
-    StockChange,
-    TargetUnavailable,
-)
+from pipeline.domain.core import INCOMING_FIELDS, in_stock
+from pipeline.sinks.base import ApplyReport, Projection, StockChange, TargetUnavailable
 
 log = logging.getLogger("inventory.sink")
 

@@ -9,8 +9,9 @@ ledger and the saga stay the only writers) and waits for its answer on
 ``reservation-results`` / ``order-results``:
 
 * the answer within ``INVENTORY_RESERVE_API_TIMEOUT_MS``: 200 (RESERVED, BACKORDERED
-  with ``po_id`` and ``expected_at``, COMMITTED, RELEASED, ORDER_RESERVED...), 409 (REJECTED with ``available``, EXPIRED,
-  INVALID_STATE...), 404 (no such reservation or order);
+  with ``po_id`` and ``expected_at``, COMMITTED, RELEASED, ORDER_RESERVED...), 409
+  (REJECTED with ``available``, EXPIRED, INVALID_STATE...), 404 (no such reservation or
+  order);
 * none by then: 202 with a ``status_url`` (``GET /reservations/{order_id}?sku=`` from the
   ledger, ``GET /orders/{order_id}`` from the saga table, both routed to the owner) and
   ``Location``; a retry with the same key sends the same command again and gets the

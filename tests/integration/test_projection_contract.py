@@ -22,7 +22,8 @@ import redis
 from opensearchpy import OpenSearch
 
 from config.settings import Settings, settings
-from pipeline.sinks.base import INCOMING_FIELDS, ApplyReport, Projection
+from pipeline.domain.core import INCOMING_FIELDS
+from pipeline.sinks.base import ApplyReport, Projection
 from pipeline.sinks.redis_sink import RedisProjection
 from pipeline.sinks.search_sink import MAPPING, SearchProjection
 
